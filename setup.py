@@ -1,0 +1,45 @@
+"""dro_jax: aligning T5 encoder-decoders with DRO, KTO, DPO, IPO and their trust-region variants."""
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "ml_collections>=1.0,<2",
+    "seqio==0.0.20",
+    "tensorflow==2.21.*",
+    "tensorflow-text==2.21.*",
+    "sentencepiece>=0.2,<0.3",
+    "tensorstore>=0.1.70,<0.2",
+    "safetensors>=0.4,<1",
+    "ml_dtypes>=0.5",
+    "msgpack>=1.0,<2",
+    "numpy>=1.26,<3",
+    "pyarrow>=15",
+    "absl-py>=2.0",
+    "matplotlib>=3.8",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest>=8,<10",
+        "pytest-xdist>=3.5,<4",
+        "torch==2.13.0",
+        "transformers>=5,<6",
+        "scipy>=1.11",
+    ],
+    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
+    "notebook": ["nbclient>=0.10", "ipykernel>=6"],
+}
+
+setuptools.setup(
+    name="dro_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=setuptools.find_packages(include=["dro_jax", "dro_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
