@@ -210,6 +210,16 @@ def _slice_reader(array: np.ndarray, transpose: bool, scale: float = 1.0) -> Rea
   return read
 
 
+def _check_aliases(tensors: Mapping[str, np.ndarray], aliases: set[str], path: str) -> None:
+  """Copies of `shared.weight` must really be copies: compare a few rows, not the whole table."""
+  rows = tensors["shared.weight"][:8]
+  for alias in sorted(aliases):
+    if tensors[alias].shape != tensors["shared.weight"].shape or not np.array_equal(
+        tensors[alias][:8], rows):
+      raise CheckpointError(f"{path}: tensor {alias!r} differs from 'shared.weight', but this "
+                            f"T5 ties them (untied input embeddings are not supported)")
+
+
 def load_hf_t5(path: str, shardings: Any | None = None, *,
                dtype: str = "bfloat16") -> tuple[t5_lib.T5Config, dict]:
   """(T5Config, float32 params) from a Hugging Face T5 folder of safetensors, without torch.
@@ -244,6 +254,7 @@ def load_hf_t5(path: str, shardings: Any | None = None, *,
   aliases = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
   if tied:
     aliases.add("lm_head.weight")
+  _check_aliases(tensors, aliases & set(tensors), path)
   extra = sorted(set(tensors) - used - aliases)
   if extra:
     raise CheckpointError(f"{path}: unexpected tensor(s) {extra[:8]} that the model has no "
