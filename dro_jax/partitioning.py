@@ -7,6 +7,7 @@ parameters fully sharded over fsdp on `embed`, and tensor parallelism over `mode
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -96,6 +97,8 @@ def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
   return init(rng)
 
 
-def with_rules(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
-  """Context in which the models' logical activation constraints take effect."""
-  return nn.logical_axis_rules(list(rules))
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+  """Context in which the models' logical activation constraints map onto `mesh`."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+    yield
