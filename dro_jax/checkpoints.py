@@ -315,15 +315,20 @@ def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return leaves
 
 
+def _kvstore(directory: str, relative: str) -> dict[str, str]:
+  """A tensorstore kvstore for a file beside the checkpoint: local or on Cloud Storage."""
+  if directory.startswith("gs://"):
+    bucket, _, prefix = directory[len("gs://"):].partition("/")
+    return {"driver": "gcs", "bucket": bucket, "path": f"{prefix.rstrip('/')}/{relative}"}
+  return {"driver": "file", "path": os.path.join(os.path.abspath(directory), relative)}
+
+
 def _tensorstore_reader(spec: Mapping[str, Any], directory: str, name: str) -> Source:
   import tensorstore as ts
-  spec = json.loads(json.dumps(spec))  # deep copy of plain data
-  kvstore = spec.get("kvstore", {})
-  relative = kvstore.get("path", spec.get("path", ""))
-  kvstore.update({"driver": "file", "path": os.path.join(directory, relative)})
-  spec["kvstore"] = kvstore
-  spec.pop("path", None)
-  if not os.path.isdir(kvstore["path"]):
+  spec = json.loads(json.dumps(spec))  # a private copy of plain data
+  relative = spec.get("kvstore", {}).get("path", spec.pop("path", ""))
+  spec["kvstore"] = _kvstore(directory, relative)
+  if spec["kvstore"]["driver"] == "file" and not os.path.isdir(spec["kvstore"]["path"]):
     raise CheckpointError(f"{directory}: tensor {name!r} points to {relative!r}, which does not "
                           f"exist (incomplete checkpoint?)")
   try:
@@ -332,6 +337,15 @@ def _tensorstore_reader(spec: Mapping[str, Any], directory: str, name: str) -> S
     raise CheckpointError(f"{directory}: cannot open tensor {name!r} ({relative}): "
                           f"{error}") from error
   return Source(tuple(store.shape), lambda index: store[index].read().result(), name)
+
+
+def _read_bytes(path: str) -> bytes:
+  if "://" in path:  # gs:// and other remote filesystems through TensorFlow's gfile
+    import tensorflow as tf
+    with tf.io.gfile.GFile(path, "rb") as f:
+      return f.read()
+  with open(path, "rb") as f:
+    return f.read()
 
 
 def load_t5x(path: str, shardings: Any | None = None, *,
@@ -343,11 +357,10 @@ def load_t5x(path: str, shardings: Any | None = None, *,
   architecture is inferred from the shapes; relative attention uses t5x's 32 buckets and
   maximum distance 128 unless the shapes say otherwise.
   """
-  checkpoint_file = os.path.join(path, "checkpoint")
+  checkpoint_file = f"{path.rstrip('/')}/checkpoint"
   try:
-    with open(checkpoint_file, "rb") as f:
-      raw = f.read()
-  except OSError as error:
+    raw = _read_bytes(checkpoint_file)
+  except Exception as error:
     raise CheckpointError(f"{checkpoint_file}: cannot read the T5X checkpoint: {error}") from error
   try:
     state = serialization.msgpack_restore(raw)

@@ -89,3 +89,19 @@ def test_corrupted_and_truncated_checkpoints_fail_clearly(fixture, tmp_path):
 
   with pytest.raises(checkpoints.CheckpointError, match="cannot read the T5X checkpoint"):
     checkpoints.load_t5x(str(tmp_path / "nowhere"))
+
+
+def test_relative_paths_and_the_inspection_command(fixture, monkeypatch, capsys):
+  family, path, _ = fixture
+  from dro_jax import inspect_checkpoint
+  monkeypatch.chdir(path.parent.parent)
+  inspect_checkpoint.main([f"{family}/checkpoint_1000", "--reference_outputs",
+                           f"{family}/reference_outputs.npz"])
+  output = capsys.readouterr().out
+  # The count of every `target.*` zarr array that t5x wrote.
+  import json
+  count = sum(int(np.prod(json.loads((folder / ".zarray").read_text())["shape"]))
+              for folder in path.glob("target.*"))
+  assert f"{count:,} parameters" in output
+  difference = float(output.rsplit("max relative difference:", 1)[1])
+  assert difference < 1e-5

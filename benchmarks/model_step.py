@@ -1,0 +1,108 @@
+"""Forward+backward time of the Flax T5 against Hugging Face's PyTorch T5 on the same batch.
+
+Both models hold the same random weights (the PyTorch model is saved and loaded with
+load_hf_t5); both compute the summed target log-likelihood and its gradient with respect to
+every parameter. Prints the per-step times and the ratio (PyTorch / JAX; > 1 means JAX is
+faster).
+
+  python benchmarks/model_step.py                       # T5.1.1-small, float32, CPU
+  python benchmarks/model_step.py --size large --dtype bfloat16   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from dro_jax import checkpoints, scoring
+from dro_jax.models import t5 as t5_lib
+
+
+def build_torch_model(size: str, device: str, dtype: torch.dtype):
+  preset = t5_lib.get_config(f"t5_1_1_{size}")
+  config = transformers.T5Config(
+      vocab_size=preset.vocab_size, d_model=preset.emb_dim, d_kv=preset.head_dim,
+      num_heads=preset.num_heads, num_layers=preset.num_encoder_layers,
+      num_decoder_layers=preset.num_decoder_layers, d_ff=preset.mlp_dim,
+      feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0,
+      pad_token_id=0, eos_token_id=1)
+  config.tie_word_embeddings = False
+  config.scale_decoder_outputs = False
+  model = transformers.T5ForConditionalGeneration(config)
+  model.set_input_embeddings(model.shared)
+  return model.to(device=device, dtype=dtype).train()
+
+
+def time_steps(step, repeats: int) -> float:
+  step()  # compile / warm up
+  step()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    step()
+  return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--size", default="small")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--source_length", type=int, default=128)
+  parser.add_argument("--target_length", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+  torch_model = build_torch_model(args.size, "cpu", torch.float32)
+  with tempfile.TemporaryDirectory() as directory:
+    torch_model.save_pretrained(directory)
+    config, params = checkpoints.load_hf_t5(directory, dtype=args.dtype)
+  torch_model = torch_model.to(device=device, dtype=torch_dtype)
+
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(2, config.vocab_size, (args.batch, args.source_length)).astype(np.int32)
+  targets = rng.integers(2, config.vocab_size, (args.batch, args.target_length)).astype(np.int32)
+  decoder_inputs = np.concatenate([np.zeros((args.batch, 1), np.int32), targets[:, :-1]], 1)
+
+  model = t5_lib.T5(config)
+  params = jax.device_put(params)
+
+  @jax.jit
+  def jax_step(params, inputs, decoder_inputs, targets):
+    def loss(p):
+      return -scoring.score(model, p, inputs, decoder_inputs, targets)["logps"].sum()
+    return jax.value_and_grad(loss)(params)
+
+  def run_jax():
+    jax.block_until_ready(jax_step(params, inputs, decoder_inputs, targets))
+
+  t_inputs, t_targets, t_decoder = (torch.tensor(x, dtype=torch.long, device=device)
+                                    for x in (inputs, targets, decoder_inputs))
+
+  def run_torch():
+    torch_model.zero_grad(set_to_none=True)
+    logits = torch_model(input_ids=t_inputs, decoder_input_ids=t_decoder).logits
+    logps = torch.log_softmax(logits.float(), -1).gather(-1, t_targets[..., None])
+    (-logps.sum()).backward()
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  jax_time = time_steps(run_jax, args.repeats)
+  torch_time = time_steps(run_torch, args.repeats)
+  print(f"T5.1.1-{args.size} {args.dtype} batch {args.batch} x ({args.source_length} -> "
+        f"{args.target_length}) on {jax.devices()[0].platform} / torch {device}")
+  print(f"  jax   forward+backward: {jax_time * 1e3:9.1f} ms/step")
+  print(f"  torch forward+backward: {torch_time * 1e3:9.1f} ms/step")
+  print(f"  ratio torch/jax: {torch_time / jax_time:.2f}")
+
+
+if __name__ == "__main__":
+  main()
