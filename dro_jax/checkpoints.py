@@ -144,7 +144,7 @@ def _hf_tensors(directory: str) -> dict[str, np.ndarray]:
 
 
 def hf_config_to_t5(hf_config: Mapping[str, Any], *, tied_output: bool,
-                    dtype: str = "bfloat16") -> t5_lib.T5Config:
+                    dtype: str | None = None) -> t5_lib.T5Config:
   """T5Config from a Hugging Face config.json dict."""
   projection = hf_config.get("feed_forward_proj", "relu")
   gated = projection.startswith("gated-")
@@ -165,7 +165,8 @@ def hf_config_to_t5(hf_config: Mapping[str, Any], *, tied_output: bool,
       logits_via_embedding=tied_output,
       relative_attention_num_buckets=hf_config.get("relative_attention_num_buckets", 32),
       relative_attention_max_distance=hf_config.get("relative_attention_max_distance", 128),
-      layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-6), dtype=dtype)
+      layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-6),
+      dtype=dtype or t5_lib.default_dtype())
 
 
 def _hf_name_map(config: t5_lib.T5Config) -> dict[str, tuple[str, bool]]:
@@ -221,13 +222,14 @@ def _check_aliases(tensors: Mapping[str, np.ndarray], aliases: set[str], path: s
 
 
 def load_hf_t5(path: str, shardings: Any | None = None, *,
-               dtype: str = "bfloat16") -> tuple[t5_lib.T5Config, dict]:
+               dtype: str | None = None) -> tuple[t5_lib.T5Config, dict]:
   """(T5Config, float32 params) from a Hugging Face T5 folder of safetensors, without torch.
 
   The output layer follows the config: a scaled tied output (T5.1.0) becomes
   `logits_via_embedding`; an untied `lm_head` becomes `decoder/logits_dense` (scaled by
   d_model^-0.5 when the config says the decoder output is scaled, as transformers 5 may).
-  `dtype` is the activation dtype of the returned config (parameters are always float32).
+  `dtype` is the activation dtype of the returned config (parameters are always float32); by
+  default bfloat16 on accelerators and float32 on CPU.
   """
   config_path = os.path.join(path, "config.json")
   try:
@@ -274,7 +276,7 @@ def load_hf_t5(path: str, shardings: Any | None = None, *,
 # Legacy T5X checkpoints (msgpack + tensorstore/zarr), the format of the published checkpoints.
 
 
-def _t5x_config(target: Mapping[str, Any], dtype: str) -> t5_lib.T5Config:
+def _t5x_config(target: Mapping[str, Any], dtype: str | None) -> t5_lib.T5Config:
   """Infer the architecture from the parameter shapes of a T5X checkpoint."""
   shapes = {k: tuple(v["metadata"]["shape"]) if isinstance(v, Mapping) else np.shape(v)
             for k, v in _leaves(target).items()}
@@ -299,7 +301,7 @@ def _t5x_config(target: Mapping[str, Any], dtype: str) -> t5_lib.T5Config:
       num_decoder_layers=layer_count("decoder"), mlp_dim=mlp_dim,
       mlp_activations=("gelu", "linear") if gated else ("relu",),
       logits_via_embedding="decoder/logits_dense/kernel" not in shapes,
-      relative_attention_num_buckets=num_buckets, dtype=dtype)
+      relative_attention_num_buckets=num_buckets, dtype=dtype or t5_lib.default_dtype())
 
 
 def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -349,7 +351,7 @@ def _read_bytes(path: str) -> bytes:
 
 
 def load_t5x(path: str, shardings: Any | None = None, *,
-             dtype: str = "bfloat16") -> tuple[t5_lib.T5Config, dict]:
+             dtype: str | None = None) -> tuple[t5_lib.T5Config, dict]:
   """(T5Config, float32 params) from a legacy T5X checkpoint directory (`checkpoint_N/`).
 
   Reads the msgpack `checkpoint` file for the tree of `optimizer/target` (optimizer state is

@@ -109,6 +109,11 @@ for _size in ("small", "base", "large", "xl", "xxl"):
 PRESETS["tiny"] = PRESETS["t5_1_1_tiny"]
 
 
+def default_dtype() -> str:
+  """Activation dtype for the default backend: bfloat16 on accelerators, float32 on CPU."""
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def get_config(name: str, **overrides: Any) -> T5Config:
   """A named preset (`t5_1_1_large`, `flan_t5_xl`, `t5_1_0_base`, `tiny`, ...) with overrides."""
   if name not in PRESETS:
