@@ -30,7 +30,7 @@ class RecordError(ValueError):
 
   def __init__(self, field: str, message: str):
     super().__init__(f"field '{field}': {message}")
-    self.field = field
+    self.field, self.message = field, message
 
 
 def render_messages(messages: Sequence[Any], field: str = "messages") -> str:

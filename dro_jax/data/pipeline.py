@@ -1,0 +1,273 @@
+"""The training input pipeline: per-host shards, deterministic order, exact resume.
+
+The batches of an epoch are a pure function of (seed, epoch, process index, process count): host i
+reads examples i, i + P, i + 2P, ... of the split (files permuted by the epoch's seed), shuffles
+them with the epoch's seed and batches them; every host yields the same number of batches,
+ceil(ceil(N / P) / per-host batch), the last ones padded with zero-weight examples
+(`example_weights` 0, all tokens 0). The position is then just (epoch, batches consumed): resuming
+rebuilds the epoch and skips the consumed batches, which costs reading them once more.
+
+A Mixture samples its Tasks by their rates from endless per-Task streams; its "epoch" is the same
+number of batches as one pass over all its Tasks would give, after which the seeds change.
+
+    iterator = input_pipeline("my_task", global_batch_size=32, seed=0, cache_dir=workdir,
+                              reward_mode="normalized")
+    batch = next(iterator)                 # numpy dict, this host's rows
+    saved = iterator.position()            # JSON-serialisable; store it in the checkpoint
+    iterator = input_pipeline(..., position=saved)   # the next batch is the one that would have come
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Iterator, Mapping
+
+from absl import logging
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from dro_jax.data import converters
+from dro_jax.data.readers import DataError
+from dro_jax.data.statistics import DatasetStatistics, dataset_statistics
+from dro_jax.data.tasks import PAIRWISE, FeedbackSource, component_tasks, feedback_source
+
+REWARD_MODES = ("raw", "normalized", "thumbs")
+POSITION_KEYS = ("dataset", "split", "seed", "epoch", "batches_consumed", "process_count",
+                 "global_batch_size")
+
+
+def epoch_seed(seed: int, epoch: int, salt: str = "") -> int:
+  """A 31-bit seed for one epoch (and one Task of a mixture), the same on every host."""
+  digest = hashlib.sha256(f"{seed}:{epoch}:{salt}".encode()).digest()
+  return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def default_feature_lengths(name: str) -> dict[str, int]:
+  """{"inputs", "targets"}: the largest token limits of the Task or of the Mixture's Tasks."""
+  sources = [feedback_source(task) for task, _ in component_tasks(name)]
+  targets = [length for source in sources for key, length in source.max_lengths.items()
+             if key != "inputs"]
+  return {"inputs": max(source.max_lengths["inputs"] for source in sources),
+          "targets": max(targets)}
+
+
+def transform_rewards(ds: tf.data.Dataset, mode: str,
+                      statistics: DatasetStatistics) -> tf.data.Dataset:
+  """"normalized": (r - mean) / std over the dataset; "thumbs": label = r > mean, reward = label."""
+  if mode == "raw":
+    return ds
+  mean = statistics.reward_mean
+  if mode == "thumbs":
+    def binarize(features):
+      label = tf.cast(tf.cast(features["reward"], tf.float64) > mean, tf.int32)
+      return {**features, "label": label, "reward": tf.cast(label, tf.float32)}
+    return ds.map(binarize, num_parallel_calls=tf.data.AUTOTUNE)
+  std = statistics.reward_std
+  if not std:
+    logging.warning("All rewards are equal (%s); normalisation only subtracts the mean.", mean)
+    std = 1.0
+
+  def normalize(features):
+    reward = (tf.cast(features["reward"], tf.float64) - mean) / std
+    return {**features, "reward": tf.cast(reward, tf.float32)}
+  return ds.map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _zero_example(element_spec: Mapping[str, tf.TensorSpec]) -> dict[str, tf.Tensor]:
+  return {key: tf.zeros(spec.shape, spec.dtype) for key, spec in element_spec.items()}
+
+
+class DataIterator:
+  """Numpy batches of this host's rows; `position()` / `restore()` for checkpoints.
+
+  Build it with `input_pipeline`.
+  """
+
+  def __init__(self, name: str, *, split: str, global_batch_size: int,
+               feature_lengths: Mapping[str, int], seed: int, process_index: int,
+               process_count: int, shuffle: bool, num_epochs: int | None, reward_mode: str,
+               cache_dir: str | None, statistics_timeout_seconds: float):
+    self.name, self.split, self.seed = name, split, seed
+    self.global_batch_size = global_batch_size
+    self.process_index, self.process_count = process_index, process_count
+    self.batch_size = global_batch_size // process_count
+    self.feature_lengths = dict(feature_lengths)
+    self.shuffle, self.num_epochs, self.reward_mode = shuffle, num_epochs, reward_mode
+    self._is_mixture = isinstance(seqio.get_mixture_or_task(name), seqio.Mixture)
+    self._tasks = component_tasks(name)
+    self._sources: list[FeedbackSource] = [feedback_source(task) for task, _ in self._tasks]
+    self.statistics = {
+        task.name: dataset_statistics(task.name, split, cache_dir=cache_dir,
+                                      process_index=process_index,
+                                      timeout_seconds=statistics_timeout_seconds)
+        for task, _ in self._tasks}
+    for task_name, statistics in self.statistics.items():
+      if statistics.count == 0:
+        raise DataError(f"task '{task_name}' split '{split}' has no valid example "
+                        f"(skipped: {statistics.skipped})")
+    total = sum(statistics.count for statistics in self.statistics.values())
+    self.batches_per_epoch = math.ceil(math.ceil(total / process_count) / self.batch_size)
+    self._converter = converters.feature_converter(
+        self._sources[0].kind, with_label=self._sources[0].thumbs or reward_mode == "thumbs")
+    self._epoch, self._batches_consumed = 0, 0
+    self._batches: Iterator[dict[str, np.ndarray]] | None = None
+
+  # ------------------------------------------------------------------------------ position
+
+  def position(self) -> dict[str, Any]:
+    """Where the stream is: the same on every host; store it in the checkpoint as JSON."""
+    return {"dataset": self.name, "split": self.split, "seed": self.seed, "epoch": self._epoch,
+            "batches_consumed": self._batches_consumed, "process_count": self.process_count,
+            "global_batch_size": self.global_batch_size}
+
+  def restore(self, position: Mapping[str, Any], *, on_host_count_change: str = "error") -> None:
+    """Continue from a saved position; the next batch is the one that would have come next.
+
+    A different host count cannot continue the same stream: it is refused, or with
+    on_host_count_change="restart_epoch" the saved epoch starts again from its first batch.
+    """
+    missing = [key for key in POSITION_KEYS if key not in position]
+    if missing:
+      raise ValueError(f"data position {dict(position)} lacks {missing}")
+    for key, mine in (("dataset", self.name), ("split", self.split), ("seed", self.seed),
+                      ("global_batch_size", self.global_batch_size)):
+      if position[key] != mine:
+        raise ValueError(f"cannot resume the data stream: the checkpoint has {key}="
+                         f"{position[key]!r}, this run has {key}={mine!r}")
+    epoch, consumed = int(position["epoch"]), int(position["batches_consumed"])
+    if position["process_count"] != self.process_count:
+      message = (f"the checkpoint's data position was written by {position['process_count']} "
+                 f"processes, this run has {self.process_count}: the per-host streams differ")
+      if on_host_count_change != "restart_epoch":
+        raise ValueError(message + "; resume with the same host count, or pass "
+                         "on_host_count_change='restart_epoch' to restart epoch "
+                         f"{epoch} from its first batch")
+      logging.warning("%s; restarting epoch %d from its first batch.", message, epoch)
+      consumed = 0
+    if not 0 <= consumed <= self.batches_per_epoch:
+      raise ValueError(f"data position has batches_consumed={consumed}, but an epoch has "
+                       f"{self.batches_per_epoch} batches: is it the same data?")
+    self._epoch, self._batches_consumed, self._batches = epoch, consumed, None
+
+  # ------------------------------------------------------------------------------ iteration
+
+  def __iter__(self) -> "DataIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._batches_consumed >= self.batches_per_epoch:
+      self._epoch, self._batches_consumed, self._batches = self._epoch + 1, 0, None
+    if self.num_epochs is not None and self._epoch >= self.num_epochs:
+      raise StopIteration
+    if self._batches is None:
+      self._batches = self._epoch_dataset(self._epoch, self._batches_consumed).as_numpy_iterator()
+    try:
+      batch = next(self._batches)
+    except tf.errors.OpError as error:
+      data_errors = [source.last_error for source in self._sources if source.last_error]
+      if data_errors:
+        raise data_errors[0] from None  # The file:line message, not TensorFlow's wrapping.
+      raise
+    except StopIteration:
+      raise RuntimeError(f"epoch {self._epoch} ended after {self._batches_consumed} of "
+                         f"{self.batches_per_epoch} batches: did the data change while "
+                         "training?") from None
+    self._batches_consumed += 1
+    return batch
+
+  def _task_lengths(self, source: FeedbackSource) -> dict[str, int]:
+    inputs, targets = self.feature_lengths["inputs"], self.feature_lengths["targets"]
+    if source.kind == PAIRWISE:
+      return {"inputs": inputs, "chosen": targets, "rejected": targets}
+    return {"inputs": inputs, "targets": targets}
+
+  def _task_examples(self, task: seqio.Task, source: FeedbackSource, epoch: int,
+                     endless: bool) -> tf.data.Dataset:
+    """This host's converted examples of one Task for an epoch (endless for mixtures)."""
+    ds = task.get_dataset(
+        sequence_length=self._task_lengths(source), split=self.split, shuffle=self.shuffle,
+        seed=epoch_seed(self.seed, epoch, task.name), num_epochs=None if endless else 1,
+        shard_info=seqio.ShardInfo(self.process_index, self.process_count),
+        try_in_mem_cache=False)
+    ds = transform_rewards(ds, self.reward_mode, self.statistics[task.name])
+    return self._converter(ds, self.feature_lengths)
+
+  def _epoch_dataset(self, epoch: int, skip_batches: int) -> tf.data.Dataset:
+    rows = self.batches_per_epoch * self.batch_size
+    if self._is_mixture:
+      streams = [self._task_examples(task, source, epoch, endless=True)
+                 for (task, _), source in zip(self._tasks, self._sources)]
+      rates = np.array([rate for _, rate in self._tasks], np.float64)
+      ds = tf.data.Dataset.sample_from_datasets(streams, weights=list(rates / rates.sum()),
+                                                seed=epoch_seed(self.seed, epoch, "mixture"))
+    else:
+      (task, _), source = self._tasks[0], self._sources[0]
+      ds = self._task_examples(task, source, epoch, endless=False)
+      # Zero-weight rows fill the last batches, so every host yields the same number of batches.
+      ds = ds.concatenate(tf.data.Dataset.from_tensors(_zero_example(ds.element_spec)).repeat())
+    ds = ds.take(rows).skip(skip_batches * self.batch_size)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.batch(self.batch_size, drop_remainder=True).prefetch(2).with_options(options)
+
+
+def _keep_tensorflow_off_accelerators() -> None:
+  """tf.data runs on the host; TensorFlow must not claim the GPU memory JAX needs."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:
+    pass  # TensorFlow already initialised its devices; nothing left to change.
+
+
+def input_pipeline(name: str, *, global_batch_size: int, split: str = "train", seed: int = 0,
+                   feature_lengths: Mapping[str, int] | None = None,
+                   process_index: int | None = None, process_count: int | None = None,
+                   shuffle: bool = True, num_epochs: int | None = None,
+                   reward_mode: str = "raw", cache_dir: str | None = None,
+                   position: Mapping[str, Any] | None = None,
+                   on_host_count_change: str = "error",
+                   statistics_timeout_seconds: float = 3600.0) -> DataIterator:
+  """This host's batches of a Task or Mixture registered with `dro_jax.data.tasks`.
+
+  Args:
+    name: the Task or Mixture.
+    global_batch_size: rows per step over all hosts; each host yields global / process_count.
+    split: the split to read.
+    seed: fixes the order of every epoch.
+    feature_lengths: {"inputs", "targets"} token lengths; default, the Tasks' limits.
+    process_index, process_count: this host and the number of hosts (default: JAX's).
+    shuffle: shuffle files and examples (with the epoch's seed).
+    num_epochs: stop after this many epochs; None repeats forever.
+    reward_mode: "raw", "normalized" (z-normalised over the whole split, as the DRO paper) or
+      "thumbs" (label 1 above the dataset's mean reward, else 0; reward = label).
+    cache_dir: where the dataset statistics are cached (the workdir; process 0 writes them).
+    position: a saved `DataIterator.position()` to continue from.
+    on_host_count_change: "error" or "restart_epoch", when `position` has another host count.
+    statistics_timeout_seconds: how long other processes wait for process 0's statistics.
+  """
+  if process_index is None or process_count is None:
+    import jax  # Only for the defaults: the pipeline itself needs no JAX.
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
+                     f"{process_count} processes")
+  if reward_mode not in REWARD_MODES:
+    raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {reward_mode!r}")
+  sources = [feedback_source(task) for task, _ in component_tasks(name)]
+  if reward_mode != "raw" and sources[0].kind == PAIRWISE:
+    raise ValueError(f"reward_mode={reward_mode!r} needs rewards; '{name}' is pairwise")
+  if reward_mode == "thumbs" and sources[0].thumbs:
+    raise ValueError(f"'{name}' already carries thumbs labels; use reward_mode='raw'")
+  _keep_tensorflow_off_accelerators()
+  iterator = DataIterator(
+      name, split=split, global_batch_size=global_batch_size,
+      feature_lengths=feature_lengths or default_feature_lengths(name), seed=seed,
+      process_index=process_index, process_count=process_count, shuffle=shuffle,
+      num_epochs=num_epochs, reward_mode=reward_mode, cache_dir=cache_dir,
+      statistics_timeout_seconds=statistics_timeout_seconds)
+  if position is not None:
+    iterator.restore(position, on_host_count_change=on_host_count_change)
+  return iterator

@@ -1,0 +1,373 @@
+"""seqio Tasks from feedback files: single-trajectory (prompt, response, reward) and pairwise.
+
+    register_single_trajectory_task("my_feedback", "gs://bucket/feedback-*.jsonl", "t5/spiece.model",
+                                    fields={"response": "answer", "reward": "score"})
+    register_pairwise_task("hh", {"train": "hh/train.jsonl", "test": "hh/test.jsonl"},
+                           "t5_checkpoint_dir", adapter=adapters.anthropic_hh_pairs())
+    register_mixture("both", ["my_feedback", ("other_feedback", 0.5)])
+
+Records are read and validated in Python (`FeedbackSource`), so a bad record is reported with its
+file, line and field (`DataError`), or skipped and counted when `on_invalid="skip"`. Tokens are
+limited per task: a prompt keeps its LAST max_prompt_length - 1 tokens (the end of a prompt is what
+the response answers), a response its FIRST max_response_length - 1, and EOS is always appended.
+With too_long="skip" or "error" an over-long record is skipped (counted) or reported instead.
+
+Task features: "inputs" and "targets" (or "chosen" and "rejected") as token ids, "reward" float32
+and, for thumbs data, "label" int32 (1 up, 0 down); the converters in `converters.py` turn them into
+model batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import random
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from absl import logging
+import seqio
+import tensorflow as tf
+
+from dro_jax.data import records as records_lib
+from dro_jax.data.adapters import Adapter
+from dro_jax.data.readers import DataError, read_records, resolve_files
+from dro_jax.data.records import CONTEXT_KEY, RecordError
+
+SINGLE_TRAJECTORY = "single_trajectory"
+PAIRWISE = "pairwise"
+ON_INVALID = ("error", "skip")
+TOO_LONG = ("truncate", "skip", "error")
+_FIELD_OF_FEATURE = {"inputs": "prompt", "targets": "response", "chosen": "chosen",
+                     "rejected": "rejected"}
+
+SourceSpec = str | Sequence[str] | Mapping[str, str | Sequence[str]]
+
+
+def load_vocabulary(vocabulary: str | seqio.Vocabulary, extra_ids: int = 0) -> seqio.Vocabulary:
+  """A sentencepiece vocabulary from a .model file or a folder holding T5's `spiece.model`."""
+  if isinstance(vocabulary, seqio.Vocabulary):
+    return vocabulary
+  path = vocabulary
+  if tf.io.gfile.isdir(path):
+    path = f"{path.rstrip('/')}/spiece.model"
+  if not tf.io.gfile.exists(path):
+    raise DataError(f"{path}: no sentencepiece model here (give a .model file or a checkpoint "
+                    "folder that holds spiece.model)")
+  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+
+
+class SkipReport:
+  """Counts the records a pass skipped (or raises, where the policy says "error")."""
+
+  def __init__(self, on_invalid: str = "error", too_long: str = "error"):
+    self.on_invalid, self.too_long = on_invalid, too_long
+    self.counts: collections.Counter[str] = collections.Counter()
+    self.examples: list[str] = []
+
+  def problem(self, message: str, *, is_length: bool = False) -> None:
+    policy = self.too_long if is_length else self.on_invalid
+    if policy == "error":
+      raise DataError(message)
+    self.counts["too_long" if is_length else "invalid"] += 1
+    if len(self.examples) < 3:
+      self.examples.append(message)
+
+  def dropped(self) -> None:
+    """A row the adapter turned into nothing (e.g. a tie): expected, counted, not an error."""
+    self.counts["dropped"] += 1
+
+  def log(self, what: str) -> None:
+    if self.counts:
+      logging.warning("%s: skipped %d invalid and %d over-long records, the adapter dropped %d "
+                      "rows; for example: %s", what, self.counts["invalid"], self.counts["too_long"],
+                      self.counts["dropped"], " | ".join(self.examples) or "-")
+
+
+class _TooLong(RecordError):
+  pass
+
+
+class FeedbackSource(seqio.DataSource):
+  """A seqio DataSource reading validated examples from JSONL / parquet / TFRecord files.
+
+  Sharding is on examples (example k goes to shard k % num_shards), so hosts split a split evenly
+  whatever the number of files; `examples` is the same stream in Python, for statistics.
+  """
+
+  def __init__(self, files_by_split: Mapping[str, Sequence[str]], *, kind: str, thumbs: bool,
+               make_example: Callable[[Mapping[str, Any]], dict[str, Any]],
+               adapter: Adapter | None, file_format: str | None, on_invalid: str, too_long: str,
+               max_lengths: Mapping[str, int], vocabulary: seqio.Vocabulary, description: str):
+    super().__init__(splits=tuple(files_by_split))
+    self._patterns = dict(files_by_split)
+    self.kind, self.thumbs = kind, thumbs
+    self.max_lengths = dict(max_lengths)
+    self.vocabulary = vocabulary
+    self._make_example, self._adapter, self._file_format = make_example, adapter, file_format
+    self._on_invalid, self._too_long = on_invalid, too_long
+    self._description = description
+    self.last_error: DataError | None = None  # Surfaced by the pipeline through TF's wrapping.
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True
+
+  def list_shards(self, split: str) -> list[str]:
+    if split not in self._patterns:
+      raise DataError(f"no split {split!r}; this source has {sorted(self._patterns)}")
+    return resolve_files(self._patterns[split])
+
+  @property
+  def output_signature(self) -> dict[str, tf.TensorSpec]:
+    text = tf.TensorSpec((), tf.string)
+    if self.kind == PAIRWISE:
+      return {"inputs": text, "chosen": text, "rejected": text}
+    signature = {"inputs": text, "targets": text, "reward": tf.TensorSpec((), tf.float32)}
+    if self.thumbs:
+      signature["label"] = tf.TensorSpec((), tf.int32)
+    return signature
+
+  def fingerprint(self, split: str) -> str:
+    """Changes whenever the files (name, size, mtime) or how they are read change."""
+    parts = [self._description]
+    for path in self.list_shards(split):
+      stat = tf.io.gfile.stat(path)
+      parts.append(f"{path}:{stat.length}:{stat.mtime_nsec}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+  def skip_report(self) -> SkipReport:
+    """A fresh counter under this source's policies."""
+    return SkipReport(self._on_invalid, self._too_long)
+
+  def examples(self, split: str, *, shard_info: seqio.ShardInfo | None = None,
+               file_seed: int | None = None, report: SkipReport | None = None) -> Iterator[dict]:
+    """Validated examples of this shard, in file order (files permuted by `file_seed`)."""
+    files = self.list_shards(split)
+    if file_seed is not None:
+      random.Random(file_seed).shuffle(files)
+    report = report or self.skip_report()
+    index = 0
+    for path in files:
+      for example in self._file_examples(path, report):
+        if shard_info is None or index % shard_info.num_shards == shard_info.index:
+          yield example
+        index += 1
+    report.log(f"{split} of {', '.join(files)}")
+
+  def _file_examples(self, path: str, report: SkipReport) -> Iterator[dict]:
+    for raw in read_records(path, self._file_format):
+      if raw.problem:
+        report.problem(f"{raw.location}: {raw.problem}")
+        continue
+      try:
+        outputs = list(self._adapter(raw.fields)) if self._adapter else [raw.fields]
+      except RecordError as error:
+        report.problem(f"{raw.location}: {error}")
+        continue
+      if not outputs:
+        report.dropped()
+      for output in outputs:
+        context = output.get(CONTEXT_KEY) if isinstance(output, Mapping) else None
+        where = f"{raw.location}: {context}: " if context else f"{raw.location}: "
+        try:
+          if isinstance(output, RecordError):
+            raise output
+          example = self._make_example(output)
+          self._check_lengths(example)
+        except RecordError as error:
+          report.problem(f"{where}{error}", is_length=isinstance(error, _TooLong))
+          continue
+        yield example
+
+  def _check_lengths(self, example: Mapping[str, Any]) -> None:
+    if self._too_long == "truncate":
+      return  # Truncated in TensorFlow; no Python tokenisation needed.
+    for feature, limit in self.max_lengths.items():
+      length = len(self.vocabulary.encode(example[feature])) + 1  # + EOS
+      if length > limit:
+        limit_name = "max_prompt_length" if feature == "inputs" else "max_response_length"
+        raise _TooLong(_FIELD_OF_FEATURE[feature],
+                       f"{length} tokens with EOS, more than {limit_name}={limit}")
+
+  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                  shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
+                  use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
+    del sequence_length, use_cached, num_epochs  # Handled by the Task.
+    file_seed = (int(seed) if seed is not None else random.randrange(2**31)) if shuffle else None
+
+    def generate() -> Iterator[dict]:
+      try:
+        yield from self.examples(split, shard_info=shard_info, file_seed=file_seed)
+      except DataError as error:
+        self.last_error = error
+        raise
+
+    return tf.data.Dataset.from_generator(generate, output_signature=self.output_signature)
+
+
+@dataclasses.dataclass(frozen=True)
+class TruncateAndAppendEos:
+  """Limits token features and appends EOS: "inputs" keeps its last tokens, others their first.
+
+  The limit of a feature is the smaller of `max_lengths` (the Task's) and the requested sequence
+  length, both counting EOS.
+  """
+  max_lengths: Mapping[str, int]
+  sequence_length: Mapping[str, int] | None = None  # Filled in by seqio.
+  output_features: Mapping[str, seqio.Feature] | None = None  # Filled in by seqio.
+
+  def __call__(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+    return dataset.map(self._truncate, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def _truncate(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    features = dict(features)
+    for key, limit in self.max_lengths.items():
+      if self.sequence_length and self.sequence_length.get(key):
+        limit = min(limit, self.sequence_length[key])
+      ids, keep = features[key], limit - 1
+      ids = ids[tf.maximum(tf.size(ids) - keep, 0):] if key == "inputs" else ids[:keep]
+      eos = tf.constant([self.output_features[key].vocabulary.eos_id], ids.dtype)
+      features[key] = tf.concat([ids, eos], axis=0)
+    return features
+
+
+def _callable_name(function: Callable[..., Any] | None) -> str:
+  """A description stable across processes (reprs of functions hold memory addresses)."""
+  if function is None:
+    return "None"
+  if isinstance(function, functools.partial):
+    keywords = ", ".join(f"{key}={_callable_name(value) if callable(value) else repr(value)}"
+                         for key, value in sorted(function.keywords.items()))
+    return f"{_callable_name(function.func)}({keywords})"
+  return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', repr(function))}"
+
+
+def _files_by_split(source: SourceSpec) -> dict[str, list[str]]:
+  if isinstance(source, Mapping):
+    return {split: [paths] if isinstance(paths, str) else list(paths)
+            for split, paths in source.items()}
+  return {"train": [source] if isinstance(source, str) else list(source)}
+
+
+def _register(name: str, kind: str, source: SourceSpec, vocabulary: str | seqio.Vocabulary, *,
+              make_example: Callable[[Mapping[str, Any]], dict[str, Any]], thumbs: bool,
+              adapter: Adapter | None, file_format: str | None, max_prompt_length: int,
+              max_response_length: int, too_long: str, on_invalid: str,
+              shuffle_buffer_size: int, description: str) -> seqio.Task:
+  if on_invalid not in ON_INVALID:
+    raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+  if too_long not in TOO_LONG:
+    raise ValueError(f"too_long must be one of {TOO_LONG}, got {too_long!r}")
+  if min(max_prompt_length, max_response_length) < 2:
+    raise ValueError("max_prompt_length and max_response_length count EOS and must be >= 2, got "
+                     f"{max_prompt_length} and {max_response_length}")
+  vocabulary = load_vocabulary(vocabulary)
+  files_by_split = _files_by_split(source)
+  for patterns in files_by_split.values():
+    resolve_files(patterns)  # Fail now, with the path, rather than inside the first training step.
+  targets = ("chosen", "rejected") if kind == PAIRWISE else ("targets",)
+  max_lengths = {"inputs": max_prompt_length, **{key: max_response_length for key in targets}}
+  data_source = FeedbackSource(
+      files_by_split, kind=kind, thumbs=thumbs, make_example=make_example, adapter=adapter,
+      file_format=file_format, on_invalid=on_invalid, too_long=too_long, max_lengths=max_lengths,
+      vocabulary=vocabulary,
+      description=(f"{kind} thumbs={thumbs} adapter={_callable_name(adapter)} format={file_format} "
+                   f"on_invalid={on_invalid} too_long={too_long} lengths={sorted(max_lengths.items())} "
+                   f"{description}"))
+  output_features = {key: seqio.Feature(vocabulary, add_eos=True) for key in max_lengths}
+  if kind == SINGLE_TRAJECTORY:
+    output_features["reward"] = _scalar_feature(tf.float32)
+    if thumbs:
+      output_features["label"] = _scalar_feature(tf.int32)
+  return seqio.TaskRegistry.add(
+      name, source=data_source, output_features=output_features,
+      preprocessors=[seqio.preprocessors.tokenize, TruncateAndAppendEos(max_lengths)],
+      shuffle_buffer_size=shuffle_buffer_size)
+
+
+def _scalar_feature(dtype: tf.dtypes.DType) -> seqio.Feature:
+  """A scalar that tokenisation passes through unchanged (seqio wants a vocabulary per feature)."""
+  return seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=dtype, rank=0)
+
+
+def register_single_trajectory_task(
+    name: str, source: SourceSpec, vocabulary: str | seqio.Vocabulary, *,
+    fields: Mapping[str, str] | None = None, adapter: Adapter | None = None, thumbs: bool = False,
+    file_format: str | None = None, max_prompt_length: int = 512, max_response_length: int = 512,
+    too_long: str = "truncate", on_invalid: str = "error",
+    shuffle_buffer_size: int = 10_000) -> seqio.Task:
+  """Registers a Task of (prompt, response, reward) examples read from files.
+
+  Args:
+    name: the seqio Task name.
+    source: a path or glob (any tf.io.gfile path), a list of them, or {split: paths}; a bare path
+      or list is the "train" split.
+    vocabulary: a sentencepiece .model file, a folder holding spiece.model, or a seqio Vocabulary.
+    fields: canonical name -> record field, e.g. {"response": "answer", "reward": "score"}
+      (dotted names reach into nested objects); defaults: prompt, response (else completion),
+      reward, label. The reward may be absent when a thumbs label gives it (1.0 up, 0.0 down).
+    adapter: turns each raw record into records with the canonical names (see `adapters`).
+    thumbs: the data carries a thumbs label (required per record), kept as the "label" feature.
+    file_format: "jsonl", "parquet" or "tfrecord"; by default from each file name.
+    max_prompt_length, max_response_length: token limits, EOS included.
+    too_long: "truncate" (prompt from the left, response from the right), "skip" or "error".
+    on_invalid: "error" (DataError naming file, line, field) or "skip" (counted and logged).
+    shuffle_buffer_size: the examples shuffled together when the Task is read shuffled.
+  """
+  make_example = functools.partial(records_lib.single_trajectory_example, fields=fields,
+                                   thumbs=thumbs)
+  return _register(name, SINGLE_TRAJECTORY, source, vocabulary, make_example=make_example,
+                   thumbs=thumbs, adapter=adapter, file_format=file_format,
+                   max_prompt_length=max_prompt_length, max_response_length=max_response_length,
+                   too_long=too_long, on_invalid=on_invalid,
+                   shuffle_buffer_size=shuffle_buffer_size, description=f"fields={fields}")
+
+
+def register_pairwise_task(
+    name: str, source: SourceSpec, vocabulary: str | seqio.Vocabulary, *,
+    fields: Mapping[str, str] | None = None, adapter: Adapter | None = None,
+    file_format: str | None = None, max_prompt_length: int = 512, max_response_length: int = 512,
+    too_long: str = "truncate", on_invalid: str = "error",
+    shuffle_buffer_size: int = 10_000) -> seqio.Task:
+  """Registers a Task of (prompt, chosen, rejected) examples read from files.
+
+  Arguments as `register_single_trajectory_task`; the canonical fields are prompt, chosen and
+  rejected, and max_response_length limits each of chosen and rejected.
+  """
+  make_example = functools.partial(records_lib.pairwise_example, fields=fields)
+  return _register(name, PAIRWISE, source, vocabulary, make_example=make_example, thumbs=False,
+                   adapter=adapter, file_format=file_format, max_prompt_length=max_prompt_length,
+                   max_response_length=max_response_length, too_long=too_long,
+                   on_invalid=on_invalid, shuffle_buffer_size=shuffle_buffer_size,
+                   description=f"fields={fields}")
+
+
+def feedback_source(task: seqio.Task | str) -> FeedbackSource:
+  """The FeedbackSource of a Task registered here (a clear error for any other Task)."""
+  task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
+  if not isinstance(task, seqio.Task) or not isinstance(task.source, FeedbackSource):
+    raise ValueError(f"'{task.name}' was not registered with register_single_trajectory_task or "
+                     "register_pairwise_task; the dro_jax pipeline reads only those Tasks")
+  return task.source
+
+
+def component_tasks(name: str) -> list[tuple[seqio.Task, float]]:
+  """[(task, mixing rate)] of a Mixture, or [(task, 1.0)] of a Task."""
+  provider = seqio.get_mixture_or_task(name)
+  if isinstance(provider, seqio.Mixture):
+    return [(task, float(provider.get_rate(task))) for task in provider.tasks]
+  return [(provider, 1.0)]
+
+
+def register_mixture(name: str, tasks: Sequence[str | tuple[str, float]]) -> seqio.Mixture:
+  """Registers a seqio Mixture of feedback Tasks of one kind; a bare name has rate 1.0."""
+  tasks_and_rates = [(task, 1.0) if isinstance(task, str) else tuple(task) for task in tasks]
+  sources = {task: feedback_source(task) for task, _ in tasks_and_rates}
+  shapes = {(source.kind, source.thumbs) for source in sources.values()}
+  if len(shapes) > 1:
+    raise ValueError(f"mixture '{name}' mixes Tasks of different kinds: "
+                     + ", ".join(f"{task}: {source.kind}{' (thumbs)' if source.thumbs else ''}"
+                                 for task, source in sources.items()))
+  return seqio.MixtureRegistry.add(name, tasks_and_rates)
