@@ -1,0 +1,138 @@
+"""Optax optimizers from an ml_collections config, per-network learning rates, and DRO's 1/τ.
+
+Each network's chain is: clip by global norm -> Adafactor (default, decay_rate 0.8 as the DRO
+paper) or AdamW with a linear warm-up schedule -> `policy_update_scale` (policy only). The scale
+acts on the UPDATE, after the optimizer: under Adam or Adafactor a constant factor on the gradient
+would be normalised away (SPEC.md §1). Clipping acts on the raw gradient, before the scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import optax
+
+PyTree = Any
+
+POLICY, VALUE = "policy", "value"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The DRO paper's recipe: Adafactor(decay_rate=0.8), lr 1e-4 for both nets, 150 warm-up steps."""
+  return ml_collections.ConfigDict({
+      "name": "adafactor",  # or "adamw"
+      "learning_rate": 1e-4,
+      "value_learning_rate": None,  # None: the policy's learning rate
+      "warmup_steps": 150,
+      "grad_clip_norm": 0.0,  # 0: no clipping
+      # "inverse_tau" (1/τ, DRO's default), "none", or a number as a string ("0.5").
+      "policy_update_scale": "inverse_tau",
+      "decay_rate": 0.8,  # Adafactor
+      "b1": 0.9,  # AdamW
+      "b2": 0.999,
+      "eps": 1e-8,
+      "weight_decay": 0.0,
+  })
+
+
+def warmup_schedule(peak_value: float, warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to `peak_value` over `warmup_steps`, then constant."""
+  if warmup_steps <= 0:
+    return optax.constant_schedule(peak_value)
+  return optax.linear_schedule(0.0, peak_value, warmup_steps)
+
+
+def policy_update_scale(scale: float) -> optax.GradientTransformation:
+  """Multiplies updates by `scale`; chain it AFTER the optimizer (DRO's 1/τ on the update)."""
+
+  def init_fn(params: PyTree) -> optax.EmptyState:
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates: PyTree, state: optax.EmptyState,
+                params: PyTree | None = None) -> tuple[PyTree, optax.EmptyState]:
+    del params
+    return jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def resolve_update_scale(setting: str | float | None, tau: float | None) -> float:
+  """The policy-update factor: 1/τ for "inverse_tau" with a DRO τ, else 1 or the number given.
+
+  Losses without a DRO τ (tau=None: DPO, IPO, KTO, SFT) always get 1.
+  """
+  if tau is None or setting is None:
+    return 1.0
+  if isinstance(setting, str):
+    if setting == "inverse_tau":
+      return 1.0 / tau
+    if setting == "none":
+      return 1.0
+    try:
+      return float(setting)
+    except ValueError:
+      raise ValueError(f"policy_update_scale must be 'inverse_tau', 'none' or a number, "
+                       f"got {setting!r}") from None
+  return float(setting)
+
+
+def learning_rate(config: Mapping[str, Any], network: str = POLICY) -> optax.Schedule:
+  """The schedule of `network` ("policy" or "value"); the step logs it as learning_rate."""
+  peak = config.get("learning_rate", 1e-4)
+  if network == VALUE and config.get("value_learning_rate", None) is not None:
+    peak = config["value_learning_rate"]
+  return warmup_schedule(peak, config.get("warmup_steps", 0))
+
+
+def _base_optimizer(config: Mapping[str, Any],
+                    schedule: optax.Schedule) -> optax.GradientTransformation:
+  name = config.get("name", "adafactor")
+  if name == "adafactor":
+    return optax.adafactor(schedule, decay_rate=config.get("decay_rate", 0.8))
+  if name == "adamw":
+    return optax.adamw(schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
+                       eps=config.get("eps", 1e-8), weight_decay=config.get("weight_decay", 0.0))
+  raise ValueError(f"unknown optimizer {name!r}; choose 'adafactor' or 'adamw'")
+
+
+def make_optimizer(config: Mapping[str, Any], network: str = POLICY, *,
+                   update_scale: float = 1.0) -> optax.GradientTransformation:
+  """One network's chain: clip -> optimizer with warm-up -> update scale."""
+  parts = []
+  clip = config.get("grad_clip_norm", 0.0)
+  if clip:
+    parts.append(optax.clip_by_global_norm(clip))
+  parts.append(_base_optimizer(config, learning_rate(config, network)))
+  if update_scale != 1.0:
+    parts.append(policy_update_scale(update_scale))
+  return optax.chain(*parts)
+
+
+def make_optimizers(config: Mapping[str, Any], *,
+                    tau: float | None = None) -> dict[str, optax.GradientTransformation]:
+  """{"policy": ..., "value": ...}; the policy chain carries the 1/τ scale for DRO losses."""
+  scale = resolve_update_scale(config.get("policy_update_scale", "inverse_tau"), tau)
+  return {POLICY: make_optimizer(config, POLICY, update_scale=scale),
+          VALUE: make_optimizer(config, VALUE)}
+
+
+def make_joint_optimizer(config: Mapping[str, Any], *, tau: float | None = None,
+                         value_with_policy: bool = False) -> optax.GradientTransformation:
+  """One optimizer over the trainable tree {"policy": θ, "value": φ} (value optional).
+
+  Double-net value functions have their own optimizer and learning rate; single-net ones
+  (`value_with_policy=True`) are part of the policy and share its chain, clipping and scale.
+  Clipping is per network.
+  """
+  optimizers = make_optimizers(config, tau=tau)
+
+  def labels(params: Mapping[str, PyTree]) -> dict[str, PyTree]:
+    def label(key: str) -> str:
+      return VALUE if key == VALUE and not value_with_policy else POLICY
+    return {key: jax.tree.map(lambda _, k=key: label(k), subtree)
+            for key, subtree in params.items()}
+
+  return optax.multi_transform(optimizers, labels)
