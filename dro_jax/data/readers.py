@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import json
 import struct
 from typing import Any, BinaryIO, Iterator, Sequence
@@ -102,7 +103,7 @@ def _read_jsonl(path: str, stream: BinaryIO) -> Iterator[RawRecord]:
 def _read_parquet(path: str, stream: BinaryIO) -> Iterator[RawRecord]:
   import pyarrow.parquet as pq  # Imported here: only parquet users pay for pyarrow.
   try:
-    parquet_file = pq.ParquetFile(stream)
+    parquet_file = pq.ParquetFile(io.BufferedReader(_RawStream(stream)))
   except Exception as error:  # pyarrow raises several unrelated types for a bad file.
     raise DataError(f"{path}: not a readable parquet file ({error})") from error
   row = 0
@@ -110,6 +111,32 @@ def _read_parquet(path: str, stream: BinaryIO) -> Iterator[RawRecord]:
     for fields in batch.to_pylist():
       row += 1
       yield RawRecord(Location(path, row), fields)
+
+
+class _RawStream(io.RawIOBase):
+  """A seekable file object pyarrow accepts, over a GFile (which lacks `closed` and `readinto`)."""
+
+  def __init__(self, stream: BinaryIO):
+    super().__init__()
+    self._stream = stream
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    self._stream.seek(offset, whence)
+    return self._stream.tell()
+
+  def tell(self) -> int:
+    return self._stream.tell()
+
+  def readinto(self, buffer) -> int:
+    data = self._stream.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
 
 
 def _read_tfrecord(path: str, stream: BinaryIO) -> Iterator[RawRecord]:
