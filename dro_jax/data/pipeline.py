@@ -107,6 +107,10 @@ class DataIterator:
       if statistics.count == 0:
         raise DataError(f"task '{task_name}' split '{split}' has no valid example "
                         f"(skipped: {statistics.skipped})")
+    largest = max(statistics.count for statistics in self.statistics.values())
+    if self._is_mixture and largest < process_count:
+      raise DataError(f"mixture '{name}' has fewer examples in its largest Task ({largest}) than "
+                      f"processes ({process_count}): some host would have none")
     total = sum(statistics.count for statistics in self.statistics.values())
     self.batches_per_epoch = math.ceil(math.ceil(total / process_count) / self.batch_size)
     self._converter = converters.feature_converter(
@@ -183,31 +187,31 @@ class DataIterator:
       return {"inputs": inputs, "chosen": targets, "rejected": targets}
     return {"inputs": inputs, "targets": targets}
 
-  def _task_examples(self, task: seqio.Task, source: FeedbackSource, epoch: int,
-                     endless: bool) -> tf.data.Dataset:
-    """This host's converted examples of one Task for an epoch (endless for mixtures)."""
+  def _task_examples(self, task: seqio.Task, source: FeedbackSource,
+                     epoch: int) -> tf.data.Dataset:
+    """This host's converted examples of one Task for an epoch."""
     ds = task.get_dataset(
         sequence_length=self._task_lengths(source), split=self.split, shuffle=self.shuffle,
-        seed=epoch_seed(self.seed, epoch, task.name), num_epochs=None if endless else 1,
+        seed=epoch_seed(self.seed, epoch, task.name), num_epochs=1,
         shard_info=seqio.ShardInfo(self.process_index, self.process_count),
         try_in_mem_cache=False)
     ds = transform_rewards(ds, self.reward_mode, self.statistics[task.name])
     return self._converter(ds, self.feature_lengths)
 
   def _epoch_dataset(self, epoch: int, skip_batches: int) -> tf.data.Dataset:
-    rows = self.batches_per_epoch * self.batch_size
     if self._is_mixture:
-      streams = [self._task_examples(task, source, epoch, endless=True)
+      # Each Task repeats (reshuffled every pass, deterministically from the seed) and is
+      # sampled by its rate. Repeating after the shuffle keeps its buffer to one pass.
+      streams = [self._task_examples(task, source, epoch).repeat()
                  for (task, _), source in zip(self._tasks, self._sources)]
       rates = np.array([rate for _, rate in self._tasks], np.float64)
       ds = tf.data.Dataset.sample_from_datasets(streams, weights=list(rates / rates.sum()),
                                                 seed=epoch_seed(self.seed, epoch, "mixture"))
     else:
-      (task, _), source = self._tasks[0], self._sources[0]
-      ds = self._task_examples(task, source, epoch, endless=False)
+      ds = self._task_examples(self._tasks[0][0], self._sources[0], epoch)
       # Zero-weight rows fill the last batches, so every host yields the same number of batches.
       ds = ds.concatenate(tf.data.Dataset.from_tensors(_zero_example(ds.element_spec)).repeat())
-    ds = ds.take(rows).skip(skip_batches * self.batch_size)
+    ds = ds.take(self.batches_per_epoch * self.batch_size).skip(skip_batches * self.batch_size)
     options = tf.data.Options()
     options.deterministic = True
     return ds.batch(self.batch_size, drop_remainder=True).prefetch(2).with_options(options)

@@ -1,0 +1,330 @@
+"""Tasks -> converters -> batches: round trip, two-host sharding, determinism, resume, rewards."""
+
+import json
+import math
+import string
+import threading
+import uuid
+
+import numpy as np
+import pytest
+import seqio
+
+from dro_jax.data import converters, pipeline, statistics, synthetic, tasks
+from dro_jax.data.readers import DataError
+
+WORDS = ("red green blue cat dog sun moon tree river stone what is the answer please tell me "
+         "about a very long story of one two three four five six seven eight nine ten").split()
+
+
+def make_rows(count, offset=0):
+  """Distinct prompts and responses with distinct rewards."""
+  return [{"prompt": f"tell me about the {WORDS[i % 10]} number {i + offset}",
+           "response": f"the {WORDS[(i + 3) % 10]} is {i + offset}", "reward": 0.25 * i}
+          for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def vocabulary(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("vocabulary") / "spiece.model")
+  corpus = [" ".join(string.ascii_letters + string.digits + string.punctuation)]
+  corpus += [f"{row['prompt']} {row['response']}" for row in make_rows(60)] + [" ".join(WORDS)]
+  synthetic.train_sentencepiece(corpus, path, vocab_size=160)
+  return path
+
+
+@pytest.fixture(scope="module")
+def decode(vocabulary):
+  spm_vocabulary = tasks.load_vocabulary(vocabulary)
+  return lambda ids: spm_vocabulary.decode([int(i) for i in ids])
+
+
+@pytest.fixture
+def new_name():
+  created = []
+
+  def make(prefix: str = "pipeline") -> str:
+    created.append(f"test_data_{prefix}_{uuid.uuid4().hex[:10]}")
+    return created[-1]
+
+  yield make
+  for name in created:
+    seqio.MixtureRegistry.remove(name)
+    seqio.TaskRegistry.remove(name)
+
+
+def write_jsonl(path, rows):
+  path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  return str(path)
+
+
+def single_task(tmp_path, vocabulary, name, rows, **kwargs):
+  path = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+  kwargs = {"max_prompt_length": 24, "max_response_length": 16, **kwargs}
+  tasks.register_single_trajectory_task(name, path, vocabulary, **kwargs)
+  return name
+
+
+def real_rows(batches, key):
+  return [row for batch in batches for row, weight in zip(batch[key], batch["example_weights"])
+          if weight == 1]
+
+
+def one_host(name, **kwargs):
+  kwargs = {"global_batch_size": 4, "process_index": 0, "process_count": 1, **kwargs}
+  return pipeline.input_pipeline(name, **kwargs)
+
+
+def assert_batches_equal(first, second):
+  assert first.keys() == second.keys()
+  for key in first:
+    np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+
+
+# ------------------------------------------------------------------------------- round trip
+
+
+def test_single_trajectory_round_trip(tmp_path, vocabulary, decode, new_name):
+  rows = make_rows(9)
+  name = single_task(tmp_path, vocabulary, new_name(), rows)
+  batches = list(one_host(name, shuffle=False, num_epochs=1))
+  assert len(batches) == 3
+  batch = batches[0]
+  assert {key: (value.shape, value.dtype.name) for key, value in batch.items()} == {
+      "encoder_input_tokens": ((4, 24), "int32"), "decoder_input_tokens": ((4, 16), "int32"),
+      "decoder_target_tokens": ((4, 16), "int32"), "decoder_loss_weights": ((4, 16), "float32"),
+      "reward": ((4,), "float32"), "example_weights": ((4,), "float32")}
+  targets = batch["decoder_target_tokens"]
+  np.testing.assert_array_equal(batch["decoder_input_tokens"][:, 1:], targets[:, :-1])
+  assert (batch["decoder_input_tokens"][:, 0] == 0).all()
+  np.testing.assert_array_equal(batch["decoder_loss_weights"], (targets > 0).astype(np.float32))
+  for tokens in (batch["encoder_input_tokens"], targets):
+    lengths = (tokens > 0).sum(axis=1)
+    assert (tokens[np.arange(4), lengths - 1] == 1).all()  # EOS closes every sequence.
+
+  decoded = [{"prompt": decode(prompt), "response": decode(response), "reward": float(reward)}
+             for batch in batches
+             for prompt, response, reward, weight in zip(
+                 batch["encoder_input_tokens"], batch["decoder_target_tokens"], batch["reward"],
+                 batch["example_weights"]) if weight == 1]
+  assert decoded == rows
+  assert batches[-1]["example_weights"].tolist() == [1, 0, 0, 0]
+  assert not batches[-1]["encoder_input_tokens"][1:].any()
+
+
+def test_truncation_keeps_the_prompt_end_and_the_response_start(tmp_path, vocabulary, decode,
+                                                                 new_name):
+  prompt = " ".join(WORDS[:20])
+  response = " ".join(WORDS[10:30])
+  name = single_task(tmp_path, vocabulary, new_name(),
+                     [{"prompt": prompt, "response": response, "reward": 1.0}],
+                     max_prompt_length=8, max_response_length=6)
+  batch = next(one_host(name, global_batch_size=1))
+  assert batch["encoder_input_tokens"].shape == (1, 8)
+  assert batch["encoder_input_tokens"][0, -1] == 1 and batch["decoder_target_tokens"][0, -1] == 1
+  assert prompt.endswith(decode(batch["encoder_input_tokens"][0]))
+  assert response.startswith(decode(batch["decoder_target_tokens"][0]))
+  assert len(decode(batch["encoder_input_tokens"][0])) < len(prompt)
+
+
+def test_chat_prompts_render_with_the_template(tmp_path, vocabulary, decode, new_name):
+  rows = [{"prompt": [{"role": "user", "content": "what is the sun"},
+                      {"role": "assistant", "content": "a star"},
+                      {"role": "user", "content": "and the moon"}],
+           "completion": [{"role": "assistant", "content": "a stone"}], "label": True}]
+  name = single_task(tmp_path, vocabulary, new_name(), rows, thumbs=True, max_prompt_length=64)
+  batch = next(one_host(name, global_batch_size=1))
+  assert decode(batch["encoder_input_tokens"][0]) == (
+      "User: what is the sun Assistant: a star User: and the moon")  # Newlines normalise to spaces.
+  assert decode(batch["decoder_target_tokens"][0]) == "a stone"
+  assert batch["label"].tolist() == [1] and batch["reward"].tolist() == [1.0]
+
+
+def test_pairwise_round_trip(tmp_path, vocabulary, decode, new_name):
+  rows = [{"prompt": row["prompt"], "chosen": row["response"], "rejected": f"no {i}"}
+          for i, row in enumerate(make_rows(5))]
+  name = new_name()
+  tasks.register_pairwise_task(name, write_jsonl(tmp_path / "pairs.jsonl", rows), vocabulary,
+                               max_prompt_length=20, max_response_length=12)
+  batches = list(one_host(name, shuffle=False, num_epochs=1, global_batch_size=2))
+  assert sorted(batches[0]) == sorted(
+      ["encoder_input_tokens", "example_weights"]
+      + [f"{side}_decoder_{key}" for side in ("chosen", "rejected")
+         for key in ("input_tokens", "target_tokens", "loss_weights")])
+  assert batches[0]["chosen_decoder_target_tokens"].shape == (2, 12)
+  decoded = [{"prompt": decode(batch["encoder_input_tokens"][i]),
+              "chosen": decode(batch["chosen_decoder_target_tokens"][i]),
+              "rejected": decode(batch["rejected_decoder_target_tokens"][i])}
+             for batch in batches for i in range(2) if batch["example_weights"][i] == 1]
+  assert decoded == rows
+  np.testing.assert_array_equal(batches[0]["rejected_decoder_input_tokens"][:, 1:],
+                                batches[0]["rejected_decoder_target_tokens"][:, :-1])
+
+
+# ---------------------------------------------------------------------- hosts, order, resume
+
+
+def test_two_hosts_cover_every_record_exactly_once(tmp_path, vocabulary, decode, new_name):
+  rows = make_rows(23)
+  name = single_task(tmp_path, vocabulary, new_name(), rows)
+  per_host = [list(pipeline.input_pipeline(name, global_batch_size=4, process_index=index,
+                                           process_count=2, seed=3, num_epochs=1))
+              for index in (0, 1)]
+  assert len(per_host[0]) == len(per_host[1]) == 6  # ceil(ceil(23 / 2) / 2)
+  seen = [decode(tokens) for batches in per_host
+          for tokens in real_rows(batches, "encoder_input_tokens")]
+  assert sorted(seen) == sorted(row["prompt"] for row in rows)
+  padding = [weight for batches in per_host for batch in batches
+             for weight in batch["example_weights"] if weight == 0]
+  assert len(padding) == 2 * 6 * 2 - 23
+
+
+def test_order_is_a_function_of_seed_and_epoch(tmp_path, vocabulary, new_name):
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(16))
+  first = [next(one_host(name, seed=5)) for _ in range(2)]
+  assert_batches_equal(first[0], first[1])
+  iterator = one_host(name, seed=5)
+  epochs = [np.concatenate([next(iterator)["reward"] for _ in range(4)]) for _ in range(2)]
+  assert sorted(epochs[0]) == sorted(epochs[1]) and not np.array_equal(epochs[0], epochs[1])
+  other_seed = np.concatenate([batch["reward"] for batch in one_host(name, seed=6, num_epochs=1)])
+  assert not np.array_equal(other_seed, epochs[0])
+
+
+@pytest.mark.parametrize("taken", [3, 7])  # Within the first epoch, and into the second.
+def test_resume_continues_with_the_next_batch(tmp_path, vocabulary, new_name, taken):
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(21))
+  hosts = [pipeline.input_pipeline(name, global_batch_size=4, process_index=index,
+                                   process_count=2, seed=11) for index in (0, 1)]
+  for iterator in hosts:
+    for _ in range(taken):
+      next(iterator)
+  saved = json.loads(json.dumps(hosts[0].position()))
+  assert saved == hosts[1].position()
+  assert saved["epoch"] == taken // hosts[0].batches_per_epoch
+  for index, iterator in enumerate(hosts):
+    resumed = pipeline.input_pipeline(name, global_batch_size=4, process_index=index,
+                                      process_count=2, seed=11, position=saved)
+    for _ in range(2):
+      assert_batches_equal(next(resumed), next(iterator))
+
+
+def test_resume_refuses_a_different_setup(tmp_path, vocabulary, new_name):
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(12))
+  iterator = one_host(name, seed=1)
+  next(iterator)
+  position = iterator.position()
+  with pytest.raises(ValueError, match="written by 1 processes, this run has 2"):
+    pipeline.input_pipeline(name, global_batch_size=4, process_index=0, process_count=2, seed=1,
+                            position=position)
+  restarted = pipeline.input_pipeline(name, global_batch_size=4, process_index=0, process_count=2,
+                                      seed=1, position=position,
+                                      on_host_count_change="restart_epoch")
+  assert restarted.position()["batches_consumed"] == 0
+  with pytest.raises(ValueError, match="the checkpoint has seed=1, this run has seed=2"):
+    one_host(name, seed=2, position=position)
+  with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+    pipeline.input_pipeline(name, global_batch_size=4, process_index=0, process_count=3)
+
+
+# ------------------------------------------------------------------------------- rewards
+
+
+def test_z_normalisation_same_statistics_on_every_host(tmp_path, vocabulary, new_name):
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(19))
+  workdir = str(tmp_path / "workdir")
+  results = {}
+
+  def build(index):
+    results[index] = pipeline.input_pipeline(
+        name, global_batch_size=4, process_index=index, process_count=2, num_epochs=1,
+        reward_mode="normalized", cache_dir=workdir)
+
+  waiting = threading.Thread(target=build, args=(1,))
+  waiting.start()  # Process 1 waits until process 0 has written the statistics.
+  build(0)
+  waiting.join(timeout=60)
+  assert results[0].statistics == results[1].statistics
+  stats = results[0].statistics[name]
+  rewards = [0.25 * i for i in range(19)]
+  assert stats.count == 19
+  assert stats.reward_mean == pytest.approx(np.mean(rewards))
+  assert stats.reward_std == pytest.approx(np.std(rewards))
+  normalized = np.array([reward for index in (0, 1)
+                         for reward in real_rows(list(results[index]), "reward")])
+  assert len(normalized) == 19
+  assert abs(normalized.mean()) < 1e-6 and normalized.var() == pytest.approx(1.0, abs=1e-5)
+  cached = list((tmp_path / "workdir" / "data_statistics").glob(f"{name}.train.*.json"))
+  assert len(cached) == 1
+
+
+def test_statistics_error_reaches_the_waiting_hosts(tmp_path, vocabulary, new_name):
+  rows = [json.dumps(row) for row in make_rows(3)] + ['{"prompt": "p", "response": "r"}']
+  path = tmp_path / "bad.jsonl"
+  path.write_text("\n".join(rows) + "\n")
+  name = new_name()
+  tasks.register_single_trajectory_task(name, str(path), vocabulary)
+  workdir = str(tmp_path / "workdir")
+  for index in (0, 1):
+    with pytest.raises(DataError, match=rf"{path}:4: field 'reward': missing"):
+      statistics.dataset_statistics(name, "train", cache_dir=workdir, process_index=index,
+                                    timeout_seconds=5)
+
+
+def test_thumbs_mode_labels_rewards_above_the_mean(tmp_path, vocabulary, new_name):
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(8))
+  batches = list(one_host(name, reward_mode="thumbs", num_epochs=1, shuffle=False))
+  labels = np.concatenate([batch["label"] for batch in batches])
+  assert labels.dtype == np.int32 and labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+  np.testing.assert_array_equal(np.concatenate([batch["reward"] for batch in batches]), labels)
+  with pytest.raises(ValueError, match="needs rewards"):
+    pairs = new_name()
+    tasks.register_pairwise_task(pairs, write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "a", "chosen": "b", "rejected": "c"}]), vocabulary)
+    one_host(pairs, reward_mode="normalized")
+
+
+# ------------------------------------------------------------------------------- mixtures
+
+
+def test_mixture_samples_both_tasks_and_resumes(tmp_path, vocabulary, decode, new_name):
+  first = single_task(tmp_path, vocabulary, new_name(), make_rows(10))
+  second = single_task(tmp_path, vocabulary, new_name(), make_rows(6, offset=100),
+                       max_prompt_length=20, max_response_length=20)
+  mixture = new_name("mixture")
+  tasks.register_mixture(mixture, [first, (second, 2.0)])
+  iterator = one_host(mixture, seed=4)
+  assert iterator.feature_lengths == {"inputs": 24, "targets": 20}
+  assert iterator.batches_per_epoch == math.ceil(16 / 4)
+  batches = [next(iterator) for _ in range(6)]
+  prompts = [decode(tokens) for tokens in real_rows(batches, "encoder_input_tokens")]
+  numbers = [int(prompt.rsplit(" ", 1)[1]) for prompt in prompts]
+  assert any(number < 100 for number in numbers) and any(number >= 100 for number in numbers)
+  position = iterator.position()
+  assert position["epoch"] == 1
+  resumed = one_host(mixture, seed=4, position=position)
+  assert_batches_equal(next(resumed), next(iterator))
+
+
+def test_mixture_of_different_kinds_is_refused(tmp_path, vocabulary, new_name):
+  single = single_task(tmp_path, vocabulary, new_name(), make_rows(3))
+  thumbs = single_task(tmp_path, vocabulary, new_name(),
+                       [{**row, "label": True} for row in make_rows(3)], thumbs=True)
+  with pytest.raises(ValueError, match="mixes Tasks of different kinds"):
+    tasks.register_mixture(new_name("mixture"), [single, thumbs])
+
+
+def test_converters_never_pack():
+  with pytest.raises(ValueError, match="never packs"):
+    converters.SingleTrajectoryFeatureConverter(pack=True)
+  assert converters.feature_converter("pairwise").get_model_feature_lengths(
+      converters.PairwiseFeatureConverter().complete_lengths({"inputs": 8, "targets": 4}))[
+          "rejected_decoder_loss_weights"] == 4
+
+
+def test_seqio_get_dataset_with_the_converter(tmp_path, vocabulary, new_name):
+  """The Tasks work with plain seqio too, as any T5 data does."""
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(3))
+  ds = seqio.get_dataset(name, {"inputs": 24, "targets": 16},
+                         converters.SingleTrajectoryFeatureConverter(), shuffle=False)
+  examples = list(ds.as_numpy_iterator())
+  assert [float(example["reward"]) for example in examples] == [0.0, 0.25, 0.5]
