@@ -28,10 +28,8 @@ Array = jax.Array
 PyTree = Any
 
 
-def scale_gradient(x: Array, scale: float) -> Array:
-  """Identity forward (exactly), gradient multiplied by `scale`."""
-  if scale == 1.0:
-    return x
+def scale_gradient(x: Array, scale: float | Array) -> Array:
+  """Identity forward (exactly: x + scale·0), gradient multiplied by `scale` (may be traced)."""
   frozen = jax.lax.stop_gradient(x)
   return frozen + scale * (x - frozen)
 
