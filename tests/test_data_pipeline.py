@@ -309,7 +309,7 @@ def test_mixture_of_different_kinds_is_refused(tmp_path, vocabulary, new_name):
   single = single_task(tmp_path, vocabulary, new_name(), make_rows(3))
   thumbs = single_task(tmp_path, vocabulary, new_name(),
                        [{**row, "label": True} for row in make_rows(3)], thumbs=True)
-  with pytest.raises(ValueError, match="mixes Tasks of different kinds"):
+  with pytest.raises(ValueError, match="contains Tasks with different output features"):
     tasks.register_mixture(new_name("mixture"), [single, thumbs])
 
 

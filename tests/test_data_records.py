@@ -52,8 +52,8 @@ def write_parquet(path, rows):
   return str(path)
 
 
-def write_tfrecord(path, rows):
-  with tf.io.TFRecordWriter(str(path)) as writer:
+def write_tfrecord(path, rows, compression=None):
+  with tf.io.TFRecordWriter(str(path), options=compression) as writer:
     for row in rows:
       features = {}
       for key, value in row.items():
@@ -83,6 +83,11 @@ def test_gzipped_jsonl_and_blank_lines(tmp_path):
   path.write_bytes(gzip.compress(b'{"a": 1}\n\n{"a": 2}\n'))
   read = list(readers.read_records(str(path)))
   assert [(record.fields, record.location.line) for record in read] == [({"a": 1}, 1), ({"a": 2}, 3)]
+
+
+def test_gzipped_tfrecord(tmp_path):
+  path = write_tfrecord(tmp_path / "data.tfrecord.gz", ROWS[:2], compression="GZIP")
+  assert [record.fields for record in readers.read_records(path)] == ROWS[:2]
 
 
 def test_format_inference_and_unknown_names():
@@ -221,6 +226,12 @@ def test_nonexistent_file_fails_at_registration(tmp_path, vocabulary, new_name):
     tasks.register_single_trajectory_task(new_name(), str(tmp_path / "nowhere.jsonl"), vocabulary)
   with pytest.raises(DataError, match="no sentencepiece model"):
     tasks.register_single_trajectory_task(new_name(), str(tmp_path), str(tmp_path / "none.model"))
+
+
+def test_unknown_field_names_are_refused(tmp_path, vocabulary, new_name):
+  path = write_jsonl(tmp_path / "data.jsonl", ROWS)
+  with pytest.raises(ValueError, match=r"fields maps unknown names \['respons'\]"):
+    tasks.register_single_trajectory_task(new_name(), path, vocabulary, fields={"respons": "r"})
 
 
 def test_over_long_prompt_policies(tmp_path, vocabulary, new_name):

@@ -240,7 +240,8 @@ def input_pipeline(name: str, *, global_batch_size: int, split: str = "train", s
     global_batch_size: rows per step over all hosts; each host yields global / process_count.
     split: the split to read.
     seed: fixes the order of every epoch.
-    feature_lengths: {"inputs", "targets"} token lengths; default, the Tasks' limits.
+    feature_lengths: {"inputs", "targets"} token lengths; default, the Tasks' limits (shorter
+      lengths truncate by the same policy: prompts keep their end, responses their start).
     process_index, process_count: this host and the number of hosts (default: JAX's).
     shuffle: shuffle files and examples (with the epoch's seed).
     num_epochs: stop after this many epochs; None repeats forever.

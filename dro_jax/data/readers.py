@@ -75,13 +75,12 @@ def read_records(path: str, file_format: str | None = None) -> Iterator[RawRecor
     raise DataError(f"{path}: unknown file_format {file_format!r}; use one of {', '.join(FORMATS)}")
   if not tf.io.gfile.exists(path):
     raise DataError(f"{path}: no such file")
-  with _open(path) as stream:
-    yield from readers[file_format](path, stream)
-
-
-def _open(path: str) -> BinaryIO:
-  stream = tf.io.gfile.GFile(path, "rb")
-  return gzip.GzipFile(fileobj=stream, mode="rb") if path.endswith(".gz") else stream
+  with tf.io.gfile.GFile(path, "rb") as stream:
+    if path.endswith(".gz"):
+      with gzip.GzipFile(fileobj=stream, mode="rb") as unzipped:
+        yield from readers[file_format](path, unzipped)
+    else:
+      yield from readers[file_format](path, stream)
 
 
 def _read_jsonl(path: str, stream: BinaryIO) -> Iterator[RawRecord]:
@@ -95,7 +94,8 @@ def _read_jsonl(path: str, stream: BinaryIO) -> Iterator[RawRecord]:
       yield RawRecord(location, None, f"malformed JSON ({error})")
       continue
     if not isinstance(fields, dict):
-      yield RawRecord(location, None, f"expected a JSON object, got {type(fields).__name__}")
+      yield RawRecord(location, None, "expected one JSON object per line (JSON Lines), got a "
+                      f"{type(fields).__name__}")
       continue
     yield RawRecord(location, fields)
 

@@ -255,7 +255,7 @@ def _register(name: str, kind: str, source: SourceSpec, vocabulary: str | seqio.
               make_example: Callable[[Mapping[str, Any]], dict[str, Any]], thumbs: bool,
               adapter: Adapter | None, file_format: str | None, max_prompt_length: int,
               max_response_length: int, too_long: str, on_invalid: str,
-              shuffle_buffer_size: int, description: str) -> seqio.Task:
+              shuffle_buffer_size: int, fields: Mapping[str, str] | None) -> seqio.Task:
   if on_invalid not in ON_INVALID:
     raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
   if too_long not in TOO_LONG:
@@ -263,6 +263,10 @@ def _register(name: str, kind: str, source: SourceSpec, vocabulary: str | seqio.
   if min(max_prompt_length, max_response_length) < 2:
     raise ValueError("max_prompt_length and max_response_length count EOS and must be >= 2, got "
                      f"{max_prompt_length} and {max_response_length}")
+  canonical = records_lib.PAIRWISE_FIELDS if kind == PAIRWISE else records_lib.SINGLE_TRAJECTORY_FIELDS
+  unknown = sorted(set(fields or {}) - set(canonical))
+  if unknown:
+    raise ValueError(f"fields maps unknown names {unknown}; the {kind} fields are {sorted(canonical)}")
   vocabulary = load_vocabulary(vocabulary)
   files_by_split = _files_by_split(source)
   for patterns in files_by_split.values():
@@ -275,7 +279,7 @@ def _register(name: str, kind: str, source: SourceSpec, vocabulary: str | seqio.
       vocabulary=vocabulary,
       description=(f"{kind} thumbs={thumbs} adapter={_callable_name(adapter)} format={file_format} "
                    f"on_invalid={on_invalid} too_long={too_long} lengths={sorted(max_lengths.items())} "
-                   f"{description}"))
+                   f"fields={sorted((fields or {}).items())}"))
   output_features = {key: seqio.Feature(vocabulary, add_eos=True) for key in max_lengths}
   if kind == SINGLE_TRAJECTORY:
     output_features["reward"] = _scalar_feature(tf.float32)
@@ -306,8 +310,8 @@ def register_single_trajectory_task(
       or list is the "train" split.
     vocabulary: a sentencepiece .model file, a folder holding spiece.model, or a seqio Vocabulary.
     fields: canonical name -> record field, e.g. {"response": "answer", "reward": "score"}
-      (dotted names reach into nested objects); defaults: prompt, response (else completion),
-      reward, label. The reward may be absent when a thumbs label gives it (1.0 up, 0.0 down).
+      (dotted names reach into nested objects; with an adapter, the fields of its output);
+      defaults: prompt, response (else completion), reward, label. The reward may be absent when a thumbs label gives it (1.0 up, 0.0 down).
     adapter: turns each raw record into records with the canonical names (see `adapters`).
     thumbs: the data carries a thumbs label (required per record), kept as the "label" feature.
     file_format: "jsonl", "parquet" or "tfrecord"; by default from each file name.
@@ -322,7 +326,7 @@ def register_single_trajectory_task(
                    thumbs=thumbs, adapter=adapter, file_format=file_format,
                    max_prompt_length=max_prompt_length, max_response_length=max_response_length,
                    too_long=too_long, on_invalid=on_invalid,
-                   shuffle_buffer_size=shuffle_buffer_size, description=f"fields={fields}")
+                   shuffle_buffer_size=shuffle_buffer_size, fields=fields)
 
 
 def register_pairwise_task(
@@ -340,8 +344,7 @@ def register_pairwise_task(
   return _register(name, PAIRWISE, source, vocabulary, make_example=make_example, thumbs=False,
                    adapter=adapter, file_format=file_format, max_prompt_length=max_prompt_length,
                    max_response_length=max_response_length, too_long=too_long,
-                   on_invalid=on_invalid, shuffle_buffer_size=shuffle_buffer_size,
-                   description=f"fields={fields}")
+                   on_invalid=on_invalid, shuffle_buffer_size=shuffle_buffer_size, fields=fields)
 
 
 def feedback_source(task: seqio.Task | str) -> FeedbackSource:
@@ -362,12 +365,11 @@ def component_tasks(name: str) -> list[tuple[seqio.Task, float]]:
 
 
 def register_mixture(name: str, tasks: Sequence[str | tuple[str, float]]) -> seqio.Mixture:
-  """Registers a seqio Mixture of feedback Tasks of one kind; a bare name has rate 1.0."""
+  """Registers a seqio Mixture of feedback Tasks; a bare name has rate 1.0.
+
+  seqio refuses Tasks with different features (single-trajectory with pairwise, thumbs with not).
+  """
   tasks_and_rates = [(task, 1.0) if isinstance(task, str) else tuple(task) for task in tasks]
-  sources = {task: feedback_source(task) for task, _ in tasks_and_rates}
-  shapes = {(source.kind, source.thumbs) for source in sources.values()}
-  if len(shapes) > 1:
-    raise ValueError(f"mixture '{name}' mixes Tasks of different kinds: "
-                     + ", ".join(f"{task}: {source.kind}{' (thumbs)' if source.thumbs else ''}"
-                                 for task, source in sources.items()))
+  for task, _ in tasks_and_rates:
+    feedback_source(task)  # Only Tasks the pipeline can read.
   return seqio.MixtureRegistry.add(name, tasks_and_rates)
