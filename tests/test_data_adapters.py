@@ -36,7 +36,8 @@ def register(vocabulary):
       pq.write_table(pa.Table.from_pylist(rows), str(path))
     else:
       path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    register_task = tasks.register_pairwise_task if pairwise else tasks.register_single_trajectory_task
+    register_task = (tasks.register_pairwise_task if pairwise
+                     else tasks.register_single_trajectory_task)
     register_task(name, str(path), vocabulary, **kwargs)
     return name, str(path)
 
@@ -160,11 +161,14 @@ def test_ultrafeedback_binarized(tmp_path, register):
 
 # ---------------------------------------------------------------------------------- Anthropic HH
 
+SHORT_HH = {"chosen": "\n\nHuman: Hm?\n\nAssistant: Yes.",
+            "rejected": "\n\nHuman: Hm?\n\nAssistant: No."}
+
 
 def test_anthropic_hh_prompt_ends_at_the_last_assistant_turn(tmp_path, register):
   prompt = "\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: How are you?\n\nAssistant:"
   rows = [{"chosen": prompt + " I am good, thanks.", "rejected": prompt + " I am busy."},
-          {"chosen": "\n\nHuman: Hm?\n\nAssistant: Yes.", "rejected": "\n\nHuman: Hm?\n\nAssistant: No."}]
+          SHORT_HH]
   name, _ = register(tmp_path, rows, pairwise=True, adapter=adapters.anthropic_hh_pairs())
   assert examples(name) == [
       {"inputs": prompt, "chosen": " I am good, thanks.", "rejected": " I am busy."},
@@ -176,11 +180,11 @@ def test_anthropic_hh_prompt_ends_at_the_last_assistant_turn(tmp_path, register)
 
 
 def test_unpaired_hh_for_kto(tmp_path, register):
-  rows = [{"chosen": "\n\nHuman: Hm?\n\nAssistant: Yes.", "rejected": "\n\nHuman: Hm?\n\nAssistant: No."}]
+  rows = [SHORT_HH]
   name, _ = register(tmp_path, rows, thumbs=True,
                      adapter=adapters.unpair(adapters.anthropic_hh_pairs()))
-  assert [(example["targets"], example["label"], example["reward"]) for example in examples(name)] == [
-      (" Yes.", 1, 1.0), (" No.", 0, 0.0)]
+  got = [(example["targets"], example["label"], example["reward"]) for example in examples(name)]
+  assert got == [(" Yes.", 1, 1.0), (" No.", 0, 0.0)]
 
 
 # ------------------------------------------------------------------------------------- TL;DR

@@ -69,7 +69,8 @@ def write_tfrecord(path, rows, compression=None):
 # ---------------------------------------------------------------------------------- readers
 
 
-@pytest.mark.parametrize("writer,name", [(write_jsonl, "data.jsonl"), (write_parquet, "data.parquet"),
+@pytest.mark.parametrize("writer,name", [(write_jsonl, "data.jsonl"),
+                                         (write_parquet, "data.parquet"),
                                          (write_tfrecord, "data.tfrecord")])
 def test_every_format_reads_the_same_records_with_locations(tmp_path, writer, name):
   path = writer(tmp_path / name, ROWS)
@@ -82,7 +83,8 @@ def test_gzipped_jsonl_and_blank_lines(tmp_path):
   path = tmp_path / "data.jsonl.gz"
   path.write_bytes(gzip.compress(b'{"a": 1}\n\n{"a": 2}\n'))
   read = list(readers.read_records(str(path)))
-  assert [(record.fields, record.location.line) for record in read] == [({"a": 1}, 1), ({"a": 2}, 3)]
+  assert [(record.fields, record.location.line) for record in read] == [({"a": 1}, 1),
+                                                                        ({"a": 2}, 3)]
 
 
 def test_gzipped_tfrecord(tmp_path):
@@ -126,8 +128,8 @@ def test_single_trajectory_example_variants():
       {"prompt": [{"role": "user", "content": "q"}],
        "completion": [{"role": "assistant", "content": "a"}], "label": False}, thumbs=True)
   assert thumbs == {"inputs": "User: q", "targets": "a", "reward": 0.0, "label": 0}
-  mapped = records.single_trajectory_example({"q": {"text": "p"}, "a": "r", "score": 3},
-                                             {"prompt": "q.text", "response": "a", "reward": "score"})
+  mapping = {"prompt": "q.text", "response": "a", "reward": "score"}
+  mapped = records.single_trajectory_example({"q": {"text": "p"}, "a": "r", "score": 3}, mapping)
   assert mapped == {"inputs": "p", "targets": "r", "reward": 3.0}
 
 
@@ -135,7 +137,7 @@ def test_single_trajectory_example_variants():
     ({"prompt": "p", "response": "r"}, "field 'reward': missing"),
     ({"response": "r", "reward": 1}, "field 'prompt': missing"),
     ({"prompt": "p", "response": "r", "reward": "good"}, "field 'reward': not a number ('good')"),
-    ({"prompt": "p", "response": "r", "reward": float("nan")}, "field 'reward': not a finite number"),
+    ({"prompt": "p", "response": "r", "reward": math.nan}, "field 'reward': not a finite number"),
     ({"prompt": "p", "response": "r", "reward": "inf"}, "field 'reward': not a finite number"),
     ({"prompt": "p", "response": "r", "reward": True}, "field 'reward': not a number"),
     ({"prompt": "p", "response": "  ", "reward": 1}, "field 'response': empty"),
@@ -208,7 +210,7 @@ def test_bad_record_is_skipped_and_counted(tmp_path, vocabulary, new_name, case)
 
 
 def test_error_inside_tensorflow_comes_out_as_data_error(tmp_path, vocabulary, new_name):
-  """A file that turns bad after the statistics pass still fails with file:line, not TF's wrapper."""
+  """A file turning bad after the statistics pass still fails with file:line, not TF's error."""
   path = tmp_path / "data.jsonl"
   write_jsonl(path, ROWS)
   name = new_name()

@@ -93,7 +93,7 @@ def _ultrafeedback_triples(record: Mapping[str, Any], *, score: str) -> Iterator
 
 
 def ultrafeedback_triples(score: str = "fine-grained") -> Adapter:
-  """Raw UltraFeedback -> one (instruction, response, score) triple per completion (the DRO data)."""
+  """Raw UltraFeedback -> one (instruction, response, score) triple per completion (DRO's data)."""
   if score not in ULTRAFEEDBACK_SCORES:
     raise ValueError(f"unknown UltraFeedback score {score!r}; use one of {ULTRAFEEDBACK_SCORES}")
   return functools.partial(_ultrafeedback_triples, score=score)
@@ -144,7 +144,8 @@ def _split_chat(record: Mapping[str, Any], name: str) -> tuple[str, str]:
     raise RecordError(name, "expected a list of at least a user and an assistant message")
   last = messages[-1]
   if not isinstance(last, Mapping) or last.get("role") != "assistant":
-    raise RecordError(f"{name}[{len(messages) - 1}].role", "the last message is not the assistant's")
+    raise RecordError(f"{name}[{len(messages) - 1}].role",
+                      "the last message is not the assistant's")
   return render_messages(messages[:-1], name), as_text(last.get("content"),
                                                        f"{name}[{len(messages) - 1}].content")
 
@@ -207,8 +208,8 @@ def anthropic_hh_pairs() -> Adapter:
 def tldr_prompt(info: Mapping[str, Any]) -> str:
   """The TL;DR prompt: the Reddit template, or "ARTICLE: ...\\n\\nTL;DR:" for CNN/DM rows."""
   if info.get("post"):
-    return TLDR_REDDIT_TEMPLATE.format(subreddit=_text(info, "subreddit"), title=_text(info, "title"),
-                                       post=info["post"])
+    return TLDR_REDDIT_TEMPLATE.format(subreddit=_text(info, "subreddit"),
+                                       title=_text(info, "title"), post=info["post"])
   if info.get("article"):
     return TLDR_ARTICLE_TEMPLATE.format(article=_text(info, "article"))
   raise RecordError("info.post", "missing (and no info.article either)")

@@ -1,4 +1,4 @@
-"""Feature converters: Task features -> the model batch keys of DESIGN.md, fixed shapes, never packed.
+"""Feature converters: Task features -> the batch keys of DESIGN.md; fixed shapes, never packed.
 
 Single-trajectory: encoder_input_tokens, decoder_input_tokens (targets shifted right, start id 0),
 decoder_target_tokens, decoder_loss_weights (float32, 1 on target tokens), reward (float32),
@@ -39,8 +39,8 @@ class _UnpackedConverter(seqio.FeatureConverter):
     if pack:
       raise ValueError("dro_jax never packs examples: sequence log-probs need one example per row")
     self._decoder_sources, self._scalars = dict(decoder_sources), dict(scalars)
-    self.TASK_FEATURES = {"inputs": _TOKENS, **{source: _TOKENS for source in decoder_sources.values()},
-                          **scalars}
+    self.TASK_FEATURES = {"inputs": _TOKENS, **scalars,
+                          **{source: _TOKENS for source in decoder_sources.values()}}
     self.MODEL_FEATURES = {"encoder_input_tokens": _TOKENS, **scalars,
                            "example_weights": _FLOAT_SCALAR}
     for prefix in decoder_sources:
@@ -49,7 +49,8 @@ class _UnpackedConverter(seqio.FeatureConverter):
                                   f"{prefix}decoder_loss_weights": _WEIGHTS})
     super().__init__(pack=False, bos_id=bos_id, apply_length_check=apply_length_check)
 
-  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+  def __call__(self, ds: tf.data.Dataset,
+               task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
     return super().__call__(ds, self.complete_lengths(task_feature_lengths))
 
   def complete_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:

@@ -14,7 +14,7 @@ number of batches as one pass over all its Tasks would give, after which the see
                               reward_mode="normalized")
     batch = next(iterator)                 # numpy dict, this host's rows
     saved = iterator.position()            # JSON-serialisable; store it in the checkpoint
-    iterator = input_pipeline(..., position=saved)   # the next batch is the one that would have come
+    iterator = input_pipeline(..., position=saved)   # next: the batch that would have come
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Location:
-  """Where a record came from: `path:line` (1-based line for JSONL, row or record number otherwise)."""
+  """Where a record came from: `path:line` (1-based line of JSONL; row or record number else)."""
   path: str
   line: int
 

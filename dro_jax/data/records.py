@@ -4,10 +4,11 @@ A single-trajectory example is {"inputs": prompt, "targets": response, "reward":
 "label" (1 thumbs up, 0 down) for thumbs data; a pairwise example is {"inputs", "chosen",
 "rejected"}. Problems raise `RecordError(field, message)`; the caller adds the file and line.
 
-Chat template (the one rendering of message lists, at training and at evaluation alike): each message
-becomes "<Role>: <content>" with the role capitalised ("User", "Assistant", "System"), and messages
-are joined by a blank line ("\\n\\n"), in order. A prompt that is a message list renders whole; a
-response that is a list of one message is that message's content (a longer list renders whole).
+Chat template (the one rendering of message lists, at training and at evaluation alike): each
+message becomes "<Role>: <content>" with the role capitalised ("User", "Assistant", "System"),
+and messages are joined by a blank line ("\\n\\n"), in order. A prompt that is a message list
+renders whole; a response that is a list of one message is that message's content (a longer list
+renders whole).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def render_messages(messages: Sequence[Any], field: str = "messages") -> str:
   turns = []
   for index, message in enumerate(messages):
     if not isinstance(message, Mapping):
-      raise RecordError(f"{field}[{index}]", f"expected a {{role, content}} message, got {message!r:.60}")
+      raise RecordError(f"{field}[{index}]",
+                        f"expected a {{role, content}} message, got {message!r:.60}")
     role, content = message.get("role"), message.get("content")
     if not isinstance(role, str) or not role:
       raise RecordError(f"{field}[{index}].role", f"expected a role string, got {role!r:.60}")

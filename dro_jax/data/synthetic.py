@@ -165,7 +165,7 @@ def feedback(prompt_count: int, responses_per_prompt: int = 4, seed: int = 0, *,
 
 def preference_pairs(count: int, seed: int = 0, *,
                      evaluation: bool = False) -> list[dict[str, str]]:
-  """Pairwise feedback: two demonstrator responses per prompt, the better one chosen; ties redrawn."""
+  """Pairwise feedback: two demonstrator responses per prompt, the better chosen; ties redrawn."""
   rng = random.Random(f"pairs:{seed}")
   pairs = []
   for problem in sample_problems(count, seed + 2, evaluation=evaluation):
@@ -243,7 +243,7 @@ def write_demo_data(cache_dir: str | None = None, *, sft_examples: int = 4000,
                     feedback_prompts: int = 1000, responses_per_prompt: int = 4,
                     pairs: int = 2000, eval_examples: int = 200,
                     seed: int = 0) -> dict[str, dict[str, str]]:
-  """Writes the demo's JSONL files (cached: written once per size and seed); {kind: {split: path}}."""
+  """Writes the demo's JSONL files (once per size and seed); returns {kind: {split: path}}."""
   folder = os.path.join(demo_dir(cache_dir), f"data_{sft_examples}_{feedback_prompts}x"
                         f"{responses_per_prompt}_{pairs}_{eval_examples}_seed{seed}")
   contents = {
@@ -278,7 +278,8 @@ def register_demo_tasks(cache_dir: str | None = None, **sizes: int) -> dict[str,
   """Registers the demo's seqio Tasks (again, if already registered); {role: task name}.
 
   sft and feedback: single-trajectory with rewards; thumbs: the same feedback as thumbs labels
-  only (reward 1.0 / 0.0, the unpaired prompt/completion/label format); pairs: pairwise. Each has "train" and "validation" (held-out prompts) splits.
+  only (reward 1.0 / 0.0, the unpaired prompt/completion/label format); pairs: pairwise.
+  Each has "train" and "validation" (held-out prompts) splits.
   """
   import seqio
   from dro_jax.data import tasks

@@ -1,6 +1,7 @@
 """seqio Tasks from feedback files: single-trajectory (prompt, response, reward) and pairwise.
 
-    register_single_trajectory_task("my_feedback", "gs://bucket/feedback-*.jsonl", "t5/spiece.model",
+    register_single_trajectory_task("my_feedback", "gs://bucket/feedback-*.jsonl",
+                                    "t5/spiece.model",
                                     fields={"response": "answer", "reward": "score"})
     register_pairwise_task("hh", {"train": "hh/train.jsonl", "test": "hh/test.jsonl"},
                            "t5_checkpoint_dir", adapter=adapters.anthropic_hh_pairs())
@@ -81,8 +82,9 @@ class SkipReport:
   def log(self, what: str) -> None:
     if self.counts:
       logging.warning("%s: skipped %d invalid and %d over-long records, the adapter dropped %d "
-                      "rows; for example: %s", what, self.counts["invalid"], self.counts["too_long"],
-                      self.counts["dropped"], " | ".join(self.examples) or "-")
+                      "rows; for example: %s", what, self.counts["invalid"],
+                      self.counts["too_long"], self.counts["dropped"],
+                      " | ".join(self.examples) or "-")
 
 
 class _TooLong(RecordError):
@@ -198,6 +200,7 @@ class FeedbackSource(seqio.DataSource):
     file_seed = (int(seed) if seed is not None else random.randrange(2**31)) if shuffle else None
 
     def generate() -> Iterator[dict]:
+      self.last_error = None
       try:
         yield from self.examples(split, shard_info=shard_info, file_seed=file_seed)
       except DataError as error:
@@ -241,7 +244,8 @@ def _callable_name(function: Callable[..., Any] | None) -> str:
     keywords = ", ".join(f"{key}={_callable_name(value) if callable(value) else repr(value)}"
                          for key, value in sorted(function.keywords.items()))
     return f"{_callable_name(function.func)}({keywords})"
-  return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', repr(function))}"
+  qualified_name = getattr(function, "__qualname__", type(function).__qualname__)
+  return f"{getattr(function, '__module__', '')}.{qualified_name}"
 
 
 def _files_by_split(source: SourceSpec) -> dict[str, list[str]]:
@@ -252,9 +256,8 @@ def _files_by_split(source: SourceSpec) -> dict[str, list[str]]:
 
 
 def _register(name: str, kind: str, source: SourceSpec, vocabulary: str | seqio.Vocabulary, *,
-              make_example: Callable[[Mapping[str, Any]], dict[str, Any]], thumbs: bool,
-              adapter: Adapter | None, file_format: str | None, max_prompt_length: int,
-              max_response_length: int, too_long: str, on_invalid: str,
+              thumbs: bool, adapter: Adapter | None, file_format: str | None,
+              max_prompt_length: int, max_response_length: int, too_long: str, on_invalid: str,
               shuffle_buffer_size: int, fields: Mapping[str, str] | None) -> seqio.Task:
   if on_invalid not in ON_INVALID:
     raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
@@ -263,10 +266,17 @@ def _register(name: str, kind: str, source: SourceSpec, vocabulary: str | seqio.
   if min(max_prompt_length, max_response_length) < 2:
     raise ValueError("max_prompt_length and max_response_length count EOS and must be >= 2, got "
                      f"{max_prompt_length} and {max_response_length}")
-  canonical = records_lib.PAIRWISE_FIELDS if kind == PAIRWISE else records_lib.SINGLE_TRAJECTORY_FIELDS
+  if kind == PAIRWISE:
+    canonical = records_lib.PAIRWISE_FIELDS
+    make_example = functools.partial(records_lib.pairwise_example, fields=fields)
+  else:
+    canonical = records_lib.SINGLE_TRAJECTORY_FIELDS
+    make_example = functools.partial(records_lib.single_trajectory_example, fields=fields,
+                                     thumbs=thumbs)
   unknown = sorted(set(fields or {}) - set(canonical))
   if unknown:
-    raise ValueError(f"fields maps unknown names {unknown}; the {kind} fields are {sorted(canonical)}")
+    raise ValueError(f"fields maps unknown names {unknown}; the {kind} fields are "
+                     f"{sorted(canonical)}")
   vocabulary = load_vocabulary(vocabulary)
   files_by_split = _files_by_split(source)
   for patterns in files_by_split.values():
@@ -277,9 +287,10 @@ def _register(name: str, kind: str, source: SourceSpec, vocabulary: str | seqio.
       files_by_split, kind=kind, thumbs=thumbs, make_example=make_example, adapter=adapter,
       file_format=file_format, on_invalid=on_invalid, too_long=too_long, max_lengths=max_lengths,
       vocabulary=vocabulary,
-      description=(f"{kind} thumbs={thumbs} adapter={_callable_name(adapter)} format={file_format} "
-                   f"on_invalid={on_invalid} too_long={too_long} lengths={sorted(max_lengths.items())} "
-                   f"fields={sorted((fields or {}).items())}"))
+      description=(f"{kind} thumbs={thumbs} adapter={_callable_name(adapter)} "
+                   f"format={file_format} on_invalid={on_invalid} too_long={too_long} "
+                   f"lengths={sorted(max_lengths.items())} fields={sorted((fields or {}).items())} "
+                   f"vocabulary={getattr(vocabulary, 'sentencepiece_model_file', vocabulary)}"))
   output_features = {key: seqio.Feature(vocabulary, add_eos=True) for key in max_lengths}
   if kind == SINGLE_TRAJECTORY:
     output_features["reward"] = _scalar_feature(tf.float32)
@@ -311,7 +322,8 @@ def register_single_trajectory_task(
     vocabulary: a sentencepiece .model file, a folder holding spiece.model, or a seqio Vocabulary.
     fields: canonical name -> record field, e.g. {"response": "answer", "reward": "score"}
       (dotted names reach into nested objects; with an adapter, the fields of its output);
-      defaults: prompt, response (else completion), reward, label. The reward may be absent when a thumbs label gives it (1.0 up, 0.0 down).
+      defaults: prompt, response (else completion), reward, label. The reward may be absent
+      when a thumbs label gives it (1.0 up, 0.0 down).
     adapter: turns each raw record into records with the canonical names (see `adapters`).
     thumbs: the data carries a thumbs label (required per record), kept as the "label" feature.
     file_format: "jsonl", "parquet" or "tfrecord"; by default from each file name.
@@ -320,13 +332,10 @@ def register_single_trajectory_task(
     on_invalid: "error" (DataError naming file, line, field) or "skip" (counted and logged).
     shuffle_buffer_size: the examples shuffled together when the Task is read shuffled.
   """
-  make_example = functools.partial(records_lib.single_trajectory_example, fields=fields,
-                                   thumbs=thumbs)
-  return _register(name, SINGLE_TRAJECTORY, source, vocabulary, make_example=make_example,
-                   thumbs=thumbs, adapter=adapter, file_format=file_format,
-                   max_prompt_length=max_prompt_length, max_response_length=max_response_length,
-                   too_long=too_long, on_invalid=on_invalid,
-                   shuffle_buffer_size=shuffle_buffer_size, fields=fields)
+  return _register(name, SINGLE_TRAJECTORY, source, vocabulary, thumbs=thumbs, adapter=adapter,
+                   file_format=file_format, max_prompt_length=max_prompt_length,
+                   max_response_length=max_response_length, too_long=too_long,
+                   on_invalid=on_invalid, shuffle_buffer_size=shuffle_buffer_size, fields=fields)
 
 
 def register_pairwise_task(
@@ -340,9 +349,8 @@ def register_pairwise_task(
   Arguments as `register_single_trajectory_task`; the canonical fields are prompt, chosen and
   rejected, and max_response_length limits each of chosen and rejected.
   """
-  make_example = functools.partial(records_lib.pairwise_example, fields=fields)
-  return _register(name, PAIRWISE, source, vocabulary, make_example=make_example, thumbs=False,
-                   adapter=adapter, file_format=file_format, max_prompt_length=max_prompt_length,
+  return _register(name, PAIRWISE, source, vocabulary, thumbs=False, adapter=adapter,
+                   file_format=file_format, max_prompt_length=max_prompt_length,
                    max_response_length=max_response_length, too_long=too_long,
                    on_invalid=on_invalid, shuffle_buffer_size=shuffle_buffer_size, fields=fields)
 
