@@ -121,7 +121,8 @@ def judge_loss_fn(name: str, model, reward_network) -> Callable:
     del ref_params
     weights = batch["example_weights"]
     prompt = batch["encoder_input_tokens"]
-    chosen, rejected = batch["chosen_decoder_target_tokens"], batch["rejected_decoder_target_tokens"]
+    chosen = batch["chosen_decoder_target_tokens"]
+    rejected = batch["rejected_decoder_target_tokens"]
     if name == "reward_model":
       both = jnp.concatenate([jnp.concatenate([prompt, chosen], 1),
                               jnp.concatenate([prompt, rejected], 1)], 0)

@@ -91,6 +91,17 @@ def above_mean_reward(rewards_B: Array, weights_B: Array | None = None) -> Array
   return rewards_B > weighted_mean(rewards_B, weights_B)
 
 
+def desirable_labels(rewards_B: Array | None = None, labels_B: Array | None = None,
+                     weights_B: Array | None = None) -> Array:
+  """KTO's labels: a thumbs label as given (all-thumbs-up is all desirable), else rewards above
+  the weighted batch mean."""
+  if labels_B is not None:
+    return labels_B.astype(bool)
+  if rewards_B is None:
+    raise ValueError("desirable_labels needs rewards or labels")
+  return above_mean_reward(rewards_B, weights_B)
+
+
 # ----------------------------------------------------------------------------------------------
 # Pairwise losses.
 
@@ -124,6 +135,8 @@ def ipo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
              chosen_lengths: Array | None = None, rejected_lengths: Array | None = None,
              weights: Array | None = None) -> tuple[Array, Metrics]:
   """IPO: (h − 1/(2τ))², h from per-token averaged log-probs when lengths are given."""
+  if (chosen_lengths is None) != (rejected_lengths is None):
+    raise ValueError("ipo_loss: give both chosen_lengths and rejected_lengths, or neither")
   weights_B = example_weights(weights, policy_chosen_logps)
   policy_chosen_B = _per_token(policy_chosen_logps, chosen_lengths)
   policy_rejected_B = _per_token(policy_rejected_logps, rejected_lengths)

@@ -294,6 +294,10 @@ def test_kto_labels_from_rewards_and_thumbs():
   mean = (0.1 + 0.9 + 2 * 0.5 + 0.2) / 5
   np.testing.assert_array_equal(np.asarray(losses.above_mean_reward(rewards, weights)),
                                 np.asarray(rewards) > mean)
+  np.testing.assert_array_equal(np.asarray(losses.desirable_labels(rewards, None, weights)),
+                                np.asarray(rewards) > mean)
+  thumbs_up = jnp.ones(5)
+  assert bool(jnp.all(losses.desirable_labels(rewards, thumbs_up, weights)))
   # Thumbs labels are used as given: a batch of thumbs-up only is all desirable, so every
   # example takes the desirable branch.
   logratio = jnp.array([0.3, -0.2, 0.1])
@@ -469,3 +473,31 @@ def test_position_bias_cancels_in_the_preference_probability():
   # A judge that always says "A" with probability 0.9 has no preference after averaging orders.
   always_a = jnp.log(jnp.array([[0.9, 0.1]]))
   assert float(losses.preference_probability(always_a, always_a)[0]) == pytest.approx(0.5)
+
+
+def test_ipo_needs_both_lengths_or_neither():
+  x = jnp.zeros(2)
+  with pytest.raises(ValueError, match="both"):
+    losses.ipo_loss(x, x, x, x, tau=0.1, chosen_lengths=jnp.ones(2))
+
+
+def test_batch_statistics_are_global_when_the_batch_is_sharded():
+  """z0, the above-mean label and DRO-P's variance see all devices' examples under jit."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  devices = np.asarray(jax.devices())
+  size = 2 * len(devices)
+  rng = np.random.default_rng(11)
+  arrays = [jnp.asarray(rng.normal(size=size) - 5.0, jnp.float32) for _ in range(5)]
+  weights = jnp.asarray(rng.integers(0, 2, size=size), jnp.float32)
+  sharding = NamedSharding(Mesh(devices, ("data",)), PartitionSpec("data"))
+
+  def run(p, r, pkl, rkl, rewards, w):
+    desirable = losses.above_mean_reward(rewards, w)
+    kto, kto_metrics = losses.kto_loss(p, r, pkl, rkl, desirable, beta=0.5, weights=w)
+    dro_p, dro_metrics = losses.dro_p_loss(p, r, rewards, tau=0.3, weights=w)
+    return kto, dro_p, kto_metrics["kto/z0"], dro_metrics["value/mean"]
+
+  sharded = jax.jit(run)(*[jax.device_put(a, sharding) for a in arrays + [weights]])
+  single = jax.jit(run)(*arrays, weights)
+  for a, b in zip(sharded, single):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

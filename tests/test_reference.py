@@ -1,4 +1,5 @@
-"""Reference updates: frozen, soft EMA (closed form, float32, lr 1e-6), hard sync, hybrid, no aliasing."""
+"""Reference updates: frozen, soft EMA (closed form, float32, lr 1e-6), hard sync, hybrid,
+no aliasing."""
 
 import jax
 import jax.numpy as jnp
