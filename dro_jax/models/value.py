@@ -37,7 +37,9 @@ def scale_gradient(x: Array, scale: float | Array) -> Array:
 def masked_mean_pool(encoded_BxSxE: Array, mask_BxS: Array) -> Array:
   """Float32 mean over the valid positions; an empty prompt pools to 0."""
   mask_BxS = mask_BxS.astype(jnp.float32)
-  total_BxE = jnp.einsum("bse,bs->be", encoded_BxSxE.astype(jnp.float32), mask_BxS)
+  # HIGHEST: on TPU a default-precision float32 matmul rounds its inputs to bfloat16.
+  total_BxE = jnp.einsum("bse,bs->be", encoded_BxSxE.astype(jnp.float32), mask_BxS,
+                         precision=jax.lax.Precision.HIGHEST)
   return total_BxE / jnp.maximum(jnp.sum(mask_BxS, axis=1), 1.0)[:, None]
 
 
@@ -51,7 +53,8 @@ class ValueHead(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(zeros, ("embed", None)),
                         (pooled_BxE.shape[-1], 1), jnp.float32)
     bias = self.param("bias", nn.with_logical_partitioning(zeros, (None,)), (1,), jnp.float32)
-    return (pooled_BxE @ kernel + bias)[:, 0]
+    values_Bx1 = jnp.dot(pooled_BxE, kernel, precision=jax.lax.Precision.HIGHEST)
+    return (values_Bx1 + bias)[:, 0]
 
 
 class EncoderValueNetwork(nn.Module):
