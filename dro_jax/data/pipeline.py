@@ -5,7 +5,8 @@ reads examples i, i + P, i + 2P, ... of the split (files permuted by the epoch's
 them with the epoch's seed and batches them; every host yields the same number of batches,
 ceil(ceil(N / P) / per-host batch), the last ones padded with zero-weight examples
 (`example_weights` 0, all tokens 0). The position is then just (epoch, batches consumed): resuming
-rebuilds the epoch and skips the consumed batches, which costs reading them once more.
+rebuilds the epoch and skips the consumed batches, which costs reading and tokenising them once
+more (at most one epoch; about 2,000 UltraFeedback-sized examples a second on two CPU cores).
 
 A Mixture samples its Tasks by their rates from endless per-Task streams; its "epoch" is the same
 number of batches as one pass over all its Tasks would give, after which the seeds change.
@@ -154,6 +155,10 @@ class DataIterator:
       raise ValueError(f"data position has batches_consumed={consumed}, but an epoch has "
                        f"{self.batches_per_epoch} batches: is it the same data?")
     self._epoch, self._batches_consumed, self._batches = epoch, consumed, None
+
+  def close(self) -> None:
+    """Releases the TensorFlow iterator (and its reader thread); iterating again reopens it."""
+    self._batches = None
 
   # ------------------------------------------------------------------------------ iteration
 

@@ -24,10 +24,12 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import itertools
 import random
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -199,15 +201,30 @@ class FeedbackSource(seqio.DataSource):
     del sequence_length, use_cached, num_epochs  # Handled by the Task.
     file_seed = (int(seed) if seed is not None else random.randrange(2**31)) if shuffle else None
 
-    def generate() -> Iterator[dict]:
+    signature = self.output_signature
+
+    def generate() -> Iterator[dict[str, np.ndarray]]:
       self.last_error = None
       try:
-        yield from self.examples(split, shard_info=shard_info, file_seed=file_seed)
+        yield from _columns(self.examples(split, shard_info=shard_info, file_seed=file_seed),
+                            signature)
       except DataError as error:
         self.last_error = error
         raise
 
-    return tf.data.Dataset.from_generator(generate, output_signature=self.output_signature)
+    # Chunks of examples cross into TensorFlow together: one Python call per example is slow.
+    chunk_signature = {key: tf.TensorSpec((None,), spec.dtype) for key, spec in signature.items()}
+    return tf.data.Dataset.from_generator(generate, output_signature=chunk_signature).unbatch()
+
+
+def _columns(examples: Iterator[dict[str, Any]], signature: Mapping[str, tf.TensorSpec],
+             chunk_size: int = 256) -> Iterator[dict[str, np.ndarray]]:
+  """Examples -> dicts of arrays of up to `chunk_size` examples each."""
+  dtypes = {key: object if spec.dtype == tf.string else spec.dtype.as_numpy_dtype
+            for key, spec in signature.items()}
+  while chunk := list(itertools.islice(examples, chunk_size)):
+    yield {key: np.array([example[key] for example in chunk], dtype=dtype)
+           for key, dtype in dtypes.items()}
 
 
 @dataclasses.dataclass(frozen=True)
