@@ -268,3 +268,20 @@ def test_tfrecord_missing_field_and_parquet_nan(tmp_path, vocabulary, new_name):
   tasks.register_single_trajectory_task(name, parquet, vocabulary)
   with pytest.raises(DataError, match=rf"{parquet}:4: field 'reward': not a finite number \(inf\)"):
     pipeline.input_pipeline(name, global_batch_size=1, process_index=0, process_count=1)
+
+
+def test_any_gfile_path_works_like_gs(tmp_path, vocabulary, new_name):
+  """TensorFlow's in-memory filesystem stands in for gs://: data, glob and statistics cache."""
+  root = f"ram://{uuid.uuid4().hex}"
+  with tf.io.gfile.GFile(f"{root}/data/part-0.jsonl", "w") as stream:
+    stream.write("".join(json.dumps(row) + "\n" for row in ROWS[:3]))
+  with tf.io.gfile.GFile(f"{root}/data/part-1.parquet", "wb") as stream:
+    write_parquet(tmp_path / "local.parquet", ROWS[3:])
+    stream.write((tmp_path / "local.parquet").read_bytes())
+  name = new_name()
+  tasks.register_single_trajectory_task(name, [f"{root}/data/*.jsonl", f"{root}/data/*.parquet"],
+                                        vocabulary)
+  iterator = pipeline.input_pipeline(name, global_batch_size=5, process_index=0, process_count=1,
+                                     shuffle=False, cache_dir=f"{root}/workdir")
+  assert next(iterator)["reward"].tolist() == [row["reward"] for row in ROWS]
+  assert tf.io.gfile.glob(f"{root}/workdir/data_statistics/{name}.train.*.json")
