@@ -16,8 +16,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dro_jax import scoring
-
 Array = jax.Array
 Metrics = dict[str, Array]
 
@@ -128,8 +126,9 @@ def dpo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
 
 
 def _per_token(sums_B: Array, lengths_B: Array | None) -> Array:
-  # length_normalize divides by max(count, 1): an empty completion averages to 0, not 0/0.
-  return sums_B if lengths_B is None else scoring.length_normalize(sums_B, lengths_B)
+  # As scoring.length_normalize (losses import no model code): max(count, 1), so an empty
+  # completion averages to 0 instead of 0/0.
+  return sums_B if lengths_B is None else sums_B / jnp.maximum(lengths_B, 1.0)
 
 
 def ipo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
