@@ -174,7 +174,7 @@ class DataIterator:
       self._batches = self._epoch_dataset(self._epoch, self._batches_consumed).as_numpy_iterator()
     try:
       batch = next(self._batches)
-    except tf.errors.OpError as error:
+    except tf.errors.OpError:
       data_errors = [source.last_error for source in self._sources if source.last_error]
       if data_errors:
         raise data_errors[0] from None  # The file:line message, not TensorFlow's wrapping.
