@@ -181,6 +181,7 @@ def build(name: str, config: t5_lib.T5Config, policy_params: Any, rng: jax.Array
   if name in ("reward_model", "preference_model", "sft"):
     ref = None
   if name == "reward_model":
+    opt_config.multiply_by_parameter_scale = False  # its head starts at zero (see optim.py)
     network = value_lib.EncoderValueNetwork(config)
     params = {"policy": value_lib.DoubleNetMultipleValues(config).init(policy_params, rng)}
     loss = judge_loss_fn(name, model, network)

@@ -30,6 +30,11 @@ def default_config() -> ml_collections.ConfigDict:
       # "inverse_tau" (1/τ, DRO's default), "none", or a number as a string ("0.5").
       "policy_update_scale": "inverse_tau",
       "decay_rate": 0.8,  # Adafactor
+      # Adafactor scales each update by max(RMS(param), 1e-3): a zero-initialised value head
+      # then moves ~1e-3·lr per step and stays ≈ 0 for a whole run, so the value network's
+      # chain uses absolute steps by default. The policy keeps t5x's relative steps.
+      "multiply_by_parameter_scale": True,
+      "value_multiply_by_parameter_scale": False,
       "b1": 0.9,  # AdamW
       "b2": 0.999,
       "eps": 1e-8,
@@ -87,11 +92,13 @@ def learning_rate(config: Mapping[str, Any], network: str = POLICY) -> optax.Sch
   return warmup_schedule(peak, config.get("warmup_steps", 0))
 
 
-def _base_optimizer(config: Mapping[str, Any],
-                    schedule: optax.Schedule) -> optax.GradientTransformation:
+def _base_optimizer(config: Mapping[str, Any], schedule: optax.Schedule,
+                    network: str) -> optax.GradientTransformation:
   name = config.get("name", "adafactor")
   if name == "adafactor":
-    return optax.adafactor(schedule, decay_rate=config.get("decay_rate", 0.8))
+    key = "value_multiply_by_parameter_scale" if network == VALUE else "multiply_by_parameter_scale"
+    return optax.adafactor(schedule, decay_rate=config.get("decay_rate", 0.8),
+                           multiply_by_parameter_scale=config.get(key, network != VALUE))
   if name == "adamw":
     return optax.adamw(schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
                        eps=config.get("eps", 1e-8), weight_decay=config.get("weight_decay", 0.0))
@@ -105,7 +112,7 @@ def make_optimizer(config: Mapping[str, Any], network: str = POLICY, *,
   clip = config.get("grad_clip_norm", 0.0)
   if clip:
     parts.append(optax.clip_by_global_norm(clip))
-  parts.append(_base_optimizer(config, learning_rate(config, network)))
+  parts.append(_base_optimizer(config, learning_rate(config, network), network))
   if update_scale != 1.0:
     parts.append(policy_update_scale(update_scale))
   return optax.chain(*parts)

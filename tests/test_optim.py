@@ -137,3 +137,14 @@ def test_learning_rate_schedules_per_network_and_unknown_names():
   config.name = "sgd"
   with pytest.raises(ValueError, match="unknown optimizer"):
     optim.make_optimizer(config)
+
+
+def test_zero_initialised_value_head_learns_under_default_adafactor():
+  """Parameter-scaled Adafactor would move a zero parameter by ~1e-3·lr per step."""
+  config = optim.default_config()
+  config.warmup_steps = 0
+  params = {"policy": {"w": jnp.zeros(3)}, "value": {"head": jnp.zeros(3)}}
+  grads = {"policy": {"w": jnp.ones(3)}, "value": {"head": jnp.ones(3)}}
+  updates = _first_updates(optim.make_joint_optimizer(config, tau=1.0), params, grads)
+  assert float(jnp.max(jnp.abs(updates["value"]["head"]))) == pytest.approx(1e-4, rel=1e-3)
+  assert float(jnp.max(jnp.abs(updates["policy"]["w"]))) == pytest.approx(1e-7, rel=1e-3)
