@@ -204,53 +204,61 @@ def _write_column(values_NxL: Array, column_N: Array, step: Array) -> Array:
                                       (0, step))
 
 
+def _initial_state(cache: Any, num: int, length: int) -> _LoopState:
+  zeros_NxL = jnp.zeros((num, length), jnp.float32)
+  return _LoopState(
+      step=jnp.array(0, jnp.int32), cache=cache,
+      inputs_N=jnp.full((num,), DECODER_START_ID, jnp.int32), done_N=jnp.zeros((num,), bool),
+      tokens_NxL=jnp.zeros((num, length), jnp.int32), logps_NxL=zeros_NxL,
+      sampling_logps_NxL=zeros_NxL, lengths_N=jnp.zeros((num,), jnp.int32))
+
+
+def _advance(state: _LoopState, cache: Any, logits_NxV: Array, keys_N: Array,
+             sampling: SamplingParams) -> _LoopState:
+  """Choose this step's tokens and write them; finished sequences get 0 and log-probs 0."""
+  step_keys_N = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_N, state.step)
+  tokens_N, logps_N, sampling_logps_N = choose_tokens(logits_NxV, step_keys_N, sampling)
+  live_N = ~state.done_N
+  tokens_N = jnp.where(live_N, tokens_N, PAD_ID)
+  return _LoopState(
+      step=state.step + 1, cache=cache, inputs_N=tokens_N,
+      done_N=state.done_N | (tokens_N == sampling.eos_id),
+      tokens_NxL=_write_column(state.tokens_NxL, tokens_N, state.step),
+      logps_NxL=_write_column(state.logps_NxL, jnp.where(live_N, logps_N, 0.0), state.step),
+      sampling_logps_NxL=_write_column(state.sampling_logps_NxL,
+                                       jnp.where(live_N, sampling_logps_N, 0.0), state.step),
+      lengths_N=state.lengths_N + live_N.astype(jnp.int32))
+
+
 def sample(params: Any, encoder_input_tokens_BxS: Array, rng: Array, *, config: t5_lib.T5Config,
            sampling: SamplingParams) -> SampleOutput:
-  """Samples `sampling.num_samples` responses per prompt (pure; see make_sampler for the jit).
+  """Samples `sampling.num_samples` responses per prompt (pure; make_sampler compiles it).
 
   rng is one key, or one key per prompt ([B] typed or [B, 2] raw keys); greedy ignores it.
   """
   model = t5_lib.T5(config)
-  batch, length = encoder_input_tokens_BxS.shape[0], sampling.max_decode_length
-  num = batch * sampling.num_samples
+  batch, length, repeats = (encoder_input_tokens_BxS.shape[0], sampling.max_decode_length,
+                            sampling.num_samples)
   encoded_BxSxE = model.apply({"params": params}, encoder_input_tokens_BxS, method=model.encode)
   cache = create_cache(model, params, encoded_BxSxE, encoder_input_tokens_BxS, length)
   # Encoder output and cross keys/values are computed per prompt and repeated per sample.
-  cache = _constrain_cache(repeat_batch(cache, sampling.num_samples))
-  encoder_input_tokens_NxS = repeat_batch(encoder_input_tokens_BxS, sampling.num_samples)
-  keys_N = sample_keys(rng, batch, sampling.num_samples)
+  cache = _constrain_cache(repeat_batch(cache, repeats))
+  encoder_input_tokens_NxS = repeat_batch(encoder_input_tokens_BxS, repeats)
+  keys_N = sample_keys(rng, batch, repeats)
 
-  def step_fn(state: _LoopState) -> _LoopState:
+  def step(state: _LoopState) -> _LoopState:
     # `encoded` is only read when the cache is created; the steps use the cached keys/values.
     logits_Nx1xV, variables = model.apply(
         {"params": params, "cache": state.cache}, encoded_BxSxE, encoder_input_tokens_NxS,
         state.inputs_N[:, None], decode=True, max_decode_length=length, method=model.decode,
         mutable=["cache"])
-    step_keys_N = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_N, state.step)
-    tokens_N, logps_N, sampling_logps_N = choose_tokens(logits_Nx1xV[:, 0], step_keys_N, sampling)
-    live_N = ~state.done_N
-    tokens_N = jnp.where(live_N, tokens_N, PAD_ID)
-    return _LoopState(
-        step=state.step + 1,
-        cache=_constrain_cache(variables["cache"]),
-        inputs_N=tokens_N,
-        done_N=state.done_N | (tokens_N == sampling.eos_id),
-        tokens_NxL=_write_column(state.tokens_NxL, tokens_N, state.step),
-        logps_NxL=_write_column(state.logps_NxL, jnp.where(live_N, logps_N, 0.0), state.step),
-        sampling_logps_NxL=_write_column(state.sampling_logps_NxL,
-                                         jnp.where(live_N, sampling_logps_N, 0.0), state.step),
-        lengths_N=state.lengths_N + live_N.astype(jnp.int32))
+    cache = _constrain_cache(variables["cache"])
+    return _advance(state, cache, logits_Nx1xV[:, 0], keys_N, sampling)
 
   def running(state: _LoopState) -> Array:
     return (state.step < length) & ~jnp.all(state.done_N)
 
-  zeros_NxL = jnp.zeros((num, length), jnp.float32)
-  initial = _LoopState(
-      step=jnp.array(0, jnp.int32), cache=cache,
-      inputs_N=jnp.full((num,), DECODER_START_ID, jnp.int32),
-      done_N=jnp.zeros((num,), bool), tokens_NxL=jnp.zeros((num, length), jnp.int32),
-      logps_NxL=zeros_NxL, sampling_logps_NxL=zeros_NxL, lengths_N=jnp.zeros((num,), jnp.int32))
-  final = jax.lax.while_loop(running, step_fn, initial)
+  final = jax.lax.while_loop(running, step, _initial_state(cache, batch * repeats, length))
   return SampleOutput(final.tokens_NxL, final.logps_NxL, final.sampling_logps_NxL,
                       final.lengths_N)
 
@@ -334,7 +342,10 @@ def sample_text(params: Any, config: t5_lib.T5Config, vocabulary: Vocabulary,
                 prompts: Sequence[str], rng: Array | None = None, *,
                 sampling: SamplingParams = SamplingParams(), mesh: Mesh | None = None,
                 max_input_length: int | None = None) -> list[str]:
-  """Responses to `prompts`: num_samples strings per prompt, prompt-major (len B * n)."""
+  """Responses to `prompts`: num_samples strings per prompt, prompt-major (len B * n).
+
+  Prompts are encoded with EOS appended (as seqio's T5 tasks do); rng defaults to key 0.
+  """
   if not prompts:
     return []
   if rng is None:
