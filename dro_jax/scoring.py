@@ -42,15 +42,26 @@ def length_normalize(sums_B: Array, counts_B: Array) -> Array:
 def score(model: t5_lib.T5, params: Any, encoder_input_tokens: Array,
           decoder_input_tokens: Array, decoder_target_tokens: Array,
           decoder_loss_weights: Array | None = None, *, deterministic: bool = True,
-          rngs: Mapping[str, Array] | None = None) -> dict[str, Array]:
-  """Token and sequence log-probs of targets; the `logps` sum is what every loss takes."""
+          rngs: Mapping[str, Array] | None = None,
+          return_encoded: bool = False) -> dict[str, Array]:
+  """Token and sequence log-probs of targets; the `logps` sum is what every loss takes.
+
+  With `return_encoded`, the encoder output is returned too (`encoded`), so a value head on the
+  policy's encoder (single-network DRO-V) needs no second encoder pass.
+  """
   if decoder_loss_weights is None:
     decoder_loss_weights = decoder_target_tokens > 0
-  logits = model.apply({"params": params}, encoder_input_tokens, decoder_input_tokens,
-                       deterministic=deterministic, rngs=rngs)
+  variables = {"params": params}
+  encoded = model.apply(variables, encoder_input_tokens, deterministic=deterministic,
+                        rngs=rngs, method=model.encode)
+  logits = model.apply(variables, encoded, encoder_input_tokens, decoder_input_tokens,
+                       deterministic=deterministic, rngs=rngs, method=model.decode)
   token_logps = target_logps_from_logits(logits, decoder_target_tokens, decoder_loss_weights)
   sums, counts = sequence_logps(token_logps, decoder_loss_weights)
-  return {"token_logps": token_logps, "logps": sums, "lengths": counts}
+  scores = {"token_logps": token_logps, "logps": sums, "lengths": counts}
+  if return_encoded:
+    scores["encoded"] = encoded
+  return scores
 
 
 def _pad_to(x: Array, length: int) -> Array:

@@ -75,3 +75,15 @@ def test_log_softmax_keeps_one_float32_copy_of_the_logits():
   compiled = jax.jit(scoring.target_logps_from_logits).lower(logits, targets).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp <= batch * length * vocab * 4 * 1.1, temp
+
+
+def test_score_can_return_the_encoder_output(tiny):
+  model, params = tiny
+  inputs, targets = np.array([[5, 6, 7, 1, 0]]), np.array([[9, 8, 1, 0]])
+  decoder_inputs = np.array([[0, 9, 8, 1]])
+  scores = scoring.score(model, params, inputs, decoder_inputs, targets, return_encoded=True)
+  encoded = model.apply({"params": params}, inputs, method=model.encode)
+  np.testing.assert_array_equal(np.asarray(scores["encoded"]), np.asarray(encoded))
+  logits = model.apply({"params": params}, inputs, decoder_inputs)
+  expected = scoring.target_logps_from_logits(logits, targets)
+  np.testing.assert_allclose(np.asarray(scores["token_logps"]), np.asarray(expected), atol=1e-6)
