@@ -95,16 +95,27 @@ def top_k_logits(logits_NxV: Array, k: int) -> Array:
 
 
 def top_p_logits(logits_NxV: Array, p: float) -> Array:
-  """Keep the smallest set of most likely tokens whose probability reaches p; the rest -inf."""
+  """Keep the smallest set of most likely tokens whose probability reaches p (ties with its least
+  likely member included); the rest -inf."""
   if p >= 1.0:
     return logits_NxV
-  sorted_NxV = -jnp.sort(-logits_NxV, axis=-1)
-  probs_NxV = jax.nn.softmax(sorted_NxV, axis=-1)
-  # A token is kept while the mass strictly before it is below p; the most likely always is.
-  mass_before_NxV = jnp.cumsum(probs_NxV, axis=-1) - probs_NxV
-  threshold_Nx1 = jnp.min(jnp.where(mass_before_NxV < p, sorted_NxV, jnp.inf), axis=-1,
-                          keepdims=True)
-  return jnp.where(logits_NxV >= threshold_Nx1, logits_NxV, -jnp.inf)
+  probs_NxV = jax.nn.softmax(logits_NxV, axis=-1)
+  # Non-negative float32s order like their bit patterns, so a binary search over int32 finds the
+  # smallest kept probability exactly in 32 masked sums; sorting the vocabulary every step is
+  # an order of magnitude slower on CPU.
+  bits_NxV = jax.lax.bitcast_convert_type(probs_NxV, jnp.int32)
+
+  def halve(_, bounds: tuple[Array, Array]) -> tuple[Array, Array]:
+    low_Nx1, high_Nx1 = bounds  # mass(probs >= low) reaches p; mass(probs >= high) does not
+    middle_Nx1 = low_Nx1 + (high_Nx1 - low_Nx1) // 2
+    mass_Nx1 = jnp.sum(jnp.where(bits_NxV >= middle_Nx1, probs_NxV, 0.0), axis=-1, keepdims=True)
+    reached_Nx1 = mass_Nx1 >= p
+    return (jnp.where(reached_Nx1, middle_Nx1, low_Nx1),
+            jnp.where(reached_Nx1, high_Nx1, middle_Nx1))
+
+  bounds = (jnp.zeros_like(bits_NxV[:, :1]), jnp.max(bits_NxV, axis=-1, keepdims=True) + 1)
+  threshold_Nx1, _ = jax.lax.fori_loop(0, 32, halve, bounds)
+  return jnp.where(bits_NxV >= threshold_Nx1, logits_NxV, -jnp.inf)
 
 
 def sampling_logits(logits_NxV: Array, sampling: SamplingParams) -> Array:

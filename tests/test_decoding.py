@@ -177,7 +177,7 @@ def test_fixed_key_reproduces_and_keys_are_per_example(model, prompts):
   keys = jax.random.split(jax.random.key(2), len(prompts))
   first = sampler(params, prompts, keys)
   again = sampler(params, prompts, keys)
-  other = sampler(params, prompts, jax.random.key(3))
+  other = sampler(params, prompts, jax.random.split(jax.random.key(3), len(prompts)))
   np.testing.assert_array_equal(first.tokens, again.tokens)
   assert (np.asarray(first.tokens) != np.asarray(other.tokens)).any()
   # A prompt's samples depend on its key only, not on the rest of the batch.
