@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from dro_jax import partitioning
@@ -90,8 +91,8 @@ def top_k_logits(logits_NxV: Array, k: int) -> Array:
   """Logits outside the k largest set to -inf (ties with the k-th value are kept)."""
   if k <= 0 or k >= logits_NxV.shape[-1]:
     return logits_NxV
-  # The minimum of the k values, not their last column: XLA's CPU TopK kernel only replaces a
-  # full sort when the whole top-k slice is used (slicing it made this step 70x slower).
+  # The minimum of the k values, not their last column: XLA's CPU TopK kernel replaces the sort
+  # only when the whole top-k slice is used; a column of it falls back to sorting the vocabulary.
   kth_Nx1 = jnp.min(jax.lax.top_k(logits_NxV, k)[0], axis=-1, keepdims=True)
   return jnp.where(logits_NxV >= kth_Nx1, logits_NxV, -jnp.inf)
 
@@ -385,7 +386,9 @@ def sample_text(params: Any, config: t5_lib.T5Config, vocabulary: Vocabulary,
                 max_input_length: int | None = None) -> list[str]:
   """Responses to `prompts`: num_samples strings per prompt, prompt-major (len B * n).
 
-  Prompts are encoded with EOS appended (as seqio's T5 tasks do); rng defaults to key 0.
+  Prompts are encoded with EOS appended (as seqio's T5 tasks do). rng is one key (default key 0);
+  on a mesh the prompts are padded to a multiple of data x fsdp, which leaves the samples as they
+  are on one device.
   """
   if not prompts:
     return []
@@ -395,5 +398,8 @@ def sample_text(params: Any, config: t5_lib.T5Config, vocabulary: Vocabulary,
   tokens_BxS = encode_prompts(vocabulary, prompts, eos_id=sampling.eos_id,
                               max_input_length=max_input_length, batch_multiple=multiple)
   output = make_sampler(config, sampling, mesh)(params, tokens_BxS, rng)
-  tokens_NxL = np.asarray(jax.device_get(output.tokens))[:len(prompts) * sampling.num_samples]
+  tokens_NxL = output.tokens
+  if not tokens_NxL.is_fully_addressable:  # several hosts: every process gets every response
+    tokens_NxL = multihost_utils.process_allgather(tokens_NxL, tiled=True)
+  tokens_NxL = np.asarray(jax.device_get(tokens_NxL))[:len(prompts) * sampling.num_samples]
   return decode_responses(vocabulary, tokens_NxL, sampling.eos_id)

@@ -312,6 +312,13 @@ def test_top_k_and_top_p_keep_the_right_sets():
   assert kept(decoding.top_p_logits(logits, 0.1)) == [False, True, False, False, False]
 
 
+def test_argmax_takes_the_first_maximum():
+  logits = jnp.array([[0.0, 2.0, 2.0, -1.0], [3.0, 1.0, 3.0, 3.0], [-jnp.inf, 0.5, 0.1, 0.5]])
+  np.testing.assert_array_equal(decoding.argmax(logits), [1, 0, 1])
+  random = jax.random.normal(jax.random.key(0), (16, 300))
+  np.testing.assert_array_equal(decoding.argmax(random), jnp.argmax(random, axis=-1))
+
+
 def test_invalid_sampling_params_fail():
   for bad in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
               dict(num_samples=0), dict(max_decode_length=0)):
