@@ -35,9 +35,9 @@ Array = jax.Array
 PAD_ID = 0
 # The decoder's first input token (T5's decoder start token is the padding id).
 DECODER_START_ID = 0
-# Logical axes of the 4-D cache arrays: self-attention [batch, max_len, heads, kv] and
-# cross-attention [batch, source_len, heads, kv].
-CACHE_AXES = ("batch", "length", "heads", "kv")
+# Logical axes of the 4-D cache arrays: self-attention [batch, heads, max_len, kv] and
+# cross-attention [batch, heads, source_len, kv] (heads-major, so decoding reads them untransposed).
+CACHE_AXES = ("batch", "heads", "length", "kv")
 
 
 @dataclasses.dataclass(frozen=True)

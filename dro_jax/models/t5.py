@@ -8,7 +8,8 @@ masked from the tokens; the decoder is causal, so its padding only affects padde
 
 Decoding uses the flax `cache` collection: `decode=True` on a [batch, 1] decoder input reads and
 writes a key/value cache for self-attention, reuses encoder keys/values projected once for
-cross-attention, and takes the relative-position bias row of the current cache index.
+cross-attention, and takes the relative-position bias row of the current cache index. Caches are
+heads-major ([batch, heads, length, head_dim]) so each step reads them without a transpose.
 """
 
 from __future__ import annotations
@@ -239,16 +240,17 @@ class RelativePositionBiases(nn.Module):
 
 
 def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | None,
-                          float32_logits: bool) -> Array:
+                          float32_logits: bool, heads_major: bool = False) -> Array:
   """query [b, q, h, d], key/value [b, k, h, d], bias broadcastable to [b, h, q, k]. No 1/sqrt(d):
   T5 folds it into the query initialisation."""
   if float32_logits:
     query, key = query.astype(jnp.float32), key.astype(jnp.float32)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+  kspec = "bhkd" if heads_major else "bkhd"
+  logits = jnp.einsum(f"bqhd,{kspec}->bhqk", query, key)
   if bias is not None:
     logits = logits + bias.astype(logits.dtype)
   weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+  return jnp.einsum(f"bhqk,{kspec}->bqhd", weights, value)
 
 
 class MultiHeadAttention(nn.Module):
@@ -279,7 +281,8 @@ class MultiHeadAttention(nn.Module):
       value = self._project("value", inputs_kv)
       if decode:
         key, value = self._update_self_attention_cache(key, value, max_decode_length)
-    out = dot_product_attention(query, key, value, bias, cfg.float32_attention_logits)
+    out = dot_product_attention(query, key, value, bias, cfg.float32_attention_logits,
+                                heads_major=decode)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic)
     out = out.reshape(out.shape[:-2] + (cfg.num_heads * cfg.head_dim,))
     return Dense(inputs_q.shape[-1], ("joined_kv", "embed"), dtype=cfg.activation_dtype,
@@ -291,6 +294,7 @@ class MultiHeadAttention(nn.Module):
     if not initialized:
       key = self._project("key", inputs_kv)
       value = self._project("value", inputs_kv)
+      key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
       self.variable("cache", "cross_key", lambda: key)
       self.variable("cache", "cross_value", lambda: value)
       return key, value
@@ -303,19 +307,20 @@ class MultiHeadAttention(nn.Module):
     batch, _, heads, head_dim = key.shape
     if not initialized and max_decode_length is None:
       raise ValueError("creating a decoding cache needs max_decode_length")
-    shape = (batch, max_decode_length or 0, heads, head_dim)
+    shape = (batch, heads, max_decode_length or 0, head_dim)
     cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
     index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
     if not initialized:
       return key, value
-    if key.shape[1] != 1:
-      raise ValueError(f"cached decoding takes one token per step, got length {key.shape[1]}")
+    if key.shape[2] != 1:
+      raise ValueError(f"cached decoding takes one token per step, got length {key.shape[2]}")
     position = index.value
     cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(
-        cached_key.value.dtype), (0, position, 0, 0))
+        cached_key.value.dtype), (0, 0, position, 0))
     cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(
-        cached_value.value.dtype), (0, position, 0, 0))
+        cached_value.value.dtype), (0, 0, position, 0))
     index.value = position + 1
     return cached_key.value, cached_value.value
 
