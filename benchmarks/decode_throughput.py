@@ -19,29 +19,11 @@ import time
 import jax
 import numpy as np
 import torch
-import transformers
 
 from dro_jax import checkpoints, decoding
-from dro_jax.models import t5 as t5_lib
+from torch_t5 import build_torch_t5
 
 EOS = 1
-
-
-def build_torch_model(size: str, vocab_size: int | None) -> transformers.T5ForConditionalGeneration:
-  """A random untied T5.1.1 (gated GELU) model with the preset's shapes, float32, eval mode."""
-  preset = t5_lib.get_config(f"t5_1_1_{size}")
-  config = transformers.T5Config(
-      vocab_size=vocab_size or preset.vocab_size, d_model=preset.emb_dim, d_kv=preset.head_dim,
-      num_heads=preset.num_heads, num_layers=preset.num_encoder_layers,
-      num_decoder_layers=preset.num_decoder_layers, d_ff=preset.mlp_dim,
-      feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0,
-      pad_token_id=0, eos_token_id=EOS)
-  # transformers 5 ignores tie_word_embeddings=False in the constructor.
-  config.tie_word_embeddings = False
-  config.scale_decoder_outputs = False
-  model = transformers.T5ForConditionalGeneration(config)
-  model.set_input_embeddings(model.shared)
-  return model.eval()
 
 
 def generated_tokens(tokens_NxL: np.ndarray) -> int:
@@ -87,7 +69,7 @@ def main() -> None:
   torch_device = "cuda" if torch.cuda.is_available() else "cpu"
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
   torch.manual_seed(0)
-  torch_model = build_torch_model(args.size, args.vocab_size)
+  torch_model = build_torch_t5(args.size, args.vocab_size)
   with tempfile.TemporaryDirectory() as directory:
     torch_model.save_pretrained(directory)
     config, params = checkpoints.load_hf_t5(directory, dtype=args.dtype)

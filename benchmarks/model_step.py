@@ -16,28 +16,12 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
 
 from dro_jax import checkpoints, scoring
 from dro_jax.models import t5 as t5_lib
-
-
-def build_torch_model(size: str, device: str, dtype: torch.dtype):
-  preset = t5_lib.get_config(f"t5_1_1_{size}")
-  config = transformers.T5Config(
-      vocab_size=preset.vocab_size, d_model=preset.emb_dim, d_kv=preset.head_dim,
-      num_heads=preset.num_heads, num_layers=preset.num_encoder_layers,
-      num_decoder_layers=preset.num_decoder_layers, d_ff=preset.mlp_dim,
-      feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0,
-      pad_token_id=0, eos_token_id=1)
-  config.tie_word_embeddings = False
-  config.scale_decoder_outputs = False
-  model = transformers.T5ForConditionalGeneration(config)
-  model.set_input_embeddings(model.shared)
-  return model.to(device=device, dtype=dtype).train()
+from torch_t5 import build_torch_t5
 
 
 def time_steps(step, repeats: int) -> float:
@@ -61,7 +45,7 @@ def main() -> None:
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-  torch_model = build_torch_model(args.size, "cpu", torch.float32)
+  torch_model = build_torch_t5(args.size).train()
   with tempfile.TemporaryDirectory() as directory:
     torch_model.save_pretrained(directory)
     config, params = checkpoints.load_hf_t5(directory, dtype=args.dtype)

@@ -27,3 +27,21 @@ def fixtures_dir() -> pathlib.Path:
   path = SHARED / "fixtures"
   assert path.is_dir(), f"the shared fixtures are expected at {path}"
   return path
+
+
+@pytest.fixture
+def new_name():
+  """Unique seqio Task / Mixture names, removed from the global registries afterwards."""
+  import uuid
+
+  import seqio
+  created = []
+
+  def make(prefix: str = "task") -> str:
+    created.append(f"test_data_{prefix}_{uuid.uuid4().hex[:10]}")
+    return created[-1]
+
+  yield make
+  for name in created:
+    seqio.MixtureRegistry.remove(name)
+    seqio.TaskRegistry.remove(name)

@@ -4,7 +4,6 @@ import json
 import math
 import string
 import threading
-import uuid
 
 import numpy as np
 import pytest
@@ -37,20 +36,6 @@ def vocabulary(tmp_path_factory):
 def decode(vocabulary):
   spm_vocabulary = tasks.load_vocabulary(vocabulary)
   return lambda ids: spm_vocabulary.decode([int(i) for i in ids])
-
-
-@pytest.fixture
-def new_name():
-  created = []
-
-  def make(prefix: str = "pipeline") -> str:
-    created.append(f"test_data_{prefix}_{uuid.uuid4().hex[:10]}")
-    return created[-1]
-
-  yield make
-  for name in created:
-    seqio.MixtureRegistry.remove(name)
-    seqio.TaskRegistry.remove(name)
 
 
 def write_jsonl(path, rows):

@@ -9,7 +9,6 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import seqio
 import tensorflow as tf
 
 from dro_jax.data import pipeline, readers, records, synthetic, tasks
@@ -27,19 +26,6 @@ def vocabulary(tmp_path_factory):
   corpus += [row["prompt"] + " " + row["response"] for row in ROWS] * 20
   synthetic.train_sentencepiece(corpus, path, vocab_size=120)
   return path
-
-
-@pytest.fixture
-def new_name():
-  created = []
-
-  def make(prefix: str = "records") -> str:
-    created.append(f"test_data_{prefix}_{uuid.uuid4().hex[:10]}")
-    return created[-1]
-
-  yield make
-  for name in created:
-    seqio.TaskRegistry.remove(name)
 
 
 def write_jsonl(path, rows):

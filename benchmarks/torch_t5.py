@@ -1,0 +1,25 @@
+"""The PyTorch reference model the benchmarks compare against."""
+
+from __future__ import annotations
+
+import transformers
+
+from dro_jax.models import t5 as t5_lib
+
+
+def build_torch_t5(size: str, vocab_size: int | None = None
+                   ) -> transformers.T5ForConditionalGeneration:
+  """A random untied T5.1.1 (gated GELU) with the preset's shapes, float32, eval mode."""
+  preset = t5_lib.get_config(f"t5_1_1_{size}")
+  config = transformers.T5Config(
+      vocab_size=vocab_size or preset.vocab_size, d_model=preset.emb_dim, d_kv=preset.head_dim,
+      num_heads=preset.num_heads, num_layers=preset.num_encoder_layers,
+      num_decoder_layers=preset.num_decoder_layers, d_ff=preset.mlp_dim,
+      feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0,
+      pad_token_id=0, eos_token_id=1)
+  # transformers 5 ignores tie_word_embeddings=False in the constructor; untie only the output.
+  config.tie_word_embeddings = False
+  config.scale_decoder_outputs = False
+  model = transformers.T5ForConditionalGeneration(config)
+  model.set_input_embeddings(model.shared)
+  return model.eval()
