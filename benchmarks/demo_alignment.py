@@ -1,6 +1,6 @@
 """Is an aligned policy measurably better than its SFT start on the embedded demo task?
 
-  python benchmarks/demo_alignment.py                        # the full run, CPU
+  python benchmarks/demo_alignment.py                        # about 6.5 min on 2 CPU cores
   python benchmarks/demo_alignment.py --taus 1,0.5 --kto_betas 0.1,1
   python benchmarks/demo_alignment.py --sft_steps 300 --align_steps 100 --kto_betas ""  # smoke
 
@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   add("--mlp_dim", type=int, default=384)
   add("--max_prompt_length", type=int, default=10, help="tokens with EOS; the longest need 9")
   add("--max_response_length", type=int, default=8, help="tokens with EOS; the longest need 8")
-  add("--sft_examples", type=int, default=40000)
+  add("--sft_examples", type=int, default=40000,
+      help="the demo default, 4000, is memorised: held-out greedy reward 0.59 instead of 0.99")
   add("--sft_steps", type=int, default=2000)
   add("--sft_batch", type=int, default=64)
   add("--sft_lr", type=float, default=2e-3)
@@ -78,7 +79,7 @@ def floats(text: str) -> list[float]:
   return [float(item) for item in text.split(",") if item.strip()]
 
 
-# ---------------------------------------------------------------------------------------- data
+# --------------------------------------------------------------------------------------------- data
 
 
 def load_rows(task: str, feature_lengths: dict[str, int], reward_mode: str,
@@ -105,7 +106,7 @@ def minibatches(rows: dict[str, np.ndarray], batch_size: int, seed: int) -> Iter
       yield {key: jnp.asarray(value[index]) for key, value in rows.items()}
 
 
-# ---------------------------------------------------------------------------------------- losses
+# ------------------------------------------------------------------------------------------- losses
 
 
 def sequence_logps(model: t5_lib.T5, params: PyTree, batch: Batch) -> jax.Array:
@@ -155,7 +156,7 @@ def kto_objective(model: t5_lib.T5, beta: float) -> Callable:
   return objective
 
 
-# ---------------------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------------------- training
 
 
 def make_train_step(objective: Callable, optimizer: optax.GradientTransformation) -> Callable:
@@ -258,7 +259,7 @@ def kto(config: t5_lib.T5Config, sft_params: PyTree, rows: dict[str, np.ndarray]
                alignment_optimizer(args, None), rows, args)
 
 
-# ---------------------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------------------- evaluation
 
 
 @dataclasses.dataclass
@@ -373,7 +374,7 @@ def evaluate(config: t5_lib.T5Config, params: PyTree, sft_params: PyTree, vocabu
           "T=1": answer(config, params, sft_params, vocabulary, prompts, sampled, args.seed)}
 
 
-# ---------------------------------------------------------------------------------------- driver
+# ------------------------------------------------------------------------------------------- driver
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> t5_lib.T5Config:
