@@ -191,13 +191,14 @@ def train(name: str, step: Callable, state: dict[str, PyTree], batches: Iterator
       if pending is not None:
         log_metrics(name, *pending)
       pending = (index, metrics, time.perf_counter() - start)
-      if not np.isfinite(float(metrics["loss"])):
-        raise FloatingPointError(f"{name}: loss is {float(metrics['loss'])} at step {index}")
   log_metrics(name, *pending)
   return state
 
 
 def log_metrics(name: str, index: int, metrics: dict[str, jax.Array], seconds: float) -> None:
+  """Prints the metrics of step `index`; fails on a non-finite loss, naming the step."""
+  if not np.isfinite(float(metrics["loss"])):
+    raise FloatingPointError(f"{name}: loss is {float(metrics['loss'])} at step {index}")
   shown = ("loss", "logratio/mean", "rewards/margins", "value/error", "kto/z0", "grad_norm")
   text = "  ".join(f"{key}={float(metrics[key]):.4f}" for key in shown if key in metrics)
   print(f"  {name} step {index:5d} ({seconds:6.1f} s)  {text}", flush=True)
