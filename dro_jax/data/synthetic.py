@@ -239,11 +239,15 @@ def demo_vocabulary(cache_dir: str | None = None) -> str:
   return path
 
 
-def write_demo_data(cache_dir: str | None = None, *, sft_examples: int = 4000,
+def write_demo_data(cache_dir: str | None = None, *, sft_examples: int = 40_000,
                     feedback_prompts: int = 1000, responses_per_prompt: int = 4,
                     pairs: int = 2000, eval_examples: int = 200,
                     seed: int = 0) -> dict[str, dict[str, str]]:
-  """Writes the demo's JSONL files (once per size and seed); returns {kind: {split: path}}."""
+  """Writes the demo's JSONL files (once per size and seed); returns {kind: {split: path}}.
+
+  40,000 demonstrations: with 4,000 a 1M-parameter T5 memorises them and generalises worse than
+  the demonstrator it imitates; with 40,000 its held-out greedy reward is about 0.99.
+  """
   folder = os.path.join(demo_dir(cache_dir), f"data_{sft_examples}_{feedback_prompts}x"
                         f"{responses_per_prompt}_{pairs}_{eval_examples}_seed{seed}")
   contents = {
