@@ -13,15 +13,14 @@ faster) and, for greedy decoding, how many tokens agree. Runs on whatever device
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import jax
 import numpy as np
 import torch
 
-from dro_jax import checkpoints, decoding
-from torch_t5 import build_torch_t5
+from dro_jax import decoding
+from torch_t5 import same_weight_models
 
 EOS = 1
 
@@ -66,15 +65,8 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
 
-  torch_device = "cuda" if torch.cuda.is_available() else "cpu"
-  torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-  torch.manual_seed(0)
-  torch_model = build_torch_t5(args.size, args.vocab_size)
-  with tempfile.TemporaryDirectory() as directory:
-    torch_model.save_pretrained(directory)
-    config, params = checkpoints.load_hf_t5(directory, dtype=args.dtype)
-  torch_model = torch_model.to(device=torch_device, dtype=torch_dtype)
-  params = jax.device_put(params)
+  torch_model, torch_device, config, params = same_weight_models(args.size, args.dtype,
+                                                                 args.vocab_size)
 
   rng = np.random.default_rng(0)
   prompts = rng.integers(2, config.vocab_size, (args.batch, args.source_length)).astype(np.int32)

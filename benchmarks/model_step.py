@@ -12,16 +12,15 @@ faster).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import jax
 import numpy as np
 import torch
 
-from dro_jax import checkpoints, scoring
+from dro_jax import scoring
 from dro_jax.models import t5 as t5_lib
-from torch_t5 import build_torch_t5
+from torch_t5 import same_weight_models
 
 
 def time_steps(step, repeats: int) -> float:
@@ -43,13 +42,8 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
 
-  device = "cuda" if torch.cuda.is_available() else "cpu"
-  torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-  torch_model = build_torch_t5(args.size).train()
-  with tempfile.TemporaryDirectory() as directory:
-    torch_model.save_pretrained(directory)
-    config, params = checkpoints.load_hf_t5(directory, dtype=args.dtype)
-  torch_model = torch_model.to(device=device, dtype=torch_dtype)
+  torch_model, device, config, params = same_weight_models(args.size, args.dtype)
+  torch_model.train()
 
   rng = np.random.default_rng(0)
   inputs = rng.integers(2, config.vocab_size, (args.batch, args.source_length)).astype(np.int32)
@@ -57,7 +51,6 @@ def main() -> None:
   decoder_inputs = np.concatenate([np.zeros((args.batch, 1), np.int32), targets[:, :-1]], 1)
 
   model = t5_lib.T5(config)
-  params = jax.device_put(params)
 
   @jax.jit
   def jax_step(params, inputs, decoder_inputs, targets):

@@ -23,3 +23,26 @@ def build_torch_t5(size: str, vocab_size: int | None = None
   model = transformers.T5ForConditionalGeneration(config)
   model.set_input_embeddings(model.shared)
   return model.eval()
+
+
+def same_weight_models(size: str, dtype: str, vocab_size: int | None = None):
+  """(torch model on its device in `dtype`, device name, T5Config, JAX params): one set of weights.
+
+  The PyTorch model is saved as safetensors and read back with load_hf_t5, so both sides compute
+  with identical parameters.
+  """
+  import tempfile
+
+  import jax
+  import torch
+
+  from dro_jax import checkpoints
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+  torch.manual_seed(0)
+  model = build_torch_t5(size, vocab_size)
+  with tempfile.TemporaryDirectory() as directory:
+    model.save_pretrained(directory)
+    config, params = checkpoints.load_hf_t5(directory, dtype=dtype)
+  return model.to(device=device, dtype=torch_dtype), device, config, jax.device_put(params)
