@@ -52,6 +52,53 @@ def _masked(loss_B: Array, weights_B: Array) -> Array:
   return jnp.where(weights_B > 0, loss_B, 0.0)
 
 
+def padded_to_zero(weights_B: Array, *arrays: Array | None) -> tuple[Array | None, ...]:
+  """Each array with its zero-weight rows replaced by 0, BEFORE any nonlinearity.
+
+  A `where` after a nonlinearity hides a padding row's NaN from the value but not from the
+  gradient (the cotangent of the unselected branch is 0·NaN = NaN); selecting the inputs first
+  gives those rows a zero cotangent. Arrays may have trailing axes; None passes through.
+  """
+  def select(x: Array | None) -> Array | None:
+    if x is None:
+      return None
+    x = jnp.asarray(x)
+    keep = (weights_B > 0).reshape(weights_B.shape + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x, jnp.zeros((), x.dtype))
+  return tuple(select(x) for x in arrays)
+
+
+def mismatched_partners(weights_B: Array) -> Array:
+  """KTO's partner of each row: the next REAL row, cyclically (x_i, y_{next real after i}).
+
+  Padding rows (weight 0) are skipped as partners and map to themselves; a batch with a single
+  real row pairs it with itself. Under jit on a sharded batch this is a global-batch pairing.
+  """
+  real_B = weights_B > 0
+  count = jnp.maximum(jnp.sum(real_B), 1)
+  rank_B = jnp.cumsum(real_B) - 1  # rank of each real row among the real rows
+  real_rows = jnp.argsort(~real_B, stable=True)  # indices of the real rows first, in order
+  partner_B = real_rows[(rank_B + 1) % count]
+  return jnp.where(real_B, partner_B, jnp.arange(weights_B.shape[0]))
+
+
+MISMATCHED_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
+
+
+def mismatched_batch(batch: dict[str, Array], partner_B: Array | None = None) -> dict[str, Array]:
+  """The batch with each prompt paired with its partner's response (`mismatched_partners`).
+
+  A batch that carries data-level partners (`kl_decoder_*` keys) uses those instead.
+  """
+  if "kl_decoder_target_tokens" in batch:
+    return {**batch, **{key: batch[f"kl_{key}"] for key in MISMATCHED_KEYS
+                        if f"kl_{key}" in batch}}
+  if partner_B is None:
+    partner_B = mismatched_partners(batch["example_weights"])
+  return {**batch, **{key: jnp.take(batch[key], partner_B, axis=0) for key in MISMATCHED_KEYS
+                      if key in batch}}
+
+
 def _split_means(values_B: Array, positive_B: Array, weights_B: Array) -> tuple[Array, Array]:
   """Weighted means of `values_B` over the positive and the negative examples."""
   positive_B = positive_B.astype(bool)
@@ -112,6 +159,9 @@ def dpo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
              weights: Array | None = None) -> tuple[Array, Metrics]:
   """DPO: −(1−ε)·log σ(β·h) − ε·log σ(−β·h), h the chosen-minus-rejected log-ratio."""
   weights_B = example_weights(weights, policy_chosen_logps)
+  policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = (
+      padded_to_zero(weights_B, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                     ref_rejected_logps))
   chosen_logratio_B = policy_chosen_logps - ref_chosen_logps
   rejected_logratio_B = policy_rejected_logps - ref_rejected_logps
   logits_B = beta * (chosen_logratio_B - rejected_logratio_B)
@@ -139,6 +189,10 @@ def ipo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
   if (chosen_lengths is None) != (rejected_lengths is None):
     raise ValueError("ipo_loss: give both chosen_lengths and rejected_lengths, or neither")
   weights_B = example_weights(weights, policy_chosen_logps)
+  (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+   chosen_lengths, rejected_lengths) = padded_to_zero(
+       weights_B, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+       ref_rejected_logps, chosen_lengths, rejected_lengths)
   policy_chosen_B = _per_token(policy_chosen_logps, chosen_lengths)
   policy_rejected_B = _per_token(policy_rejected_logps, rejected_lengths)
   ref_chosen_B = _per_token(ref_chosen_logps, chosen_lengths)
@@ -157,21 +211,33 @@ def ipo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
 # Single-trajectory losses.
 
 
-def kto_loss(policy_logps: Array, ref_logps: Array, policy_kl_logps: Array,
-             ref_kl_logps: Array, desirable: Array, *, beta: float = 0.1,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-             weights: Array | None = None) -> tuple[Array, Metrics]:
-  """KTO with the reference point z0 from mismatched pairs (x_i, y_{i+1 mod m}).
+def kto_reference_point(policy_kl_logps: Array, ref_kl_logps: Array,
+                        weights: Array | None = None) -> Array:
+  """z0 = max(0, weighted mean of the mismatched log-ratios), a constant (stop-gradient)."""
+  weights_B = example_weights(weights, policy_kl_logps)
+  policy_kl_logps, ref_kl_logps = padded_to_zero(weights_B, policy_kl_logps, ref_kl_logps)
+  return jax.lax.stop_gradient(
+      jnp.maximum(weighted_mean(policy_kl_logps - ref_kl_logps, weights_B), 0.0))
 
-  z0 = max(0, weighted mean of the mismatched log-ratios), a constant (stop-gradient). The
+
+def kto_loss(policy_logps: Array, ref_logps: Array, policy_kl_logps: Array | None,
+             ref_kl_logps: Array | None, desirable: Array, *, beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             weights: Array | None = None, z0: Array | None = None) -> tuple[Array, Metrics]:
+  """KTO with the reference point z0 from mismatched pairs (`mismatched_partners`).
+
+  z0 = max(0, weighted mean of the mismatched log-ratios), a constant (stop-gradient); the
   mismatched pair i counts with weights[i]. `desirable` is the thumbs label as given, or
-  `above_mean_reward(rewards, weights)` for real-valued rewards.
+  `above_mean_reward(rewards, weights)` for real-valued rewards. A caller that accumulates
+  gradients over microbatches passes the global batch's `z0` (then the kl arrays may be None).
   """
   weights_B = example_weights(weights, policy_logps)
+  if z0 is None:
+    z0 = kto_reference_point(policy_kl_logps, ref_kl_logps, weights_B)
+  z0 = jax.lax.stop_gradient(jnp.asarray(z0, jnp.float32))
+  policy_logps, ref_logps = padded_to_zero(weights_B, policy_logps, ref_logps)
   desirable_B = desirable.astype(bool)
   logratio_B = policy_logps - ref_logps
-  z0 = jax.lax.stop_gradient(
-      jnp.maximum(weighted_mean(policy_kl_logps - ref_kl_logps, weights_B), 0.0))
   desirable_loss_B = desirable_weight * (1.0 - jax.nn.sigmoid(beta * (logratio_B - z0)))
   undesirable_loss_B = undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z0 - logratio_B)))
   loss_B = _masked(jnp.where(desirable_B, desirable_loss_B, undesirable_loss_B), weights_B)
@@ -208,8 +274,10 @@ def dro_loss(policy_logps: Array, ref_logps: Array, values: Array, rewards: Arra
   transform (optim.policy_update_scale), not part of the loss.
   """
   weights_B = example_weights(weights, policy_logps)
+  policy_logps, ref_logps, values, rewards = padded_to_zero(
+      weights_B, policy_logps, ref_logps, values, rewards)
   values_B = values.astype(jnp.float32)
-  rewards = jnp.asarray(rewards, jnp.float32)
+  rewards = rewards.astype(jnp.float32)
   residual_B = rewards - values_B - tau * (policy_logps - ref_logps)
   loss_B = _masked(0.5 * jnp.square(residual_B), weights_B)
   metrics = _dro_metrics(policy_logps, ref_logps, values_B, rewards, residual_B, loss_B, tau,
@@ -218,16 +286,21 @@ def dro_loss(policy_logps: Array, ref_logps: Array, values: Array, rewards: Arra
 
 
 def dro_p_loss(policy_logps: Array, ref_logps: Array, rewards: Array, *, tau: float = 1.0,
-               weights: Array | None = None) -> tuple[Array, Metrics]:
+               weights: Array | None = None,
+               baseline: Array | None = None) -> tuple[Array, Metrics]:
   """DRO-P: ½·weighted minibatch variance of a = r − τ·ℓ; no value network.
 
   Per example ½·(a_i − ā)²; their weighted mean is the variance. The gradient through ā sums
-  to zero over the batch, so no stop-gradient is needed for the exact variance gradient.
+  to zero over the batch, so ā may be a constant: a caller accumulating gradients over
+  microbatches passes the global batch's `baseline` ā (`dro_p_baseline`) and gets the exact
+  gradient.
   """
   weights_B = example_weights(weights, policy_logps)
-  rewards = jnp.asarray(rewards, jnp.float32)
+  policy_logps, ref_logps, rewards = padded_to_zero(weights_B, policy_logps, ref_logps, rewards)
+  rewards = rewards.astype(jnp.float32)
   advantage_B = rewards - tau * (policy_logps - ref_logps)
-  value = weighted_mean(advantage_B, weights_B)
+  value = weighted_mean(advantage_B, weights_B) if baseline is None else baseline
+  value = jax.lax.stop_gradient(jnp.asarray(value, jnp.float32))
   residual_B = advantage_B - value
   loss_B = _masked(0.5 * jnp.square(residual_B), weights_B)
   values_B = jnp.broadcast_to(value, advantage_B.shape)
@@ -236,23 +309,42 @@ def dro_p_loss(policy_logps: Array, ref_logps: Array, rewards: Array, *, tau: fl
   return loss_B, metrics
 
 
+def dro_p_baseline(policy_logps: Array, ref_logps: Array, rewards: Array, *, tau: float = 1.0,
+                   weights: Array | None = None) -> Array:
+  """ā, the weighted batch mean of r − τ·ℓ that DRO-P subtracts (a constant of the batch)."""
+  weights_B = example_weights(weights, policy_logps)
+  policy_logps, ref_logps, rewards = padded_to_zero(weights_B, policy_logps, ref_logps, rewards)
+  return jax.lax.stop_gradient(
+      weighted_mean(rewards.astype(jnp.float32) - tau * (policy_logps - ref_logps), weights_B))
+
+
 # ----------------------------------------------------------------------------------------------
 # Token-level and preference-model losses.
 
 
-def sft_loss(token_logps: Array, loss_weights: Array, *,
-             weights: Array | None = None) -> tuple[Array, Metrics]:
+def mean_target_tokens(loss_weights: Array, weights: Array | None = None) -> Array:
+  """Weighted mean over examples of the summed token loss weights (SFT's normaliser)."""
+  weights_B = example_weights(weights, loss_weights)
+  (loss_weights,) = padded_to_zero(weights_B, loss_weights)
+  return weighted_mean(jnp.sum(loss_weights.astype(jnp.float32), axis=-1), weights_B)
+
+
+def sft_loss(token_logps: Array, loss_weights: Array, *, weights: Array | None = None,
+             mean_tokens: Array | None = None) -> tuple[Array, Metrics]:
   """Token cross-entropy averaged over all weighted target tokens of the global batch.
 
   Takes per-token log-probs [B, L] (scoring's `token_logps`) because loss weights may be real
   valued. Per example: −Σ_t w_t·log p_t · (Σ_b weights_b) / (Σ_b weights_b·Σ_t w_bt), so that
-  `reduce_loss` gives the per-token mean.
+  `reduce_loss` gives the per-token mean. Microbatched callers pass the global batch's
+  `mean_tokens` (`mean_target_tokens`).
   """
   weights_B = example_weights(weights, token_logps)
+  token_logps, loss_weights = padded_to_zero(weights_B, token_logps, loss_weights)
   loss_weights_BxL = loss_weights.astype(jnp.float32)
   nll_B = -jnp.sum(jnp.where(loss_weights_BxL > 0, token_logps, 0.0) * loss_weights_BxL, -1)
   tokens_B = jnp.sum(loss_weights_BxL, axis=-1)
-  mean_tokens = weighted_mean(tokens_B, weights_B)
+  if mean_tokens is None:
+    mean_tokens = weighted_mean(tokens_B, weights_B)
   loss_B = _masked(nll_B / jnp.where(mean_tokens > 0, mean_tokens, 1.0), weights_B)
   metrics = {"logps/policy": weighted_mean(-nll_B, weights_B),
              "sft/tokens": jnp.sum(jnp.where(weights_B > 0, weights_B * tokens_B, 0.0)),
@@ -264,6 +356,7 @@ def reward_model_loss(chosen_rewards: Array, rejected_rewards: Array, *,
                       weights: Array | None = None) -> tuple[Array, Metrics]:
   """Bradley-Terry reward model: −log σ(r_w − r_l)."""
   weights_B = example_weights(weights, chosen_rewards)
+  chosen_rewards, rejected_rewards = padded_to_zero(weights_B, chosen_rewards, rejected_rewards)
   loss_B = _masked(-jax.nn.log_sigmoid(chosen_rewards - rejected_rewards), weights_B)
   metrics = {
       "rewards/chosen": weighted_mean(chosen_rewards, weights_B),
@@ -296,6 +389,8 @@ def preference_model_loss(label_logps: Array, swapped_label_logps: Array,
   when y2 ≻ y1, or a probability (soft label). In the swapped order the correct token flips.
   """
   weights_B = example_weights(weights, first_preferred)
+  label_logps, swapped_label_logps, first_preferred = padded_to_zero(
+      weights_B, label_logps, swapped_label_logps, first_preferred)
   p_B = first_preferred.astype(jnp.float32)
   nll_B = -(p_B * label_logps[:, 0] + (1.0 - p_B) * label_logps[:, 1])
   swapped_nll_B = -(p_B * swapped_label_logps[:, 1] + (1.0 - p_B) * swapped_label_logps[:, 0])
