@@ -218,14 +218,14 @@ def sft(config: t5_lib.T5Config, rows: dict[str, np.ndarray],
   return state["params"]["policy"]
 
 
-def alignment_optimizer(args: argparse.Namespace, tau: float | None,
-                        value_with_policy: bool = False) -> optax.GradientTransformation:
+def alignment_optimizer(args: argparse.Namespace,
+                        tau: float | None) -> optax.GradientTransformation:
   config = optim.default_config()
   config.name = args.align_optimizer
   config.learning_rate = args.align_lr
   config.value_learning_rate = args.value_lr
   config.warmup_steps = args.warmup_steps
-  return optim.make_joint_optimizer(config, tau=tau, value_with_policy=value_with_policy)
+  return optim.make_joint_optimizer(config, tau=tau)
 
 
 def copy_tree(tree: PyTree) -> PyTree:
@@ -248,7 +248,7 @@ def dro_v(config: t5_lib.T5Config, sft_params: PyTree, rows: dict[str, np.ndarra
   value_fn = value_lib.make_value_function("double_multiple", config)
   params = {"policy": copy_tree(sft_params),
             "value": value_fn.init(sft_params, jax.random.PRNGKey(args.seed + 2))}
-  optimizer = alignment_optimizer(args, tau, value_fn.trained_with_policy)
+  optimizer = alignment_optimizer(args, tau)
   objective = dro_objective(t5_lib.T5(config), value_fn, tau)
   return align(f"dro-v τ={tau:g}", objective, params, sft_params, optimizer, rows, args)
 

@@ -166,7 +166,7 @@ def build(name: str, config: t5_lib.T5Config, policy_params: Any, rng: jax.Array
   opt_config = optim.default_config()
   opt_config.warmup_steps = 0
   alpha, sync_every = 0.0, 1  # frozen reference
-  value_fn, tau, value_with_policy = None, None, False
+  value_fn, tau = None, None
   params = {"policy": jax.tree.map(jnp.copy, policy_params)}
   ref = reference.init(policy_params)
   if name.startswith("dro"):
@@ -175,7 +175,6 @@ def build(name: str, config: t5_lib.T5Config, policy_params: Any, rng: jax.Array
       variant = name.split(":")[1] if ":" in name else "double_multiple"
       value_fn = value_lib.make_value_function(variant, config)
       params["value"] = value_fn.init(policy_params, rng)
-      value_with_policy = value_fn.trained_with_policy
   if name == "tr_dpo":
     alpha, sync_every = 0.6, 1
   if name in ("reward_model", "preference_model", "sft"):
@@ -189,7 +188,7 @@ def build(name: str, config: t5_lib.T5Config, policy_params: Any, rng: jax.Array
     loss = judge_loss_fn(name, model, None)
   else:
     loss = policy_loss_fn(name.split(":")[0], model, value_fn)
-  optimizer = optim.make_joint_optimizer(opt_config, tau=tau, value_with_policy=value_with_policy)
+  optimizer = optim.make_joint_optimizer(opt_config, tau=tau)
   state = {"params": params, "ref": ref, "opt_state": optimizer.init(params),
            "step": jnp.int32(0)}
   return make_step(loss, optimizer, alpha, sync_every), state

@@ -4,6 +4,12 @@ Each network's chain is: clip by global norm -> Adafactor (default, decay_rate 0
 paper) or AdamW with a linear warm-up schedule -> `policy_update_scale` (policy only). The scale
 acts on the UPDATE, after the optimizer: under Adam or Adafactor a constant factor on the gradient
 would be normalised away (SPEC.md §1). Clipping acts on the raw gradient, before the scale.
+
+Value parameters always get the value chain, in every DRO-V variant (models/value.py), even when
+they sit on the policy's encoder: on the policy's chain a zero-initialised head or scalar moves by
+Adafactor's parameter-relative step (~1e-3·lr) and learns nothing in a run. Within the value
+chain only the zero-initialised leaves (head, scalar) take absolute steps; the encoder that
+double_multiple copies from the policy keeps the policy's relative steps.
 """
 
 from __future__ import annotations
@@ -18,6 +24,12 @@ PyTree = Any
 
 POLICY, VALUE = "policy", "value"
 
+# Value subtrees copied from the trained policy (double_multiple's encoder, models/value.py):
+# they are at the policy's scale, so they take its relative steps. All other value leaves are
+# zero-initialised (the head, the scalar).
+COPIED_FROM_POLICY = ("token_embedder", "encoder")
+COPIED, FRESH = "copied", "fresh"
+
 
 def default_config() -> ml_collections.ConfigDict:
   """The DRO paper's recipe: Adafactor(decay_rate=0.8), lr 1e-4 for both nets, 150 warm-up steps."""
@@ -31,8 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
       "policy_update_scale": "inverse_tau",
       "decay_rate": 0.8,  # Adafactor
       # Adafactor scales each update by max(RMS(param), 1e-3): a zero-initialised value head
-      # then moves ~1e-3·lr per step and stays ≈ 0 for a whole run, so the value network's
-      # chain uses absolute steps by default. The policy keeps t5x's relative steps.
+      # then moves ~1e-3·lr per step and stays ≈ 0 for a whole run, so the value head and
+      # scalar use absolute steps by default. The policy, and the encoder double_multiple
+      # copies from it, keep t5x's relative steps.
       "multiply_by_parameter_scale": True,
       "value_multiply_by_parameter_scale": False,
       "b1": 0.9,  # AdamW
@@ -92,13 +105,40 @@ def learning_rate(config: Mapping[str, Any], network: str = POLICY) -> optax.Sch
   return warmup_schedule(peak, config.get("warmup_steps", 0))
 
 
+def _adafactor(config: Mapping[str, Any], schedule: optax.Schedule,
+               parameter_scale: bool) -> optax.GradientTransformation:
+  return optax.adafactor(schedule, decay_rate=config.get("decay_rate", 0.8),
+                         multiply_by_parameter_scale=parameter_scale)
+
+
+def value_leaf_labels(value_params: PyTree) -> PyTree:
+  """COPIED for leaves under a subtree copied from the policy, FRESH for zero-initialised ones.
+
+  Works on a value tree alone or nested in a larger (optax-masked) tree: any key on the path
+  that names a copied subtree marks the leaf.
+  """
+
+  def label(path: tuple[Any, ...], _: Any) -> str:
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    return COPIED if any(name in COPIED_FROM_POLICY for name in names) else FRESH
+
+  return jax.tree_util.tree_map_with_path(label, value_params)
+
+
 def _base_optimizer(config: Mapping[str, Any], schedule: optax.Schedule,
                     network: str) -> optax.GradientTransformation:
   name = config.get("name", "adafactor")
   if name == "adafactor":
-    key = "value_multiply_by_parameter_scale" if network == VALUE else "multiply_by_parameter_scale"
-    return optax.adafactor(schedule, decay_rate=config.get("decay_rate", 0.8),
-                           multiply_by_parameter_scale=config.get(key, network != VALUE))
+    relative = config.get("multiply_by_parameter_scale", True)
+    if network != VALUE:
+      return _adafactor(config, schedule, relative)
+    fresh = config.get("value_multiply_by_parameter_scale", False)
+    if fresh == relative:
+      return _adafactor(config, schedule, relative)
+    # Absolute steps for the zero-initialised head only; the copied encoder stays relative.
+    return optax.multi_transform({COPIED: _adafactor(config, schedule, relative),
+                                  FRESH: _adafactor(config, schedule, fresh)},
+                                 value_leaf_labels)
   if name == "adamw":
     return optax.adamw(schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
                        eps=config.get("eps", 1e-8), weight_decay=config.get("weight_decay", 0.0))
@@ -120,26 +160,26 @@ def make_optimizer(config: Mapping[str, Any], network: str = POLICY, *,
 
 def make_optimizers(config: Mapping[str, Any], *,
                     tau: float | None = None) -> dict[str, optax.GradientTransformation]:
-  """{"policy": ..., "value": ...}; the policy chain carries the 1/τ scale for DRO losses."""
+  """{"policy": ..., "value": ...}, one per network and state; only the policy carries 1/τ.
+
+  The value chain serves every DRO-V variant's value tree, single-net ones included.
+  """
   scale = resolve_update_scale(config.get("policy_update_scale", "inverse_tau"), tau)
   return {POLICY: make_optimizer(config, POLICY, update_scale=scale),
           VALUE: make_optimizer(config, VALUE)}
 
 
-def make_joint_optimizer(config: Mapping[str, Any], *, tau: float | None = None,
-                         value_with_policy: bool = False) -> optax.GradientTransformation:
+def make_joint_optimizer(config: Mapping[str, Any], *,
+                         tau: float | None = None) -> optax.GradientTransformation:
   """One optimizer over the trainable tree {"policy": θ, "value": φ} (value optional).
 
-  Double-net value functions have their own optimizer and learning rate; single-net ones
-  (`value_with_policy=True`) are part of the policy and share its chain, clipping and scale.
-  Clipping is per network.
+  φ always gets the value chain (its learning rate, no 1/τ), in every variant: on the policy's
+  chain a zero-initialised value barely moves. Clipping is per network.
   """
   optimizers = make_optimizers(config, tau=tau)
 
   def labels(params: Mapping[str, PyTree]) -> dict[str, PyTree]:
-    def label(key: str) -> str:
-      return VALUE if key == VALUE and not value_with_policy else POLICY
-    return {key: jax.tree.map(lambda _, k=key: label(k), subtree)
+    return {key: jax.tree.map(lambda _, k=key: VALUE if k == VALUE else POLICY, subtree)
             for key, subtree in params.items()}
 
   return optax.multi_transform(optimizers, labels)

@@ -7,6 +7,8 @@ import optax
 import pytest
 
 from dro_jax import optim
+from dro_jax.models import t5 as t5_lib
+from dro_jax.models import value as value_lib
 
 
 def _adamw_config(**changes):
@@ -115,11 +117,6 @@ def test_per_network_learning_rates_and_the_scale_on_the_policy_only():
                              rtol=1e-5)
   np.testing.assert_allclose(np.asarray(updates["value"]["head"]), -0.05 * np.sign([3, -1]),
                              rtol=1e-5)
-  # Single-net value functions live with the policy: its learning rate and its scale.
-  shared = _first_updates(optim.make_joint_optimizer(config, tau=0.5, value_with_policy=True),
-                          params, grads)
-  np.testing.assert_allclose(np.asarray(shared["value"]["head"]), -0.01 / 0.5 * np.sign([3, -1]),
-                             rtol=1e-5)
   # Without a value network (DPO, KTO, DRO-P) the tree holds the policy only.
   policy_only = _first_updates(optim.make_joint_optimizer(config), {"policy": params["policy"]},
                                {"policy": grads["policy"]})
@@ -148,3 +145,97 @@ def test_zero_initialised_value_head_learns_under_default_adafactor():
   updates = _first_updates(optim.make_joint_optimizer(config, tau=1.0), params, grads)
   assert float(jnp.max(jnp.abs(updates["value"]["head"]))) == pytest.approx(1e-4, rel=1e-3)
   assert float(jnp.max(jnp.abs(updates["policy"]["w"]))) == pytest.approx(1e-7, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Value parameters of every DRO-V variant learn on the value chain (issue 8, item 3).
+
+STEPS = 1000  # the issue's measurement: 1000 steps at lr 1e-4 toward V = 1
+
+
+def _paper_config():
+  config = optim.default_config()
+  config.warmup_steps = 0
+  return config
+
+
+def _value_params(name: str, copied_scale: float = 1.0):
+  """A variant's zero-valued φ; double_multiple copies a stand-in policy encoder."""
+  config = t5_lib.get_config("tiny")
+  policy = {"token_embedder": {"embedding": jnp.full((8, config.emb_dim), copied_scale)},
+            "encoder": {"layers_0": {"kernel": jnp.full((config.emb_dim, 4), copied_scale)},
+                        "encoder_norm": {"scale": jnp.full((config.emb_dim,), copied_scale)}}}
+  value_fn = value_lib.make_value_function(name, config)
+  return value_fn.init(policy, jax.random.PRNGKey(0)), config.emb_dim
+
+
+def _prediction(value_params, emb_dim: int):
+  """V for one prompt: the scalar, or the zero-initialised head on fixed encoder features."""
+  if "value" in value_params:
+    return value_params["value"]
+  encoded = jnp.full((1, 4, emb_dim), 0.1)
+  return value_lib.ValueHead().apply({"params": value_params["head"]}, encoded,
+                                     jnp.ones((1, 4)))[0]
+
+
+def _trained_value(optimizer, params, predict, steps: int = STEPS) -> float:
+  """V after `steps` steps of (V - 1)² under `optimizer`, as one compiled scan."""
+
+  def step(carry, _):
+    params, state = carry
+    grads = jax.grad(lambda p: (predict(p) - 1.0) ** 2)(params)
+    updates, state = optimizer.update(grads, state, params)
+    return (optax.apply_updates(params, updates), state), None
+
+  (params, _), _ = jax.jit(lambda p: jax.lax.scan(step, (p, optimizer.init(p)), None,
+                                                  length=steps))(params)
+  return float(predict(params))
+
+
+@pytest.mark.parametrize("name", sorted(value_lib.VALUE_FUNCTIONS))
+def test_every_variants_value_learns_on_the_value_chain_not_the_policys(name):
+  value_params, emb_dim = _value_params(name)
+  optimizers = optim.make_optimizers(_paper_config(), tau=1.0)
+  # Absolute steps: each step moves a zero-initialised leaf by ~lr, so V reaches ~0.1 and more.
+  learned = _trained_value(optimizers["value"], value_params,
+                           lambda p: _prediction(p, emb_dim))
+  assert learned > 0.05
+  # On the policy's chain the step is ~1e-3·lr: V stays ~1e-4. Single-net variants were there.
+  stuck = _trained_value(optimizers["policy"], value_params, lambda p: _prediction(p, emb_dim))
+  assert abs(stuck) < 0.01
+  # The joint tree routes φ to the value chain whatever the variant.
+  policy = {"w": jnp.zeros(3)}
+  joint = _trained_value(optim.make_joint_optimizer(_paper_config(), tau=1.0),
+                         {"policy": policy, "value": value_params},
+                         lambda p: _prediction(p["value"], emb_dim) + jnp.sum(p["policy"]["w"]))
+  assert joint > 0.05
+
+
+def test_joint_optimizer_has_no_way_to_put_the_value_on_the_policy_chain():
+  with pytest.raises(TypeError):
+    optim.make_joint_optimizer(_paper_config(), tau=1.0, value_with_policy=True)  # pylint: disable=unexpected-keyword-arg
+
+
+def test_copied_encoder_takes_relative_steps_and_the_head_absolute_ones():
+  """The copied encoder is at the policy's scale: absolute steps would be ~RMS(θ) too large."""
+  rms = 3.0
+  value_params, _ = _value_params("double_multiple", copied_scale=rms)
+  grads = jax.tree.map(jnp.ones_like, value_params)
+  config = _paper_config()
+  lr = config.learning_rate
+
+  def check(updates):
+    for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+      expected = lr if "head" in jax.tree_util.keystr(path) else rms * lr  # Adafactor's 1st step
+      np.testing.assert_allclose(np.asarray(update), -expected, rtol=1e-3,
+                                 err_msg=jax.tree_util.keystr(path))
+
+  check(_first_updates(optim.make_optimizers(config, tau=0.5)["value"], value_params, grads))
+  joint = _first_updates(optim.make_joint_optimizer(config, tau=0.5),
+                         {"policy": {"w": jnp.ones(3)}, "value": value_params},
+                         {"policy": {"w": jnp.ones(3)}, "value": grads})
+  check(joint["value"])
+  # Both settings relative: the whole value tree is parameter-scaled, the head included.
+  config.value_multiply_by_parameter_scale = True
+  updates = _first_updates(optim.make_optimizers(config)["value"], value_params, grads)
+  assert float(jnp.max(jnp.abs(updates["head"]["bias"]))) == pytest.approx(1e-3 * lr, rel=1e-3)

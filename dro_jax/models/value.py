@@ -1,16 +1,16 @@
 """Value functions V(x) for DRO-V: the four variants of the DRO paper's ablation (SPEC.md §1).
 
-| name              | parameters                                    | trained with           |
-|-------------------|-----------------------------------------------|------------------------|
-| double_multiple   | own T5 encoder (from the policy's) + head     | its own optimizer      |
-| double_single     | one scalar                                    | its own optimizer      |
-| single_multiple   | head on the POLICY's encoder output           | the policy's optimizer |
-| single_single     | one scalar in the policy's trainable tree     | the policy's optimizer |
+| name              | parameters                                    |
+|-------------------|-----------------------------------------------|
+| double_multiple   | own T5 encoder (from the policy's) + head     |
+| double_single     | one scalar                                    |
+| single_multiple   | head on the POLICY's encoder output           |
+| single_single     | one scalar in the policy's trainable tree     |
 
 Every variant is called as `value_fn(value_params, policy_params, encoder_input_tokens) ->
-values [B]` in float32. The trainable tree of a DRO-V run is {"policy": θ, "value": φ};
-`trained_with_policy` tells optim.make_joint_optimizer whether φ shares the policy's chain. The
-head mean-pools the encoder output over the prompt's real tokens (token != 0) and is
+values [B]` in float32. The trainable tree of a DRO-V run is {"policy": θ, "value": φ}; φ gets
+the value optimizer in every variant (optim.py: on the policy's chain a zero-initialised value
+barely moves). `trained_with_policy` marks the single-net variants. The head mean-pools the encoder output over the prompt's real tokens (token != 0) and is
 zero-initialised, so V ≡ 0 at step 0. Dropout is off.
 """
 
@@ -125,7 +125,7 @@ class _ScalarValue:
 
   def __init__(self, config: t5_lib.T5Config, value_loss_weight: float = 1.0):
     self.config = config
-    # Only a scalar in the policy's tree shares an optimizer with it, where the weight matters.
+    # The weight is a single-net setting; a double-net scalar takes exactly ∂L/∂φ.
     self.value_loss_weight = value_loss_weight if self.trained_with_policy else 1.0
 
   def abstract_params(self) -> PyTree:
