@@ -10,8 +10,9 @@
 Every variant is called as `value_fn(value_params, policy_params, encoder_input_tokens) ->
 values [B]` in float32. The trainable tree of a DRO-V run is {"policy": θ, "value": φ}; φ gets
 the value optimizer in every variant (optim.py: on the policy's chain a zero-initialised value
-barely moves). `trained_with_policy` marks the single-net variants. The head mean-pools the encoder output over the prompt's real tokens (token != 0) and is
-zero-initialised, so V ≡ 0 at step 0. Dropout is off.
+barely moves). `trained_with_policy` marks the single-net variants. The head mean-pools the
+encoder output over the prompt's real tokens (token != 0) and is zero-initialised, so V ≡ 0 at
+step 0. Dropout is off.
 """
 
 from __future__ import annotations
