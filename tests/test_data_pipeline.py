@@ -2,7 +2,12 @@
 
 import json
 import math
+import os
+import pathlib
+import re
 import string
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -313,3 +318,31 @@ def test_seqio_get_dataset_with_the_converter(tmp_path, vocabulary, new_name):
                          converters.SingleTrajectoryFeatureConverter(), shuffle=False)
   examples = list(ds.as_numpy_iterator())
   assert [float(example["reward"]) for example in examples] == [0.0, 0.25, 0.5]
+
+
+# ------------------------------------------------------------------------------- TensorFlow
+
+
+def test_tensorflow_is_quiet_and_off_the_gpus():
+  """A CPU run logs no CUDA probe error; TF gets no GPU; CUDA_VISIBLE_DEVICES stays for JAX."""
+  script = """if True:
+    import os, sys
+    import dro_jax.data
+    assert "tensorflow" not in sys.modules, "the package must not import TensorFlow eagerly"
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] in ("2", "3")
+    import tensorflow as tf
+    calls, hide = [], tf.config.set_visible_devices
+    tf.config.set_visible_devices = lambda *args: (calls.append(args), hide(*args))
+    import dro_jax.data.readers
+    assert calls == [([], "GPU")], calls
+    assert tf.config.get_visible_devices("GPU") == []
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    print("ok")
+  """
+  env = {key: value for key, value in os.environ.items()
+         if key not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=pathlib.Path(__file__).parents[1])
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+  errors = [line for line in result.stderr.splitlines() if re.match(r"E\d{4} ", line)]
+  assert not errors, errors

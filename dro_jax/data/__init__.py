@@ -7,9 +7,16 @@ deterministic, resumable batches), `synthetic` (the demo task and its judge).
 
 The names below are imported on first use, so `dro_jax.data.synthetic` (the judge) does not pull in
 TensorFlow.
+
+TensorFlow itself is imported quietly (TF_CPP_MIN_LOG_LEVEL=3 unless already set: a CPU-only
+machine would otherwise log a failed CUDA probe as an error on every run) and never sees the GPUs,
+which belong to JAX; see `_tensorflow`.
 """
 
 import importlib
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # Before any module here imports TensorFlow.
 
 _EXPORTS = {
     "DataError": "readers",

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Mapping
 
 import seqio
-import tensorflow as tf
+
+from dro_jax.data._tensorflow import tf
 
 _Spec = seqio.FeatureConverter.FeatureSpec
 _TOKENS = _Spec(dtype=tf.int32)

@@ -27,9 +27,9 @@ from typing import Any, Iterator, Mapping
 from absl import logging
 import numpy as np
 import seqio
-import tensorflow as tf
 
 from dro_jax.data import converters
+from dro_jax.data._tensorflow import tf
 from dro_jax.data.readers import DataError
 from dro_jax.data.statistics import DatasetStatistics, dataset_statistics
 from dro_jax.data.tasks import PAIRWISE, FeedbackSource, component_tasks, feedback_source
@@ -222,14 +222,6 @@ class DataIterator:
     return ds.batch(self.batch_size, drop_remainder=True).prefetch(2).with_options(options)
 
 
-def _keep_tensorflow_off_accelerators() -> None:
-  """tf.data runs on the host; TensorFlow must not claim the GPU memory JAX needs."""
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:
-    pass  # TensorFlow already initialised its devices; nothing left to change.
-
-
 def input_pipeline(name: str, *, global_batch_size: int, split: str = "train", seed: int = 0,
                    feature_lengths: Mapping[str, int] | None = None,
                    process_index: int | None = None, process_count: int | None = None,
@@ -271,7 +263,6 @@ def input_pipeline(name: str, *, global_batch_size: int, split: str = "train", s
     raise ValueError(f"reward_mode={reward_mode!r} needs rewards; '{name}' is pairwise")
   if reward_mode == "thumbs" and sources[0].thumbs:
     raise ValueError(f"'{name}' already carries thumbs labels; use reward_mode='raw'")
-  _keep_tensorflow_off_accelerators()
   iterator = DataIterator(
       name, split=split, global_batch_size=global_batch_size,
       feature_lengths=feature_lengths or default_feature_lengths(name), seed=seed,

@@ -14,7 +14,7 @@ import json
 import struct
 from typing import Any, BinaryIO, Iterator, Sequence
 
-import tensorflow as tf
+from dro_jax.data._tensorflow import tf
 
 FORMATS = ("jsonl", "parquet", "tfrecord")
 

@@ -17,8 +17,8 @@ import time
 import uuid
 
 from absl import logging
-import tensorflow as tf
 
+from dro_jax.data._tensorflow import tf
 from dro_jax.data.readers import DataError
 from dro_jax.data.tasks import PAIRWISE, feedback_source
 

@@ -31,9 +31,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from absl import logging
 import numpy as np
 import seqio
-import tensorflow as tf
 
 from dro_jax.data import records as records_lib
+from dro_jax.data._tensorflow import tf
 from dro_jax.data.adapters import Adapter
 from dro_jax.data.readers import DataError, read_records, resolve_files
 from dro_jax.data.records import CONTEXT_KEY, RecordError
