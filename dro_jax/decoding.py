@@ -140,15 +140,28 @@ def categorical(keys_N: Array, probs_NxV: Array) -> Array:
   """One token per row of `probs` (summing to ~1) by inverting the CDF at a uniform draw.
 
   One uniform per row instead of Gumbel noise over the whole vocabulary: several times faster on
-  CPU. Tokens of probability 0 are never chosen.
+  CPU.
+  """
+  return invert_cdf(probs_NxV, jax.vmap(jax.random.uniform)(keys_N))
+
+
+def invert_cdf(probs_NxV: Array, uniform_N: Array) -> Array:
+  """The first token of positive probability whose CDF exceeds `uniform` x the row's mass.
+
+  Only tokens of positive probability are candidates: XLA's cumsum (a blocked sum on CPU) is not
+  flat across zero-probability tokens, so their CDF steps can be an ulp wide and a uniform that
+  lands in one would pick a token outside top-k / top-p.
   """
   cdf_NxV = jnp.cumsum(probs_NxV, axis=-1)
   # Scaled by the summed mass, so float rounding of the CDF cannot run past its end.
-  uniform_Nx1 = jax.vmap(jax.random.uniform)(keys_N)[:, None] * cdf_NxV[:, -1:]
-  tokens_N = jnp.sum(cdf_NxV <= uniform_Nx1, axis=-1, dtype=jnp.int32)
-  vocab_V = jnp.arange(probs_NxV.shape[-1], dtype=jnp.int32)
-  last_N = jnp.max(jnp.where(probs_NxV > 0, vocab_V, 0), axis=-1)
-  return jnp.minimum(tokens_N, last_N)
+  point_Nx1 = uniform_N[:, None] * cdf_NxV[:, -1:]
+  vocab_size = probs_NxV.shape[-1]
+  vocab_V = jnp.arange(vocab_size, dtype=jnp.int32)
+  positive_NxV = probs_NxV > 0
+  first_N = jnp.min(jnp.where(positive_NxV & (cdf_NxV > point_Nx1), vocab_V, vocab_size), axis=-1)
+  # A point at the very end (rounding) takes the last token of positive probability.
+  last_N = jnp.max(jnp.where(positive_NxV, vocab_V, 0), axis=-1)
+  return jnp.minimum(first_N, last_N)
 
 
 def argmax(logits_NxV: Array) -> Array:

@@ -312,6 +312,36 @@ def test_top_k_and_top_p_keep_the_right_sets():
   assert kept(decoding.top_p_logits(logits, 0.1)) == [False, True, False, False, False]
 
 
+def test_inverse_cdf_never_draws_zero_probability_tokens():
+  """Uniforms placed inside the CDF steps that XLA's cumsum leaves at zero-probability tokens (a
+  512-token vocabulary is wide enough for CPU's blocked sum to round differently there)."""
+  rng = np.random.default_rng(0)
+  logits_NxV = np.where(rng.random((4, 512)) < 0.3, 3 * rng.normal(size=(4, 512)), -np.inf)
+  probs_NxV = jax.nn.softmax(jnp.asarray(logits_NxV, jnp.float32), axis=-1)
+  cdf_NxV = np.asarray(jax.jit(lambda p: jnp.cumsum(p, axis=-1))(probs_NxV))
+  probs_NxV = np.asarray(probs_NxV)
+  total_N = cdf_NxV[:, -1]
+  rows, uniforms = [], []
+  for row, column in zip(*np.nonzero(probs_NxV[:, 1:] == 0)):
+    low, high = cdf_NxV[row, column], cdf_NxV[row, column + 1]  # step of token column + 1
+    u = np.nextafter(np.float32(low / total_N[row]), np.float32(0))
+    for _ in range(5):  # a few ulps around the step: keep those whose point lands inside it
+      point = np.float32(u * total_N[row])
+      if min(low, high) <= point < max(low, high):
+        rows.append(row)
+        uniforms.append(u)
+      u = np.nextafter(u, np.float32(2))
+  assert len(rows) >= 4, "the test needs uniforms inside zero-probability steps"
+  # And the ends of the range for every row.
+  below_one = np.nextafter(np.float32(1), np.float32(0))
+  rows += [0, 1, 2, 3] * 2
+  uniforms += [0.0] * 4 + [below_one] * 4
+  tokens_N = np.asarray(decoding.invert_cdf(jnp.asarray(probs_NxV[rows]),
+                                            jnp.asarray(uniforms, jnp.float32)))
+  assert (probs_NxV[rows, tokens_N] > 0).all()
+  np.testing.assert_array_equal(tokens_N[-8:-4], (probs_NxV > 0).argmax(-1))
+
+
 def test_argmax_takes_the_first_maximum():
   logits = jnp.array([[0.0, 2.0, 2.0, -1.0], [3.0, 1.0, 3.0, 3.0], [-jnp.inf, 0.5, 0.1, 0.5]])
   np.testing.assert_array_equal(decoding.argmax(logits), [1, 0, 1])
