@@ -19,6 +19,9 @@ INSTALL_REQUIRES = [
     "pyarrow>=15",
     "absl-py>=2.0",
     "matplotlib>=3.8",
+    "clu>=0.0.12",
+    "tensorboard>=2.20",
+    "tqdm>=4.60",
 ]
 
 EXTRAS = {
@@ -42,4 +45,5 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    entry_points={"console_scripts": ["dro_jax=dro_jax.main:run"]},
 )

@@ -102,3 +102,114 @@ def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
   """Context in which the models' logical activation constraints map onto `mesh`."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
     yield
+
+
+# ----------------------------------------------------------------------------------------------
+# The train state and the batch: shardings from the config, validation, and the one jit.
+
+
+def mesh_from_config(config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh `config.mesh_shape` = (data, fsdp, model); one entry may be -1."""
+  return make_mesh(tuple(config.mesh_shape), devices=devices)
+
+
+def rules_from_config(config: Any) -> tuple[tuple[str, Any], ...]:
+  """`config.logical_axis_rules` when set (pairs of logical name, mesh axes), else the defaults."""
+  rules = config.get("logical_axis_rules", None)
+  if not rules:
+    return DEFAULT_RULES
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def validate(mesh: Mesh, *, batch_size: int, num_microbatches: int, num_heads: int,
+             process_count: int = 1) -> None:
+  """Fail before compiling, with the numbers: batch vs data x fsdp x microbatches, heads vs model."""
+  data, fsdp, model = mesh.shape["data"], mesh.shape["fsdp"], mesh.shape["model"]
+  if num_microbatches < 1:
+    raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+  if batch_size % (data * fsdp * num_microbatches):
+    raise ValueError(
+        f"batch_size {batch_size} does not split over data x fsdp x num_microbatches = "
+        f"{data} x {fsdp} x {num_microbatches} = {data * fsdp * num_microbatches}")
+  if batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} does not split over {process_count} processes")
+  if num_heads % model:
+    raise ValueError(f"num_heads {num_heads} does not split over the mesh's model axis {model}")
+
+
+def _names(path: tuple[Any, ...]) -> tuple[str, ...] | None:
+  keys = []
+  for key in path:
+    if not isinstance(key, jax.tree_util.DictKey):
+      return None
+    keys.append(str(key.key))
+  return tuple(keys)
+
+
+def _derived_spec(shape: tuple[int, ...], param_shape: tuple[int, ...],
+                  spec: PartitionSpec) -> PartitionSpec:
+  """The spec of an optimizer-state leaf from its parameter's: equal shapes share the spec; a
+  factored statistic (one dimension reduced away, as Adafactor's) drops that dimension's axes;
+  anything else is replicated."""
+  spec = tuple(spec) + (None,) * (len(param_shape) - len(spec))
+  if tuple(shape) == tuple(param_shape):
+    return PartitionSpec(*spec)
+  if len(shape) == len(param_shape) - 1:
+    for dropped in range(len(param_shape) - 1, -1, -1):
+      if tuple(param_shape[:dropped] + param_shape[dropped + 1:]) == tuple(shape):
+        return PartitionSpec(*(spec[:dropped] + spec[dropped + 1:]))
+  return PartitionSpec()
+
+
+def optimizer_state_shardings(abstract_opt_state: Any, abstract_params: Any,
+                              params_shardings_tree: Any, mesh: Mesh) -> Any:
+  """Shardings of an optax state that follow its parameters' (matched by key-path suffix)."""
+  by_path = {}
+  shapes = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  shardings = jax.tree.leaves(params_shardings_tree,
+                              is_leaf=lambda x: isinstance(x, NamedSharding))
+  for (path, leaf), sharding in zip(shapes, shardings):
+    by_path[_names(path)] = (leaf.shape, sharding.spec)
+
+  def sharding_of(path, leaf):
+    for start in range(len(path)):
+      names = _names(path[start:])
+      if names is not None and names in by_path:
+        param_shape, spec = by_path[names]
+        return NamedSharding(mesh, _derived_spec(leaf.shape, param_shape, spec))
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree_util.tree_map_with_path(sharding_of, abstract_opt_state)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_shardings(abstract_batch: Any, mesh: Mesh) -> Any:
+  """Every batch leaf split on its leading axis over data x fsdp."""
+  return jax.tree.map(lambda x: batch_sharding(mesh, max(len(x.shape), 1)), abstract_batch)
+
+
+def microbatch_constraint(mesh: Mesh) -> Callable[[Any], Any]:
+  """Pins [M, B/M, ...] microbatches to the batch's own layout (the B/M axis over data x fsdp)."""
+  def constrain(tree: Any) -> Any:
+    def pin(x):
+      spec = PartitionSpec(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))
+      return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.tree.map(pin, tree)
+  return constrain
+
+
+def jit_step(step: Callable, mesh: Mesh, state_shardings: Any, batch_shardings_tree: Any,
+             rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Callable:
+  """The one place a train step is jitted: in/out shardings and the state donated."""
+  metrics_sharding = replicated(mesh)
+  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings_tree),
+                   out_shardings=(state_shardings, metrics_sharding), donate_argnums=0)
+
+  def run(state, batch):
+    with activate(mesh, rules):
+      return jitted(state, batch)
+  run.jitted = jitted
+  return run

@@ -1,0 +1,21 @@
+"""DPO on (prompt, chosen, rejected) pairs; TR-DPO with `tr=soft|hard|hybrid`.
+
+  python -m dro_jax.main --config configs/dpo.py:size=large,tr=soft,alpha=0.6 --workdir /tmp/tr_dpo
+
+Args (comma-separated k=v): size, family, beta, label_smoothing, tr, alpha, sync_every, task,
+steps, batch, lr, init.
+"""
+
+from dro_jax import configs
+
+
+def get_config(arg=None):
+  args = configs.parse_arg(arg, "dpo", beta=0.1, label_smoothing=0.0, alpha="", sync_every="")
+  config = configs.base_config("dpo", args)
+  config.dpo.beta = args.beta
+  config.dpo.label_smoothing = args.label_smoothing
+  if args.alpha:
+    config.reference.alpha = float(args.alpha)
+  if args.sync_every:
+    config.reference.sync_every = int(args.sync_every)
+  return configs.finalize(config, args)

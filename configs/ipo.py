@@ -1,0 +1,19 @@
+"""IPO on pairs (per-token averaged log-ratios); TR-IPO with `tr=soft|hard|hybrid`.
+
+  python -m dro_jax.main --config configs/ipo.py:size=large,tau=0.1 --workdir /tmp/ipo
+
+Args (comma-separated k=v): size, family, tau, tr, alpha, sync_every, task, steps, batch, lr, init.
+"""
+
+from dro_jax import configs
+
+
+def get_config(arg=None):
+  args = configs.parse_arg(arg, "ipo", tau=0.1, alpha="", sync_every="")
+  config = configs.base_config("ipo", args)
+  config.ipo.tau = args.tau
+  if args.alpha:
+    config.reference.alpha = float(args.alpha)
+  if args.sync_every:
+    config.reference.sync_every = int(args.sync_every)
+  return configs.finalize(config, args)

@@ -1,0 +1,140 @@
+"""The shared base of the recipes in `configs/`: every key a run reads, with its default.
+
+A recipe is `get_config(arg)` where `arg` is comma-separated `key=value` pairs (big_vision's
+convention), e.g. `configs/dro.py:size=large,value=double_single,tau=0.5`. `parse_arg` fails on
+an arg the recipe does not know, naming it. The returned ConfigDict is locked: a mistyped
+`--config.x=...` override fails naming the key. Fields without a default are
+`placeholder(type)`, so they can still be set from the command line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from dro_jax import optim, reference
+
+SIZES = ("tiny", "small", "base", "large", "xl", "xxl")
+FAMILIES = ("t5_1_1", "flan_t5", "t5_1_0")
+TRUST_REGIONS = {"none": "frozen", "soft": "soft", "hard": "hard", "hybrid": "trl"}
+COMMON_ARGS = {"size": "tiny", "family": "t5_1_1", "tr": "none", "task": "", "steps": "",
+               "batch": "", "lr": "", "init": ""}
+
+
+def parse_arg(arg: str | None, recipe: str, **defaults: Any) -> ml_collections.ConfigDict:
+  """`k=v,k=v` -> ConfigDict of the recipe's args (common ones included); unknown keys fail."""
+  known = {**COMMON_ARGS, **defaults}
+  values = dict(known)
+  for item in (arg or "").split(","):
+    if not item.strip():
+      continue
+    if "=" not in item:
+      raise ValueError(f"configs/{recipe}.py: arg {item!r} is not key=value")
+    key, value = (part.strip() for part in item.split("=", 1))
+    if key not in known:
+      raise ValueError(f"configs/{recipe}.py: unknown arg {key!r}; known args: {sorted(known)}")
+    values[key] = type(known[key])(value) if known[key] != "" else value
+  if values["size"] not in SIZES:
+    raise ValueError(f"arg size={values['size']!r}: choose from {SIZES}")
+  if values["family"] not in FAMILIES:
+    raise ValueError(f"arg family={values['family']!r}: choose from {FAMILIES}")
+  if values["tr"] not in TRUST_REGIONS:
+    raise ValueError(f"arg tr={values['tr']!r}: choose from {sorted(TRUST_REGIONS)}")
+  return ml_collections.ConfigDict(values)
+
+
+def preset_name(family: str, size: str) -> str:
+  if size == "tiny":
+    return "t5_1_0_tiny" if family == "t5_1_0" else "t5_1_1_tiny"
+  return f"{family}_{size}"
+
+
+def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Every key of a run; recipes change the defaults they need, then `finalize`."""
+  placeholder = config_dict.placeholder
+  config = ml_collections.ConfigDict()
+  config.loss = loss
+  config.runner = "train"
+  config.seed = 0
+  config.total_steps = 20_000
+  config.batch_size = 32
+  config.num_microbatches = 1
+  config.checkpoint_every = 1000
+  config.eval_every = 1000
+  config.eval_batches = 4
+  config.log_every = 50
+  config.keep_last = 3
+  config.keep_best = 1
+  config.best_metric = "eval/loss"
+  config.best_mode = "min"
+  config.mesh_shape = (-1, 1, 1)  # (data, fsdp, model); -1 takes the remaining devices
+  config.logical_axis_rules = placeholder(tuple)
+  config.compute_dtype = placeholder(str)  # default: the preset's (bfloat16; float32 for tiny)
+  config.max_input_length = 512
+  config.max_target_length = 256
+  # An HF folder, a T5X checkpoint_N folder, or a dro_jax workdir (its latest policy).
+  config.init_checkpoint = placeholder(str)
+  config.on_nonfinite = "stop"  # or "skip"
+  config.max_consecutive_skips = 5
+
+  config.model = ml_collections.ConfigDict({
+      "preset": preset_name(args.family, args.size),
+      "vocab_size": placeholder(int), "emb_dim": placeholder(int),
+      "num_heads": placeholder(int), "head_dim": placeholder(int),
+      "num_encoder_layers": placeholder(int), "num_decoder_layers": placeholder(int),
+      "mlp_dim": placeholder(int), "mlp_activations": placeholder(tuple),
+      "logits_via_embedding": placeholder(bool), "dropout_rate": 0.0,
+  })
+  config.optimizer = optim.default_config()
+  config.optimizer.value_learning_rate = placeholder(float)
+  preset = reference.PRESETS[TRUST_REGIONS[args.tr]]
+  config.reference = ml_collections.ConfigDict(
+      {"alpha": float(preset["alpha"]), "sync_every": int(preset["sync_every"])})
+  config.dro = ml_collections.ConfigDict(
+      {"tau": 1.0, "value_function": "double_multiple", "value_loss_weight": 1.0})
+  config.kto = ml_collections.ConfigDict(
+      {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0})
+  config.dpo = ml_collections.ConfigDict({"beta": 0.1, "label_smoothing": 0.0})
+  config.ipo = ml_collections.ConfigDict({"tau": 0.1})
+  config.preference = ml_collections.ConfigDict(
+      {"a_token": placeholder(int), "b_token": placeholder(int)})
+  config.data = ml_collections.ConfigDict({
+      "task": placeholder(str),  # a registered seqio Task or Mixture; None: the demo task
+      "eval_task": placeholder(str),  # default: data.task
+      "eval_split": "validation",
+      "train_files": placeholder(str),  # files (comma-separated) read with data.adapter
+      "eval_files": placeholder(str),
+      "adapter": placeholder(str),  # a function name in dro_jax.data.adapters, e.g. ultrafeedback_triples
+      "vocabulary": placeholder(str),  # sentencepiece model for data.train_files
+      "register_module": placeholder(str),  # a module imported first; it registers the Tasks
+      "reward_mode": "raw",
+      "shuffle": True,
+      "cache_dir": placeholder(str),  # demo data cache (default: dro_jax's)
+  })
+  return config
+
+
+def finalize(config: ml_collections.ConfigDict,
+             args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Applies the common args (task, steps, batch, lr, init) and locks the config."""
+  if args.task:
+    config.data.task = args.task
+  if args.steps:
+    config.total_steps = int(args.steps)
+  if args.batch:
+    config.batch_size = int(args.batch)
+  if args.lr:
+    config.optimizer.learning_rate = float(args.lr)
+  if args.init:
+    config.init_checkpoint = args.init
+  if args.size == "tiny":
+    # The tiny model runs on a laptop CPU in seconds: short sequences, frequent logs.
+    config.max_input_length, config.max_target_length = 16, 12
+    config.batch_size = config.batch_size if args.batch else 16
+    config.total_steps = config.total_steps if args.steps else 200
+    config.checkpoint_every, config.eval_every, config.log_every = 100, 100, 10
+    config.eval_batches = 2
+  config.lock()
+  return config

@@ -1,0 +1,56 @@
+"""The driver: `python -m dro_jax.main --config configs/NAME.py[:k=v,...] --workdir DIR`.
+
+Parses the locked ml_collections config (overrides as `--config.x=y`), initialises multi-host
+JAX when several processes run, and hands the config to `RUNNERS[config.runner]`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:k=v,...]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and config.json go "
+                               "(local or gs://)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _train(config, workdir):
+  from dro_jax import train
+  return train.run(config, workdir)
+
+
+RUNNERS = {"train": _train}
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() on TPU pods / multi-process launches (env tells us)."""
+  import jax
+  multi = any(os.environ.get(name) for name in (
+      "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS"))
+  if multi or os.environ.get("DRO_JAX_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+
+
+def main(argv) -> None:
+  del argv
+  config = _CONFIG.value
+  if config.runner not in RUNNERS:
+    raise app.UsageError(f"config.runner={config.runner!r}: choose from {sorted(RUNNERS)}")
+  maybe_initialize_distributed()
+  RUNNERS[config.runner](config, _WORKDIR.value)
+
+
+def run() -> None:
+  """Console script `dro_jax`."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  sys.exit(run())

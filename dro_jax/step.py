@@ -1,0 +1,448 @@
+"""The train and eval steps: pure `(state, batch) -> (state, metrics)` for every registered loss.
+
+`make_train_step(config)` selects one `Objective` from `OBJECTIVES[config.loss]` (outside jit);
+an objective says how to score a batch (the only model calls), which statistics mix examples,
+and which loss of `losses.LOSSES` to apply. The step then
+
+1. with `num_microbatches` M = 1: scores the batch, takes the statistics from those scores
+   (stop-gradient) and differentiates the weighted mean loss;
+2. with M > 1, exactly the same update: microbatch m holds rows i ≡ m (mod M) (a reshape, so a
+   batch sharded over devices needs no resharding). A no-grad pass over all microbatches scores
+   every example; the statistics (KTO's z0 and desirable labels, DRO-P's batch mean, SFT's token
+   total) and the metrics come from those global scores; the gradient pass then sums the
+   microbatches' gradients of Σ_i w_i·loss_i / Σ_all w with the statistics fixed, reading the
+   reference log-probs from the first pass instead of running the reference again.
+
+Then one optimizer per network, `reference.update` (trust region), and metrics (SPEC.md §5 plus
+grad_norm, learning_rate, finite). Jit, shardings and donation are applied in partitioning.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dro_jax import losses, optim, reference, scoring
+from dro_jax.models import t5 as t5_lib
+from dro_jax.models import value as value_lib
+from dro_jax.state import TrainState
+
+Array = jax.Array
+PyTree = Any
+Batch = dict[str, Array]
+Scores = dict[str, Array]
+
+DRO_LOSSES = ("dro", "dro_v", "dro_p")
+
+
+def t5_config(config: ml_collections.ConfigDict) -> t5_lib.T5Config:
+  """The policy's T5Config: the preset `config.model.preset` with every non-None override."""
+  fields = {field.name for field in dataclasses.fields(t5_lib.T5Config)}
+  overrides = {key: value for key, value in config.model.items()
+               if key in fields and value is not None}
+  if config.get("compute_dtype"):
+    overrides["dtype"] = config.compute_dtype
+  if "mlp_activations" in overrides:
+    overrides["mlp_activations"] = tuple(overrides["mlp_activations"])
+  return t5_lib.get_config(config.model.preset, **overrides)
+
+
+def _stop(tree: PyTree) -> PyTree:
+  return jax.tree.map(jax.lax.stop_gradient, tree)
+
+
+# ----------------------------------------------------------------------------------- objectives
+
+
+class Objective:
+  """How one loss scores a batch and which statistics mix examples. Subclasses fill it in."""
+
+  uses_reference = True
+  reference_keys: tuple[str, ...] = ()  # batch keys of precomputed reference log-probs (sums)
+
+  def __init__(self, config: ml_collections.ConfigDict, model: t5_lib.T5):
+    self.config, self.model = config, model
+
+  def prepare(self, batch: Batch) -> Batch:
+    """Keys derived from the GLOBAL batch before it is split into microbatches."""
+    return batch
+
+  def score(self, trainable: PyTree, ref_params: PyTree, batch: Batch,
+            for_statistics: bool = True) -> Scores:
+    """Per-example scores; `for_statistics=False` when the statistics are already known."""
+    raise NotImplementedError
+
+  def statistics(self, scores: Scores, batch: Batch) -> dict[str, Array]:
+    """Constants of the global batch (stop-gradient) the per-example losses depend on."""
+    del scores, batch
+    return {}
+
+  def loss(self, scores: Scores, batch: Batch, stats: Mapping[str, Array]):
+    raise NotImplementedError
+
+  def reference_batch_keys(self, scores: Scores) -> Batch:
+    """Reference log-probs of `scores` as batch keys, so a second pass need not recompute them."""
+    return {key: scores[key] for key in self.reference_keys}
+
+  def reference_logps(self, batch: Batch, key: str, ref_params: PyTree,
+                      compute: Callable[[PyTree], Array]) -> Array:
+    """Precomputed `batch[key]` when present, else computed from the reference parameters."""
+    if key in batch:
+      return batch[key].astype(jnp.float32)
+    if ref_params is None:
+      raise ValueError(f"loss {self.config.loss!r} needs reference log-probs: the batch has no "
+                       f"{key!r} and the state holds no reference parameters")
+    return jax.lax.stop_gradient(compute(_stop(ref_params)))
+
+  def sequence_scores(self, params: PyTree, batch: Batch, prefix: str = "",
+                      return_encoded: bool = False) -> Scores:
+    return scoring.score(self.model, params, batch["encoder_input_tokens"],
+                         batch[f"{prefix}decoder_input_tokens"],
+                         batch[f"{prefix}decoder_target_tokens"],
+                         batch.get(f"{prefix}decoder_loss_weights"),
+                         return_encoded=return_encoded)
+
+
+class SFT(Objective):
+  uses_reference = False
+
+  def score(self, trainable, ref_params, batch, for_statistics=True):
+    del ref_params
+    return {"token_logps": self.sequence_scores(trainable["policy"], batch)["token_logps"]}
+
+  def statistics(self, scores, batch):
+    return {"mean_tokens": losses.mean_target_tokens(_loss_weights(batch),
+                                                      batch["example_weights"])}
+
+  def loss(self, scores, batch, stats):
+    return losses.sft_loss(scores["token_logps"], _loss_weights(batch),
+                           weights=batch["example_weights"], mean_tokens=stats["mean_tokens"])
+
+
+def _loss_weights(batch: Batch) -> Array:
+  if "decoder_loss_weights" in batch:
+    return batch["decoder_loss_weights"]
+  return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+
+
+class SingleTrajectory(Objective):
+  reference_keys = ("ref_logps",)
+
+  def policy_and_reference(self, trainable, ref_params, batch, return_encoded=False) -> Scores:
+    policy = self.sequence_scores(trainable["policy"], batch, return_encoded=return_encoded)
+    scores = {"logps": policy["logps"],
+              "ref_logps": self.reference_logps(
+                  batch, "ref_logps", ref_params,
+                  lambda ref: self.sequence_scores(ref, batch)["logps"])}
+    if return_encoded:
+      scores["encoded"] = policy["encoded"]
+    return scores
+
+
+class DRO(SingleTrajectory):
+  """DRO-V: ½(r − V(x) − τℓ)² with one of the four value functions."""
+
+  def __init__(self, config, model):
+    super().__init__(config, model)
+    self.value_fn = make_value_function(config)
+
+  def score(self, trainable, ref_params, batch, for_statistics=True):
+    shared_encoder = isinstance(self.value_fn, value_lib.SingleNetMultipleValues)
+    scores = self.policy_and_reference(trainable, ref_params, batch, shared_encoder)
+    if shared_encoder:
+      scores["values"] = self.value_fn.from_encoded(
+          trainable["value"], scores.pop("encoded"), batch["encoder_input_tokens"])
+    else:
+      scores["values"] = self.value_fn(trainable["value"], trainable["policy"],
+                                       batch["encoder_input_tokens"])
+    return scores
+
+  def loss(self, scores, batch, stats):
+    return losses.dro_loss(scores["logps"], scores["ref_logps"], scores["values"],
+                           batch["reward"], tau=self.config.dro.tau,
+                           weights=batch["example_weights"])
+
+
+class DROP(SingleTrajectory):
+  """DRO-P: the batch mean of r − τℓ in place of a value network."""
+
+  def score(self, trainable, ref_params, batch, for_statistics=True):
+    return self.policy_and_reference(trainable, ref_params, batch)
+
+  def statistics(self, scores, batch):
+    return {"baseline": losses.dro_p_baseline(scores["logps"], scores["ref_logps"],
+                                              batch["reward"], tau=self.config.dro.tau,
+                                              weights=batch["example_weights"])}
+
+  def loss(self, scores, batch, stats):
+    return losses.dro_p_loss(scores["logps"], scores["ref_logps"], batch["reward"],
+                             tau=self.config.dro.tau, weights=batch["example_weights"],
+                             baseline=stats["baseline"])
+
+
+class KTO(SingleTrajectory):
+  """KTO; mismatched pairs formed on the global batch (or given by the data as kl_* keys)."""
+
+  reference_keys = ("ref_logps", "ref_kl_logps")
+
+  def prepare(self, batch):
+    weights = batch["example_weights"]
+    kl = losses.mismatched_batch(batch)
+    prepared = {**batch, **{f"kl_{key}": kl[key] for key in losses.MISMATCHED_KEYS if key in kl}}
+    if "label" in batch:
+      prepared["desirable"] = losses.desirable_labels(labels_B=batch["label"])
+    else:
+      prepared["desirable"] = losses.desirable_labels(batch["reward"], weights_B=weights)
+    return prepared
+
+  def score(self, trainable, ref_params, batch, for_statistics=True):
+    scores = self.policy_and_reference(trainable, ref_params, batch)
+    if not for_statistics:
+      return scores
+    scores["kl_logps"] = jax.lax.stop_gradient(
+        self.sequence_scores(trainable["policy"], batch, prefix="kl_")["logps"])
+    scores["ref_kl_logps"] = self.reference_logps(
+        batch, "ref_kl_logps", ref_params,
+        lambda ref: self.sequence_scores(ref, batch, prefix="kl_")["logps"])
+    return scores
+
+  def statistics(self, scores, batch):
+    return {"z0": losses.kto_reference_point(scores["kl_logps"], scores["ref_kl_logps"],
+                                             batch["example_weights"])}
+
+  def loss(self, scores, batch, stats):
+    kto = self.config.kto
+    return losses.kto_loss(scores["logps"], scores["ref_logps"], None, None, batch["desirable"],
+                           beta=kto.beta, desirable_weight=kto.desirable_weight,
+                           undesirable_weight=kto.undesirable_weight,
+                           weights=batch["example_weights"], z0=stats["z0"])
+
+
+class Pairwise(Objective):
+  """DPO and IPO on chosen/rejected pairs, both scored in one forward pass."""
+
+  reference_keys = ("ref_chosen_logps", "ref_rejected_logps")
+
+  def score(self, trainable, ref_params, batch, for_statistics=True):
+    policy = scoring.score_pairs(self.model, trainable["policy"], batch)
+    scores = dict(policy)
+    if all(key in batch for key in self.reference_keys):
+      scores.update({key: batch[key].astype(jnp.float32) for key in self.reference_keys})
+    else:
+      ref = self.reference_logps(batch, "__pairs__", ref_params,
+                                 lambda r: scoring.score_pairs(self.model, r, batch))
+      scores.update({"ref_chosen_logps": ref["chosen_logps"],
+                     "ref_rejected_logps": ref["rejected_logps"]})
+    return scores
+
+  def loss(self, scores, batch, stats):
+    args = (scores["chosen_logps"], scores["rejected_logps"], scores["ref_chosen_logps"],
+            scores["ref_rejected_logps"])
+    weights = batch["example_weights"]
+    if self.config.loss == "ipo":
+      return losses.ipo_loss(*args, tau=self.config.ipo.tau,
+                             chosen_lengths=scores["chosen_lengths"],
+                             rejected_lengths=scores["rejected_lengths"], weights=weights)
+    return losses.dpo_loss(*args, beta=self.config.dpo.beta,
+                           label_smoothing=self.config.dpo.label_smoothing, weights=weights)
+
+
+class RewardModel(Objective):
+  """Bradley-Terry reward model: an encoder over prompt ‖ response with a scalar head."""
+
+  uses_reference = False
+
+  def __init__(self, config, model):
+    super().__init__(config, model)
+    self.network = value_lib.EncoderValueNetwork(model.config)
+
+  def score(self, trainable, ref_params, batch, for_statistics=True):
+    del ref_params
+    prompt = batch["encoder_input_tokens"]
+    both = jnp.concatenate([
+        jnp.concatenate([prompt, batch["chosen_decoder_target_tokens"]], axis=1),
+        jnp.concatenate([prompt, batch["rejected_decoder_target_tokens"]], axis=1)])
+    chosen, rejected = jnp.split(self.network.apply({"params": trainable["policy"]}, both), 2)
+    return {"chosen_rewards": chosen, "rejected_rewards": rejected}
+
+  def loss(self, scores, batch, stats):
+    return losses.reward_model_loss(scores["chosen_rewards"], scores["rejected_rewards"],
+                                    weights=batch["example_weights"])
+
+
+class PreferenceModel(Objective):
+  """Pairwise judge: "x ‖ y1 ‖ y2" -> "A"/"B", both orders (position bias cancels)."""
+
+  uses_reference = False
+
+  def score(self, trainable, ref_params, batch, for_statistics=True):
+    del ref_params
+    prompt = batch["encoder_input_tokens"]
+    chosen, rejected = (batch["chosen_decoder_target_tokens"],
+                        batch["rejected_decoder_target_tokens"])
+    inputs = jnp.concatenate([jnp.concatenate([prompt, chosen, rejected], axis=1),
+                              jnp.concatenate([prompt, rejected, chosen], axis=1)])
+    start = jnp.zeros((inputs.shape[0], 1), jnp.int32)
+    logits = self.model.apply({"params": trainable["policy"]}, inputs, start)[:, 0]
+    tokens = jnp.asarray([self.config.preference.a_token, self.config.preference.b_token])
+    label_logps = jnp.take(jax.nn.log_softmax(logits.astype(jnp.float32)), tokens, axis=-1)
+    first, swapped = jnp.split(label_logps, 2)
+    return {"label_logps": first, "swapped_label_logps": swapped}
+
+  def loss(self, scores, batch, stats):
+    # The chosen response is shown first in `label_logps`, so y1 ≻ y2 always.
+    first_preferred = jnp.ones_like(batch["example_weights"])
+    return losses.preference_model_loss(scores["label_logps"], scores["swapped_label_logps"],
+                                        first_preferred, weights=batch["example_weights"])
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "sft": SFT, "dro": DRO, "dro_v": DRO, "dro_p": DROP, "kto": KTO, "dpo": Pairwise,
+    "ipo": Pairwise, "reward_model": RewardModel, "preference_model": PreferenceModel,
+}
+assert set(OBJECTIVES) == set(losses.LOSSES), "every registered loss needs an objective"
+
+
+def make_objective(config: ml_collections.ConfigDict) -> Objective:
+  if config.loss not in OBJECTIVES:
+    raise ValueError(f"config.loss: unknown loss {config.loss!r}; choose from {sorted(OBJECTIVES)}")
+  return OBJECTIVES[config.loss](config, t5_lib.T5(t5_config(config)))
+
+
+def make_value_function(config: ml_collections.ConfigDict) -> value_lib.ValueFunction | None:
+  """DRO-V's value function (`config.dro.value_function`), None for every other loss."""
+  if config.loss not in ("dro", "dro_v"):
+    return None
+  return value_lib.make_value_function(config.dro.value_function, t5_config(config),
+                                       config.dro.value_loss_weight)
+
+
+def tau_of(config: ml_collections.ConfigDict) -> float | None:
+  """DRO's τ (the 1/τ policy-update scale applies), None for the other losses."""
+  return config.dro.tau if config.loss in DRO_LOSSES else None
+
+
+# ---------------------------------------------------------------------------------- microbatches
+
+
+def split_microbatches(tree: PyTree, count: int) -> PyTree:
+  """[B, ...] -> [M, B/M, ...] with microbatch m holding rows i ≡ m (mod M)."""
+  def split(x):
+    return jnp.swapaxes(x.reshape((x.shape[0] // count, count) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, tree)
+
+
+def merge_microbatches(tree: PyTree) -> PyTree:
+  """Inverse of `split_microbatches`."""
+  def merge(x):
+    return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+  return jax.tree.map(merge, tree)
+
+
+def _weighted_sum_loss(objective: Objective, trainable, ref_params, batch, stats,
+                       total_weight) -> tuple[Array, dict]:
+  scores = objective.score(trainable, ref_params, batch, for_statistics=stats is None)
+  if stats is None:
+    stats = objective.statistics(_stop(scores), batch)
+  loss_B, metrics = objective.loss(scores, batch, stats)
+  weights_B = batch["example_weights"].astype(jnp.float32)
+  total = jnp.sum(jnp.where(weights_B > 0, weights_B * loss_B, 0.0))
+  return total / jnp.where(total_weight > 0, total_weight, 1.0), metrics
+
+
+def loss_and_grads(objective: Objective, trainable: PyTree, ref_params: PyTree, batch: Batch,
+                   num_microbatches: int,
+                   constrain: Callable[[PyTree], PyTree] = lambda x: x) -> tuple[dict, PyTree]:
+  """(metrics, gradients of the weighted mean loss over the global batch w.r.t. `trainable`)."""
+  batch = objective.prepare(batch)
+  total_weight = jnp.sum(batch["example_weights"].astype(jnp.float32))
+  grad_fn = jax.grad(_weighted_sum_loss, argnums=1, has_aux=True)
+  if num_microbatches == 1:
+    grads, metrics = grad_fn(objective, trainable, ref_params, batch, None, total_weight)
+    return metrics, grads
+
+  micro = constrain(split_microbatches(batch, num_microbatches))
+  scores = merge_microbatches(jax.lax.map(
+      lambda mb: _stop(objective.score(trainable, ref_params, mb)), micro))
+  stats = objective.statistics(scores, batch)
+  _, metrics = objective.loss(scores, batch, stats)
+  reference_keys = constrain(split_microbatches(objective.reference_batch_keys(scores),
+                                                num_microbatches))
+
+  def accumulate(grads, inputs):
+    microbatch = {**inputs[0], **inputs[1]}
+    mb_grads, _ = grad_fn(objective, trainable, ref_params, microbatch, stats, total_weight)
+    return jax.tree.map(jnp.add, grads, mb_grads), None
+
+  zeros = jax.tree.map(jnp.zeros_like, trainable)
+  grads, _ = jax.lax.scan(accumulate, zeros, (micro, reference_keys))
+  return metrics, grads
+
+
+# ------------------------------------------------------------------------------------- the steps
+
+
+def make_optimizers(config: ml_collections.ConfigDict) -> dict[str, optax.GradientTransformation]:
+  return optim.make_optimizers(config.optimizer, tau=tau_of(config))
+
+
+def _apply(optimizer: optax.GradientTransformation, grads: PyTree, opt_state: PyTree,
+           params: PyTree) -> tuple[PyTree, PyTree]:
+  if params is None:
+    return None, opt_state
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def make_train_step(config: ml_collections.ConfigDict,
+                    constrain: Callable[[PyTree], PyTree] = lambda x: x
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """The pure train step of `config.loss`; `constrain` pins microbatch shardings (partitioning)."""
+  objective = make_objective(config)
+  optimizers = make_optimizers(config)
+  schedule = optim.learning_rate(config.optimizer, optim.POLICY)
+  alpha, sync_every = config.reference.alpha, config.reference.sync_every
+  reference.validate(alpha, sync_every)
+  num_microbatches = int(config.num_microbatches)
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    ref_params = state.reference if objective.uses_reference else None
+    metrics, grads = loss_and_grads(objective, state.trainable, ref_params, batch,
+                                    num_microbatches, constrain)
+    policy, policy_opt = _apply(optimizers["policy"], grads["policy"], state.policy_opt,
+                                state.policy)
+    value, value_opt = _apply(optimizers["value"], grads["value"], state.value_opt, state.value)
+    count = state.step + 1
+    new_reference = state.reference
+    if state.reference is not None:
+      new_reference = reference.update(state.reference, policy, count, alpha=alpha,
+                                       sync_every=sync_every)
+    rng, _ = jax.random.split(state.rng)
+    metrics = dict(metrics)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = schedule(state.step)
+    metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    new_state = state.replace(step=count, rng=rng, policy=policy, policy_opt=policy_opt,
+                              value=value, value_opt=value_opt, reference=new_reference)
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(config: ml_collections.ConfigDict) -> Callable[[TrainState, Batch], dict]:
+  """Metrics of the loss on a batch, no update (the statistics from the batch itself)."""
+  objective = make_objective(config)
+
+  def eval_step(state: TrainState, batch: Batch) -> dict:
+    batch = objective.prepare(batch)
+    ref_params = state.reference if objective.uses_reference else None
+    scores = objective.score(state.trainable, ref_params, batch)
+    _, metrics = objective.loss(scores, batch, objective.statistics(scores, batch))
+    return metrics
+
+  return eval_step
