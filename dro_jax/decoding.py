@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from dro_jax import partitioning
+from dro_jax.data import records
 from dro_jax.models import t5 as t5_lib
 
 Array = jax.Array
@@ -368,10 +369,17 @@ def _bucket(length: int, minimum: int = 8) -> int:
 def encode_prompts(vocabulary: Vocabulary, prompts: Sequence[str], *, eos_id: int = 1,
                    max_input_length: int | None = None, batch_multiple: int = 1) -> np.ndarray:
   """int32 [B', S] encoder inputs ending in EOS, right-padded with 0; B' rounds the number of
-  prompts up to `batch_multiple` with all-padding rows."""
+  prompts up to `batch_multiple` with all-padding rows.
+
+  A prompt longer than `max_input_length` (counting EOS) keeps its last tokens, by the rule the
+  training Tasks truncate with (`records.kept_tokens`), so the policy samples for the prompts it
+  was trained on.
+  """
   rows = [list(vocabulary.encode(prompt)) for prompt in prompts]
   if max_input_length is not None:
-    rows = [row[:max_input_length - 1] for row in rows]
+    if max_input_length < 2:
+      raise ValueError(f"max_input_length counts EOS and must be >= 2, got {max_input_length}")
+    rows = [row[records.kept_tokens("inputs", max_input_length)] for row in rows]
   rows = [[int(t) for t in row] + [eos_id] for row in rows]
   length = _bucket(max(len(row) for row in rows))
   if max_input_length is not None:
@@ -399,7 +407,8 @@ def sample_text(params: Any, config: t5_lib.T5Config, vocabulary: Vocabulary,
                 max_input_length: int | None = None) -> list[str]:
   """Responses to `prompts`: num_samples strings per prompt, prompt-major (len B * n).
 
-  Prompts are encoded with EOS appended (as seqio's T5 tasks do). rng is one key (default key 0);
+  Prompts are encoded with EOS appended (as seqio's T5 tasks do); one longer than
+  `max_input_length` keeps its end, as in training. rng is one key (default key 0);
   on a mesh the prompts are padded to a multiple of data x fsdp, which leaves the samples as they
   are on one device.
   """

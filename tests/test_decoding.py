@@ -1,6 +1,7 @@
 """Cached sampling against the uncached model, scoring.py, Hugging Face generate and statistics."""
 
 import io
+import types
 
 import jax
 import jax.numpy as jnp
@@ -412,3 +413,23 @@ def test_sample_text(vocabulary):
   mesh = partitioning.make_mesh((2, 2, 2))
   assert decoding.sample_text(params, config, vocabulary, prompts, jax.random.key(10),
                               sampling=sampling, mesh=mesh) == responses
+
+
+def test_long_prompts_keep_their_end_as_in_training(vocabulary):
+  """One truncation rule for the training Tasks and for sampling: the end of a prompt."""
+  import tensorflow as tf
+  from dro_jax.data import tasks
+  prompt = "the cat sat on the mat and a dog ran in the park"
+  ids = [int(t) for t in vocabulary.encode(prompt)]
+  assert len(ids) > 6
+  tokens_BxS = decoding.encode_prompts(vocabulary, [prompt, "birds"], max_input_length=6)
+  assert tokens_BxS.shape == (2, 6)
+  np.testing.assert_array_equal(tokens_BxS[0], ids[-5:] + [EOS])
+  eos = types.SimpleNamespace(vocabulary=types.SimpleNamespace(eos_id=EOS))
+  truncate = tasks.TruncateAndAppendEos({"inputs": 6, "targets": 6},
+                                        output_features={"inputs": eos, "targets": eos})
+  trained = truncate._truncate({"inputs": tf.constant(ids), "targets": tf.constant(ids)})
+  np.testing.assert_array_equal(trained["inputs"], tokens_BxS[0])
+  np.testing.assert_array_equal(trained["targets"], ids[:5] + [EOS])  # responses keep their start
+  with pytest.raises(ValueError, match="max_input_length"):
+    decoding.encode_prompts(vocabulary, [prompt], max_input_length=1)

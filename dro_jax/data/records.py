@@ -34,6 +34,17 @@ class RecordError(ValueError):
     self.field, self.message = field, message
 
 
+def kept_tokens(feature: str, limit: int) -> slice:
+  """The tokens a feature keeps under `limit` (which counts the EOS appended after them), for
+  training (tasks.TruncateAndAppendEos) and sampling (decoding.encode_prompts) alike: a prompt
+  ("inputs") its last limit - 1, since the end of a prompt is what the response answers; a
+  response its first."""
+  keep = max(limit - 1, 0)
+  if feature == "inputs":
+    return slice(-keep, None) if keep else slice(0, 0)
+  return slice(None, keep)
+
+
 def render_messages(messages: Sequence[Any], field: str = "messages") -> str:
   """Renders a chat as "<Role>: <content>" turns joined by blank lines (the module's template)."""
   if not isinstance(messages, (list, tuple)) or not messages:

@@ -246,8 +246,7 @@ class TruncateAndAppendEos:
     for key, limit in self.max_lengths.items():
       if self.sequence_length and self.sequence_length.get(key):
         limit = min(limit, self.sequence_length[key])
-      ids, keep = features[key], limit - 1
-      ids = ids[tf.maximum(tf.size(ids) - keep, 0):] if key == "inputs" else ids[:keep]
+      ids = features[key][records_lib.kept_tokens(key, limit)]
       eos = tf.constant([self.output_features[key].vocabulary.eos_id], ids.dtype)
       features[key] = tf.concat([ids, eos], axis=0)
     return features
