@@ -303,6 +303,28 @@ def test_mixture_of_different_kinds_is_refused(tmp_path, vocabulary, new_name):
     tasks.register_mixture(new_name("mixture"), [single, thumbs])
 
 
+def test_registering_a_name_twice_says_how_to_replace_it(tmp_path, vocabulary, decode, new_name,
+                                                         caplog):
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(2))
+  mixture = new_name("mixture")
+  tasks.register_mixture(mixture, [name])
+  for register in (lambda **kwargs: single_task(tmp_path, vocabulary, name, make_rows(3),
+                                                **kwargs),
+                   lambda **kwargs: tasks.register_mixture(name, [name], **kwargs)):
+    with pytest.raises(ValueError, match=rf"a seqio Task named '{name}' is already registered; "
+                       "pass overwrite=True to replace it"):
+      register()
+  single_task(tmp_path, vocabulary, name, make_rows(3, offset=50), overwrite=True)
+  prompts = [decode(tokens) for tokens in real_rows(
+      one_host(name, shuffle=False, num_epochs=1), "encoder_input_tokens")]
+  assert prompts == [row["prompt"] for row in make_rows(3, offset=50)]
+  assert "still hold the previous one" in caplog.text and mixture in caplog.text
+  with pytest.raises(ValueError, match=f"a seqio Mixture named '{mixture}'.*overwrite=True"):
+    tasks.register_mixture(mixture, [name])
+  assert tasks.register_mixture(mixture, [name], overwrite=True).tasks[0] is (
+      seqio.get_mixture_or_task(name))
+
+
 def test_converters_never_pack():
   with pytest.raises(ValueError, match="never packs"):
     converters.SingleTrajectoryFeatureConverter(pack=True)

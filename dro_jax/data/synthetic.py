@@ -285,14 +285,12 @@ def register_demo_tasks(cache_dir: str | None = None, **sizes: int) -> dict[str,
   only (reward 1.0 / 0.0, the unpaired prompt/completion/label format); pairs: pairwise.
   Each has "train" and "validation" (held-out prompts) splits.
   """
-  import seqio
   from dro_jax.data import tasks
 
   paths = write_demo_data(cache_dir, **sizes)
   vocabulary = demo_vocabulary(cache_dir)
-  lengths = {"max_prompt_length": MAX_PROMPT_LENGTH, "max_response_length": MAX_RESPONSE_LENGTH}
-  for name in TASK_NAMES.values():
-    seqio.TaskRegistry.remove(name)
+  lengths = {"max_prompt_length": MAX_PROMPT_LENGTH, "max_response_length": MAX_RESPONSE_LENGTH,
+             "overwrite": True}
   tasks.register_single_trajectory_task(TASK_NAMES["sft"], paths["sft"], vocabulary, **lengths)
   tasks.register_single_trajectory_task(TASK_NAMES["feedback"], paths["feedback"], vocabulary,
                                         **lengths)

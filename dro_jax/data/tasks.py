@@ -271,10 +271,40 @@ def _files_by_split(source: SourceSpec) -> dict[str, list[str]]:
   return {"train": [source] if isinstance(source, str) else list(source)}
 
 
+def _add(registry: type[seqio.dataset_providers.DatasetProviderRegistry],
+         provider: seqio.Task | seqio.Mixture, what: str, overwrite: bool) -> None:
+  """Registers a built Task or Mixture, replacing one of the same name only when asked.
+
+  seqio's own refusal does not say how to replace; and seqio keeps Tasks and Mixtures in separate
+  registries but resolves names across both, so a name is taken if either holds it. The provider
+  is built before anything is removed, so a failed registration keeps the old one.
+  """
+  name = provider.name
+  holders = [(holder, kind) for holder, kind in ((seqio.TaskRegistry, "Task"),
+                                                  (seqio.MixtureRegistry, "Mixture"))
+             if name in holder.names()]
+  if holders and not overwrite:
+    holder, kind = holders[0]
+    raise ValueError(f"a seqio {kind} named '{name}' is already registered; pass overwrite=True "
+                     f"to replace it with this {what}, or call "
+                     f"seqio.{holder.__name__}.remove('{name}') first")
+  for holder, _ in holders:
+    holder.remove(name)
+  registry.add_provider(name, provider)
+  if not holders:
+    return
+  stale = sorted(mixture_name for mixture_name in seqio.MixtureRegistry.names()
+                 if name in {task.name for task in seqio.MixtureRegistry.get(mixture_name).tasks})
+  if stale:
+    logging.warning("'%s' is replaced, but the Mixtures %s still hold the previous one; "
+                    "register them again (overwrite=True) to use the new one.", name, stale)
+
+
 def _register(name: str, kind: str, source: SourceSpec, vocabulary: str | seqio.Vocabulary, *,
               thumbs: bool, adapter: Adapter | None, file_format: str | None,
               max_prompt_length: int, max_response_length: int, too_long: str, on_invalid: str,
-              shuffle_buffer_size: int, fields: Mapping[str, str] | None) -> seqio.Task:
+              shuffle_buffer_size: int, fields: Mapping[str, str] | None,
+              overwrite: bool) -> seqio.Task:
   if on_invalid not in ON_INVALID:
     raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
   if too_long not in TOO_LONG:
@@ -312,10 +342,12 @@ def _register(name: str, kind: str, source: SourceSpec, vocabulary: str | seqio.
     output_features["reward"] = _scalar_feature(tf.float32)
     if thumbs:
       output_features["label"] = _scalar_feature(tf.int32)
-  return seqio.TaskRegistry.add(
+  task = seqio.Task(
       name, source=data_source, output_features=output_features,
       preprocessors=[seqio.preprocessors.tokenize, TruncateAndAppendEos(max_lengths)],
       shuffle_buffer_size=shuffle_buffer_size)
+  _add(seqio.TaskRegistry, task, f"{kind} Task", overwrite)
+  return task
 
 
 def _scalar_feature(dtype: tf.dtypes.DType) -> seqio.Feature:
@@ -328,7 +360,7 @@ def register_single_trajectory_task(
     fields: Mapping[str, str] | None = None, adapter: Adapter | None = None, thumbs: bool = False,
     file_format: str | None = None, max_prompt_length: int = 512, max_response_length: int = 512,
     too_long: str = "truncate", on_invalid: str = "error",
-    shuffle_buffer_size: int = 10_000) -> seqio.Task:
+    shuffle_buffer_size: int = 10_000, overwrite: bool = False) -> seqio.Task:
   """Registers a Task of (prompt, response, reward) examples read from files.
 
   Args:
@@ -347,11 +379,13 @@ def register_single_trajectory_task(
     too_long: "truncate" (prompt from the left, response from the right), "skip" or "error".
     on_invalid: "error" (DataError naming file, line, field) or "skip" (counted and logged).
     shuffle_buffer_size: the examples shuffled together when the Task is read shuffled.
+    overwrite: replace a Task or Mixture already registered under `name` (else ValueError).
   """
   return _register(name, SINGLE_TRAJECTORY, source, vocabulary, thumbs=thumbs, adapter=adapter,
                    file_format=file_format, max_prompt_length=max_prompt_length,
                    max_response_length=max_response_length, too_long=too_long,
-                   on_invalid=on_invalid, shuffle_buffer_size=shuffle_buffer_size, fields=fields)
+                   on_invalid=on_invalid, shuffle_buffer_size=shuffle_buffer_size, fields=fields,
+                   overwrite=overwrite)
 
 
 def register_pairwise_task(
@@ -359,7 +393,7 @@ def register_pairwise_task(
     fields: Mapping[str, str] | None = None, adapter: Adapter | None = None,
     file_format: str | None = None, max_prompt_length: int = 512, max_response_length: int = 512,
     too_long: str = "truncate", on_invalid: str = "error",
-    shuffle_buffer_size: int = 10_000) -> seqio.Task:
+    shuffle_buffer_size: int = 10_000, overwrite: bool = False) -> seqio.Task:
   """Registers a Task of (prompt, chosen, rejected) examples read from files.
 
   Arguments as `register_single_trajectory_task`; the canonical fields are prompt, chosen and
@@ -368,7 +402,8 @@ def register_pairwise_task(
   return _register(name, PAIRWISE, source, vocabulary, thumbs=False, adapter=adapter,
                    file_format=file_format, max_prompt_length=max_prompt_length,
                    max_response_length=max_response_length, too_long=too_long,
-                   on_invalid=on_invalid, shuffle_buffer_size=shuffle_buffer_size, fields=fields)
+                   on_invalid=on_invalid, shuffle_buffer_size=shuffle_buffer_size, fields=fields,
+                   overwrite=overwrite)
 
 
 def feedback_source(task: seqio.Task | str) -> FeedbackSource:
@@ -388,12 +423,16 @@ def component_tasks(name: str) -> list[tuple[seqio.Task, float]]:
   return [(provider, 1.0)]
 
 
-def register_mixture(name: str, tasks: Sequence[str | tuple[str, float]]) -> seqio.Mixture:
+def register_mixture(name: str, tasks: Sequence[str | tuple[str, float]], *,
+                     overwrite: bool = False) -> seqio.Mixture:
   """Registers a seqio Mixture of feedback Tasks; a bare name has rate 1.0.
 
   seqio refuses Tasks with different features (single-trajectory with pairwise, thumbs with not).
+  overwrite: replace a Task or Mixture already registered under `name` (else ValueError).
   """
   tasks_and_rates = [(task, 1.0) if isinstance(task, str) else tuple(task) for task in tasks]
   for task, _ in tasks_and_rates:
     feedback_source(task)  # Only Tasks the pipeline can read.
-  return seqio.MixtureRegistry.add(name, tasks_and_rates)
+  mixture = seqio.Mixture(name, tasks_and_rates)
+  _add(seqio.MixtureRegistry, mixture, "Mixture", overwrite)
+  return mixture
