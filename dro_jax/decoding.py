@@ -11,7 +11,8 @@ step), so a sample depends on its prompt and key only: not on the batch it share
 Outputs, all [batch * num_samples, max_decode_length] and prompt-major (the samples of prompt i
 are rows i*n .. i*n+n-1): tokens (0 after EOS; EOS itself is a sampled token), raw log-probs of the
 model at temperature 1 without truncation (what scoring.py returns for the same tokens), and
-log-probs under the distribution actually sampled from (after temperature, top-k and top-p).
+log-probs under the distribution actually sampled from (after temperature, top-k and top-p); per
+sample, its length and whether it was cut off at max_decode_length before producing EOS.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class SampleOutput(NamedTuple):
   logps: Array  # [B*n, L] float32, the model's log-probs (temperature 1, no truncation)
   sampling_logps: Array  # [B*n, L] float32, log-probs under the distribution sampled from
   lengths: Array  # [B*n] int32, tokens up to and including EOS
+  # [B*n] bool: max_decode_length reached without EOS. Such a response is unfinished; judges and
+  # rewards should not take it for a complete answer.
+  truncated: Array
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,7 +320,7 @@ def sample(params: Any, encoder_input_tokens_BxS: Array, rng: Array, *, config: 
 
   final = jax.lax.while_loop(running, step, _initial_state(cache, batch * repeats, length))
   return SampleOutput(final.tokens_NxL, final.logps_NxL, final.sampling_logps_NxL,
-                      final.lengths_N)
+                      final.lengths_N, ~final.done_N)
 
 
 Sampler = Callable[[Any, Array, Array], SampleOutput]
@@ -336,7 +340,8 @@ def make_sampler(config: t5_lib.T5Config, sampling: SamplingParams, mesh: Mesh |
     return jax.jit(run)
   shardings = partitioning.params_shardings(t5_lib.abstract_params(config), mesh, rules)
   batch = partitioning.batch_sharding(mesh)
-  out_shardings = SampleOutput(batch, batch, batch, partitioning.batch_sharding(mesh, rank=1))
+  per_sample = partitioning.batch_sharding(mesh, rank=1)
+  out_shardings = SampleOutput(batch, batch, batch, per_sample, per_sample)
   jitted = jax.jit(run, out_shardings=out_shardings)
 
   def sharded(params: Any, encoder_input_tokens_BxS: Array, rng: Array) -> SampleOutput:
@@ -401,11 +406,22 @@ def decode_responses(vocabulary: Vocabulary, tokens_NxL: np.ndarray, eos_id: int
   return responses
 
 
+def _host_array(values: Array, rows: int) -> np.ndarray:
+  """The first `rows` rows on every host (gathered when the array spans several hosts)."""
+  if not values.is_fully_addressable:
+    values = multihost_utils.process_allgather(values, tiled=True)
+  return np.asarray(jax.device_get(values))[:rows]
+
+
 def sample_text(params: Any, config: t5_lib.T5Config, vocabulary: Vocabulary,
                 prompts: Sequence[str], rng: Array | None = None, *,
                 sampling: SamplingParams = SamplingParams(), mesh: Mesh | None = None,
-                max_input_length: int | None = None) -> list[str]:
+                max_input_length: int | None = None,
+                return_truncated: bool = False) -> list[str] | tuple[list[str], list[bool]]:
   """Responses to `prompts`: num_samples strings per prompt, prompt-major (len B * n).
+
+  With return_truncated, (responses, truncated): truncated[i] says response i reached
+  max_decode_length without EOS, so its text is unfinished.
 
   Prompts are encoded with EOS appended (as seqio's T5 tasks do); one longer than
   `max_input_length` keeps its end, as in training. rng is one key (default key 0);
@@ -413,15 +429,15 @@ def sample_text(params: Any, config: t5_lib.T5Config, vocabulary: Vocabulary,
   are on one device.
   """
   if not prompts:
-    return []
+    return ([], []) if return_truncated else []
   if rng is None:
     rng = jax.random.key(0)
   multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
   tokens_BxS = encode_prompts(vocabulary, prompts, eos_id=sampling.eos_id,
                               max_input_length=max_input_length, batch_multiple=multiple)
   output = make_sampler(config, sampling, mesh)(params, tokens_BxS, rng)
-  tokens_NxL = output.tokens
-  if not tokens_NxL.is_fully_addressable:  # several hosts: every process gets every response
-    tokens_NxL = multihost_utils.process_allgather(tokens_NxL, tiled=True)
-  tokens_NxL = np.asarray(jax.device_get(tokens_NxL))[:len(prompts) * sampling.num_samples]
-  return decode_responses(vocabulary, tokens_NxL, sampling.eos_id)
+  rows = len(prompts) * sampling.num_samples  # every process gets every response
+  responses = decode_responses(vocabulary, _host_array(output.tokens, rows), sampling.eos_id)
+  if return_truncated:
+    return responses, [bool(t) for t in _host_array(output.truncated, rows)]
+  return responses

@@ -77,8 +77,11 @@ def _logits(config, params, encoder_tokens, tokens_NxL) -> np.ndarray:
 
 
 def _check_eos_layout(output, eos_id=EOS):
-  """Tokens, log-probs 0 after the first EOS; lengths count up to and including it."""
+  """Tokens, log-probs 0 after the first EOS; lengths count up to and including it; truncated
+  exactly where there is no EOS."""
   tokens = np.asarray(output.tokens)
+  assert output.truncated.dtype == bool
+  np.testing.assert_array_equal(output.truncated, ~(tokens == eos_id).any(axis=1))
   for row, (token_row, length) in enumerate(zip(tokens, np.asarray(output.lengths))):
     ends = np.flatnonzero(token_row == eos_id)
     expected = ends[0] + 1 if ends.size else tokens.shape[1]
@@ -99,6 +102,8 @@ def test_greedy_equals_teacher_forced_argmax(family_model, prompts):
   # The test data must exercise both endings: EOS inside LENGTH and running to LENGTH.
   assert (lengths < LENGTH).any() and (lengths == LENGTH).any(), lengths
   assert lengths.max() > MAX_DISTANCE
+  # Both kinds occur: cut off at LENGTH (flagged) and ended by EOS.
+  assert np.asarray(output.truncated).any() and not np.asarray(output.truncated).all()
   _check_eos_layout(output)
   argmax = _logits(config, params, prompts, tokens).argmax(-1)
   valid = np.arange(LENGTH)[None] < lengths[:, None]
@@ -370,6 +375,7 @@ def test_sharded_sampling_equals_one_device(model, prompts):
   assert sharded.tokens.sharding.spec[0] == ("data", "fsdp")
   np.testing.assert_array_equal(sharded.tokens, single.tokens)
   np.testing.assert_array_equal(sharded.lengths, single.lengths)
+  np.testing.assert_array_equal(sharded.truncated, single.truncated)
   # Sharded matmuls sum in another order: float32 rounding only.
   np.testing.assert_allclose(sharded.logps, single.logps, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(sharded.sampling_logps, single.sampling_logps, rtol=1e-4, atol=1e-5)
@@ -409,6 +415,10 @@ def test_sample_text(vocabulary):
     ids = [int(t) for t in row[:length] if t != EOS]
     expected.append(vocabulary.decode(ids))
   assert responses == expected
+  again, truncated = decoding.sample_text(params, config, vocabulary, prompts, jax.random.key(10),
+                                          sampling=sampling, return_truncated=True)
+  assert again == responses and truncated == np.asarray(output.truncated).tolist()
+  assert decoding.sample_text(params, config, vocabulary, [], return_truncated=True) == ([], [])
   # On the mesh the prompts are padded to a multiple of data x fsdp and the padding dropped.
   mesh = partitioning.make_mesh((2, 2, 2))
   assert decoding.sample_text(params, config, vocabulary, prompts, jax.random.key(10),
