@@ -295,6 +295,18 @@ def test_mixture_samples_both_tasks_and_resumes(tmp_path, vocabulary, decode, ne
   assert_batches_equal(next(resumed), next(iterator))
 
 
+def test_mixture_refuses_a_task_smaller_than_the_host_count(tmp_path, vocabulary, new_name):
+  """Every Task, not only the largest: a host without one of them would skew the rates."""
+  large = single_task(tmp_path, vocabulary, new_name(), make_rows(10))
+  small = single_task(tmp_path, vocabulary, new_name(), make_rows(1, offset=100))
+  mixture = new_name("mixture")
+  tasks.register_mixture(mixture, [large, small])
+  with pytest.raises(DataError, match=rf"mixture '{mixture}': Task '{small}' has 1 example in "
+                     "split 'train', fewer than the 2 processes"):
+    pipeline.input_pipeline(mixture, global_batch_size=4, process_index=0, process_count=2)
+  assert one_host(mixture).batches_per_epoch == 3  # One host has every example.
+
+
 def test_mixture_of_different_kinds_is_refused(tmp_path, vocabulary, new_name):
   single = single_task(tmp_path, vocabulary, new_name(), make_rows(3))
   thumbs = single_task(tmp_path, vocabulary, new_name(),

@@ -108,10 +108,18 @@ class DataIterator:
       if statistics.count == 0:
         raise DataError(f"task '{task_name}' split '{split}' has no valid example "
                         f"(skipped: {statistics.skipped})")
-    largest = max(statistics.count for statistics in self.statistics.values())
-    if self._is_mixture and largest < process_count:
-      raise DataError(f"mixture '{name}' has fewer examples in its largest Task ({largest}) than "
-                      f"processes ({process_count}): some host would have none")
+    if self._is_mixture:
+      # A host with no example of a Task cannot sample it: its share would go to the other Tasks
+      # there, and the mixture would no longer follow its rates.
+      scarce = {task_name: statistics.count for task_name, statistics in self.statistics.items()
+                if statistics.count < process_count}
+      if scarce:
+        raise DataError(
+            f"mixture '{name}': " + ", ".join(f"Task '{task_name}' has {count} example{'s' * (count != 1)}"
+                                               for task_name, count in scarce.items())
+            + f" in split '{split}', fewer than the {process_count} processes; some host would "
+            "have none of them and the mixing rates would skew; give each Task at least one "
+            "example per process, or leave it out of the mixture")
     total = sum(statistics.count for statistics in self.statistics.values())
     self.batches_per_epoch = math.ceil(math.ceil(total / process_count) / self.batch_size)
     self._converter = converters.feature_converter(
