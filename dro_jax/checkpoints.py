@@ -143,18 +143,31 @@ def _hf_tensors(directory: str) -> dict[str, np.ndarray]:
                         f"(only safetensors checkpoints are read; convert .bin files first)")
 
 
+# Hugging Face activation names -> ours. "gelu" is the exact (erf) GELU in transformers; the
+# others named gelu are the tanh approximation that t5x uses.
+_HF_ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu",
+                   "gelu_fast": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+
+# Written by the original T5.1.0 conversions but never used (only self-attention has a relative
+# position bias); transformers ignores it on load.
+_UNUSED_HF_TENSORS = frozenset({"decoder.block.0.layer.1.EncDecAttention.relative_attention_bias"
+                                ".weight"})
+
+
 def hf_config_to_t5(hf_config: Mapping[str, Any], *, tied_output: bool,
                     dtype: str | None = None) -> t5_lib.T5Config:
-  """T5Config from a Hugging Face config.json dict."""
+  """T5Config from a Hugging Face config.json dict.
+
+  The activation follows transformers' reading of `feed_forward_proj`: "[gated-]ACT", except that
+  "gated-gelu" (T5.1.1, Flan-T5) means the tanh approximation.
+  """
   projection = hf_config.get("feed_forward_proj", "relu")
   gated = projection.startswith("gated-")
-  activation = projection.split("-", 1)[1] if gated else projection
-  activation = {"gelu_new": "gelu", "gelu": "gelu", "relu": "relu", "silu": "silu"}.get(
-      activation)
+  name = "gelu_new" if projection == "gated-gelu" else projection.removeprefix("gated-")
+  activation = _HF_ACTIVATIONS.get(name)
   if activation is None:
-    raise CheckpointError(f"config.json: feed_forward_proj {projection!r} is not supported")
-  if gated and hf_config.get("dense_act_fn") == "gelu_new":
-    activation = "gelu"
+    raise CheckpointError(f"config.json: feed_forward_proj {projection!r} is not supported "
+                          f"(activations: {sorted(_HF_ACTIVATIONS)})")
   d_model = hf_config["d_model"]
   return t5_lib.T5Config(
       vocab_size=hf_config["vocab_size"], emb_dim=d_model, num_heads=hf_config["num_heads"],
@@ -229,7 +242,8 @@ def load_hf_t5(path: str, shardings: Any | None = None, *,
   `logits_via_embedding`; an untied `lm_head` becomes `decoder/logits_dense` (scaled by
   d_model^-0.5 when the config says the decoder output is scaled, as transformers 5 may).
   `dtype` is the activation dtype of the returned config (parameters are always float32); by
-  default bfloat16 on accelerators and float32 on CPU.
+  default bfloat16 on accelerators and float32 on CPU. The unused cross-attention position bias
+  of the original T5.1.0 checkpoints is skipped, as transformers does.
   """
   config_path = os.path.join(path, "config.json")
   try:
@@ -257,7 +271,7 @@ def load_hf_t5(path: str, shardings: Any | None = None, *,
   if tied:
     aliases.add("lm_head.weight")
   _check_aliases(tensors, aliases & set(tensors), path)
-  extra = sorted(set(tensors) - used - aliases)
+  extra = sorted(set(tensors) - used - aliases - _UNUSED_HF_TENSORS)
   if extra:
     raise CheckpointError(f"{path}: unexpected tensor(s) {extra[:8]} that the model has no "
                           f"parameter for")

@@ -1,5 +1,6 @@
 """The Flax T5 against Hugging Face's PyTorch T5 on the same random weights (via load_hf_t5)."""
 
+import copy
 import json
 import os
 
@@ -7,6 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.numpy import load_file, save_file
 
 from dro_jax import checkpoints, scoring
@@ -53,6 +55,37 @@ def test_logits_and_scores_match_transformers(hf_model_dir, batch):
                                batch["decoder_input_tokens"], batch["decoder_target_tokens"])
   np.testing.assert_allclose(np.asarray(ours["logps"]), expected, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(np.asarray(ours["lengths"]), valid.sum(-1))
+
+
+def test_exact_gelu_checkpoint_matches_transformers(batch, tmp_path):
+  """HF's feed_forward_proj="gelu" is the exact (erf) GELU, not t5x's tanh approximation."""
+  relu_model = make_hf_t5("t5_1_0")
+  hf_config = copy.deepcopy(relu_model.config)
+  hf_config.feed_forward_proj, hf_config.dense_act_fn = "gelu", "gelu"
+  hf_model = transformers.T5ForConditionalGeneration(hf_config).eval()
+  hf_model.load_state_dict(relu_model.state_dict())
+  hf_model.save_pretrained(tmp_path)
+  config, params = checkpoints.load_hf_t5(str(tmp_path), dtype="float32")
+  assert config.mlp_activations == ("gelu_exact",)
+  logits = np.asarray(t5_lib.T5(config).apply({"params": params}, batch["encoder_input_tokens"],
+                                              batch["decoder_input_tokens"]))
+  reference = hf_logits(hf_model, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+  assert _relative_error(logits, reference, batch["decoder_target_tokens"] > 0) < 1e-4
+
+
+def test_feed_forward_proj_names():
+  def activations(projection):
+    hf_config = dict(vocab_size=8, d_model=4, num_heads=1, d_kv=4, num_layers=1, d_ff=4,
+                     feed_forward_proj=projection)
+    return checkpoints.hf_config_to_t5(hf_config, tied_output=False).mlp_activations
+
+  assert activations("gated-gelu") == ("gelu", "linear")  # T5.1.1 / Flan-T5: tanh GELU
+  assert activations("gated-gelu_new") == ("gelu", "linear")
+  assert activations("gelu") == ("gelu_exact",)
+  assert activations("gated-silu") == ("silu", "linear")
+  assert activations("relu") == ("relu",)
+  with pytest.raises(checkpoints.CheckpointError, match="'gated-tanh' is not supported"):
+    activations("gated-tanh")
 
 
 def test_relative_buckets_match_transformers():
@@ -109,6 +142,21 @@ def test_bfloat16_safetensors(hf_model_dir, batch, tmp_path):
     assert a.dtype == np.float32
     # Exactly the float32 weights rounded to bfloat16.
     np.testing.assert_array_equal(a, np.asarray(b).astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_unused_t5_1_0_cross_attention_bias_is_ignored(hf_model_dir, tmp_path):
+  """The original T5.1.0 checkpoints carry a relative bias for the first cross-attention, which
+  T5 never uses; transformers ignores it on load and so must we."""
+  _, _, directory = hf_model_dir
+  tensors = load_file(os.path.join(directory, "model.safetensors"))
+  unused = "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"
+  tensors[unused] = np.ones((16, 4), np.float32)
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  (tmp_path / "config.json").write_text(open(os.path.join(directory, "config.json")).read())
+  _, params = checkpoints.load_hf_t5(str(tmp_path), dtype="float32")
+  _, expected = checkpoints.load_hf_t5(directory, dtype="float32")
+  for a, b in zip(_leaves(params), _leaves(expected)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_bad_safetensors_folders_fail_clearly(hf_model_dir, tmp_path):
