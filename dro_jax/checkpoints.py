@@ -1,6 +1,7 @@
 """Importing pretrained T5 weights: Hugging Face safetensors folders and legacy T5X checkpoints.
 
-Both loaders return `(T5Config, params)` with t5x's parameter names, float32. Given a tree of
+Both loaders return `(T5Config, params)` with t5x's parameter names, float32; `load_checkpoint`
+picks the loader from the folder's files (`checkpoint_kind`). Given a tree of
 target shardings, each array is read straight into its shards (`jax.make_array_from_callback`
 reads only the slice each local device needs), so a large model is never whole on one host.
 Training-state checkpoints (orbax) live beside these in the trainer.
@@ -397,3 +398,55 @@ def load_t5x(path: str, shardings: Any | None = None, *,
       array = np.asarray(leaf)
       sources[key] = Source(array.shape, lambda index, array=array: array[index], key)
   return config, _materialise(sources, _expected_shapes(config), path, shardings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Either format, told apart by the folder's files.
+
+_T5X_STEP = re.compile(r"checkpoint_(\d+)$")
+
+
+def _exists(path: str) -> bool:
+  if "://" in path:
+    import tensorflow as tf
+    return tf.io.gfile.exists(path)
+  return os.path.exists(path)
+
+
+def _list(path: str) -> list[str]:
+  if "://" in path:
+    import tensorflow as tf
+    return [name.rstrip("/") for name in tf.io.gfile.listdir(path)]
+  return os.listdir(path) if os.path.isdir(path) else []
+
+
+def checkpoint_kind(path: str) -> str:
+  """"t5x" for a T5X `checkpoint_N/` folder (it holds the msgpack file `checkpoint`), "hf" for a
+  Hugging Face folder (it holds `config.json`); otherwise a CheckpointError that says which files
+  were expected, or which `checkpoint_N/` folders to choose from when given their parent."""
+  path = path.rstrip("/")
+  if not _exists(path):
+    raise CheckpointError(f"{path}: no such file or folder")
+  if "://" not in path and os.path.isfile(path):
+    raise CheckpointError(f"{path} is a file; pass the folder that holds it (a T5X checkpoint_N/ "
+                          f"folder or a Hugging Face folder)")
+  if _exists(f"{path}/checkpoint"):
+    return "t5x"
+  if _exists(f"{path}/config.json"):
+    return "hf"
+  steps = sorted((int(match.group(1)), name) for name in _list(path)
+                 if (match := _T5X_STEP.match(name)) and _exists(f"{path}/{name}/checkpoint"))
+  if steps:
+    names = ", ".join(name for _, name in steps[-4:])
+    raise CheckpointError(f"{path} holds T5X checkpoints ({names}); pass one of them, e.g. "
+                          f"{path}/{steps[-1][1]} (the latest)")
+  raise CheckpointError(f"{path}: not a checkpoint folder: expected {path}/checkpoint (the msgpack "
+                        f"file of a T5X checkpoint_N/ folder) or {path}/config.json beside "
+                        f"model.safetensors (a Hugging Face T5 folder)")
+
+
+def load_checkpoint(path: str, shardings: Any | None = None, *,
+                    dtype: str | None = None) -> tuple[t5_lib.T5Config, dict]:
+  """`load_t5x` or `load_hf_t5`, whichever `checkpoint_kind` finds the folder to be."""
+  load = load_t5x if checkpoint_kind(path) == "t5x" else load_hf_t5
+  return load(path, shardings, dtype=dtype)

@@ -95,16 +95,74 @@ def test_relative_paths_and_the_inspection_command(fixture, monkeypatch, capsys)
   family, path, _ = fixture
   from dro_jax import inspect_checkpoint
   monkeypatch.chdir(path.parent.parent)
-  inspect_checkpoint.main([f"{family}/checkpoint_1000", "--reference_outputs",
-                           f"{family}/reference_outputs.npz"])
+  assert inspect_checkpoint.main([f"{family}/checkpoint_1000", "--reference_outputs",
+                                  f"{family}/reference_outputs.npz"]) == 0
   output = capsys.readouterr().out
+  assert "PASS" in output and "FAIL" not in output
   # The count of every `target.*` zarr array that t5x wrote.
   import json
   count = sum(int(np.prod(json.loads((folder / ".zarray").read_text())["shape"]))
               for folder in path.glob("target.*"))
   assert f"{count:,} parameters" in output
-  difference = float(output.rsplit("max relative difference:", 1)[1])
+  difference = float(output.rsplit("max relative difference:", 1)[1].split()[0])
   assert difference < 1e-5
+
+
+def test_inspection_fails_past_the_tolerance(fixtures_dir, tmp_path, capsys):
+  from dro_jax import inspect_checkpoint
+  folder = fixtures_dir / "t5x" / "t5_1_1_tiny"
+  reference = dict(np.load(folder / "reference_outputs.npz"))
+  reference["sequence_log_likelihood"] = reference["sequence_log_likelihood"] * 1.1
+  np.savez(tmp_path / "off.npz", **reference)
+  checkpoint = str(folder / "checkpoint_1000")
+  assert inspect_checkpoint.main([checkpoint, "--reference_outputs",
+                                  str(tmp_path / "off.npz")]) == 1
+  assert "FAIL: sequence log-likelihoods differ" in capsys.readouterr().out
+  # The same difference passes a looser tolerance.
+  assert inspect_checkpoint.main([checkpoint, "--reference_outputs", str(tmp_path / "off.npz"),
+                                  "--tolerance", "0.2"]) == 0
+  assert "PASS" in capsys.readouterr().out
+  del reference["decoder_input_tokens"]
+  np.savez(tmp_path / "incomplete.npz", **reference)
+  assert inspect_checkpoint.main([checkpoint, "--reference_outputs",
+                                  str(tmp_path / "incomplete.npz")]) == 2
+  assert "missing ['decoder_input_tokens']" in capsys.readouterr().err
+
+
+def test_checkpoint_folders_are_told_apart(fixtures_dir, tmp_path, capsys):
+  from dro_jax import inspect_checkpoint
+  folder = fixtures_dir / "t5x" / "t5_1_1_tiny"
+  assert checkpoints.checkpoint_kind(str(folder / "checkpoint_1000")) == "t5x"
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "config.json").write_text("{}")
+  assert checkpoints.checkpoint_kind(str(tmp_path / "hf")) == "hf"
+  # The parent of checkpoint_N: name the folder to pass.
+  with pytest.raises(checkpoints.CheckpointError, match=r"holds T5X checkpoints \(checkpoint_1000\)"
+                     r"; pass one of them, e\.g\. .*t5_1_1_tiny/checkpoint_1000"):
+    checkpoints.checkpoint_kind(str(folder))
+  assert inspect_checkpoint.main([str(folder)]) == 2
+  assert "pass one of them" in capsys.readouterr().err
+  # Neither: say which files were expected.
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"expected .*empty/checkpoint .* or .*empty/config\.json"):
+    (tmp_path / "empty").mkdir()
+    checkpoints.checkpoint_kind(str(tmp_path / "empty"))
+  with pytest.raises(checkpoints.CheckpointError, match="no such file or folder"):
+    checkpoints.checkpoint_kind(str(tmp_path / "nowhere"))
+  with pytest.raises(checkpoints.CheckpointError, match="is a file; pass the folder"):
+    checkpoints.checkpoint_kind(str(folder / "checkpoint_1000" / "checkpoint"))
+
+
+def test_inspection_help_describes_the_flags(capsys):
+  from dro_jax import inspect_checkpoint
+  with pytest.raises(SystemExit) as exit_info:
+    inspect_checkpoint.main(["--help"])
+  assert exit_info.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())
+  for flag in ("--reference_outputs", "--tolerance", "--dtype"):
+    assert flag in text
+  assert "sequence_log_likelihood" in text and "exit status" in text
+  assert "T5X checkpoint_N/ folder" in text and "Hugging Face folder" in text
 
 
 def test_bfloat16_t5x_arrays_load(fixture, tmp_path):
