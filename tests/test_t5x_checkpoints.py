@@ -143,9 +143,9 @@ def test_checkpoint_folders_are_told_apart(fixtures_dir, tmp_path, capsys):
   assert inspect_checkpoint.main([str(folder)]) == 2
   assert "pass one of them" in capsys.readouterr().err
   # Neither: say which files were expected.
+  (tmp_path / "empty").mkdir()
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"expected .*empty/checkpoint .* or .*empty/config\.json"):
-    (tmp_path / "empty").mkdir()
     checkpoints.checkpoint_kind(str(tmp_path / "empty"))
   with pytest.raises(checkpoints.CheckpointError, match="no such file or folder"):
     checkpoints.checkpoint_kind(str(tmp_path / "nowhere"))
