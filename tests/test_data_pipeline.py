@@ -216,6 +216,42 @@ def test_resume_refuses_a_different_setup(tmp_path, vocabulary, new_name):
     pipeline.input_pipeline(name, global_batch_size=4, process_index=0, process_count=3)
 
 
+@pytest.mark.parametrize("change", [
+    {"feature_lengths": {"inputs": 24, "targets": 12}}, {"shuffle": False},
+    {"reward_mode": "normalized"}, {"num_epochs": 3}])
+def test_resume_refuses_a_changed_stream_setting(tmp_path, vocabulary, new_name, change):
+  """Each of these gives other batches after the resume point, so none may change silently."""
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(12))
+  setting = {"seed": 1, "feature_lengths": {"inputs": 24, "targets": 16}, "shuffle": True,
+             "reward_mode": "raw", "num_epochs": None}
+  iterator = one_host(name, **setting)
+  next(iterator)
+  position = json.loads(json.dumps(iterator.position()))
+  assert_batches_equal(next(one_host(name, **setting, position=position)), next(iterator))
+  (key, new), = change.items()
+  with pytest.raises(ValueError, match=re.escape(
+      f"the checkpoint has {key}={setting[key]!r}, this run has {key}={new!r}")):
+    one_host(name, **{**setting, **change}, position=position)
+
+
+def test_resume_refuses_changed_data_or_mixing_rates(tmp_path, vocabulary, new_name):
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(8))
+  mixture = new_name("mixture")
+  tasks.register_mixture(mixture, [(name, 1.0)])
+  position = one_host(mixture).position()
+  assert position["tasks"] == [[name, 1.0]] and position["examples"] == {name: 8}
+  tasks.register_mixture(mixture, [(name, 2.0)], overwrite=True)
+  with pytest.raises(ValueError, match=re.escape(f"the checkpoint has tasks=[['{name}', 1.0]]")):
+    one_host(mixture, position=position)
+  task_position = one_host(name).position()
+  single_task(tmp_path, vocabulary, name, make_rows(9), overwrite=True)  # The same file, grown.
+  with pytest.raises(ValueError, match=re.escape(f"the checkpoint has examples={{'{name}': 8}}, "
+                                                 f"this run has examples={{'{name}': 9}}")):
+    one_host(name, position=task_position)
+  legacy = {key: task_position[key] for key in pipeline.POSITION_KEYS}  # Written before the checks.
+  assert one_host(name, position=legacy).position()["epoch"] == 0
+
+
 # ------------------------------------------------------------------------------- rewards
 
 

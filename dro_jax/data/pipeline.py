@@ -4,9 +4,12 @@ The batches of an epoch are a pure function of (seed, epoch, process index, proc
 reads examples i, i + P, i + 2P, ... of the split (files permuted by the epoch's seed), shuffles
 them with the epoch's seed and batches them; every host yields the same number of batches,
 ceil(ceil(N / P) / per-host batch), the last ones padded with zero-weight examples
-(`example_weights` 0, all tokens 0). The position is then just (epoch, batches consumed): resuming
-rebuilds the epoch and skips the consumed batches, which costs reading and tokenising them once
-more (at most one epoch; about 2,000 UltraFeedback-sized examples a second on two CPU cores).
+(`example_weights` 0, all tokens 0). The position is then just (epoch, batches consumed), saved
+with everything else that fixes the stream (data, seed, batch size, feature lengths, shuffle,
+reward mode, epochs, mixing rates: `DataIterator.stream()`) so that a resume with any of them
+changed is refused rather than silently reading other batches. Resuming rebuilds the epoch and
+skips the consumed batches, which costs reading and tokenising them once more (at most one epoch;
+about 2,000 UltraFeedback-sized examples a second on two CPU cores).
 
 A Mixture samples its Tasks by their rates from endless per-Task streams; its "epoch" is the same
 number of batches as one pass over all its Tasks would give, after which the seeds change.
@@ -36,7 +39,7 @@ from dro_jax.data.tasks import PAIRWISE, FeedbackSource, component_tasks, feedba
 
 REWARD_MODES = ("raw", "normalized", "thumbs")
 POSITION_KEYS = ("dataset", "split", "seed", "epoch", "batches_consumed", "process_count",
-                 "global_batch_size")
+                 "global_batch_size")  # Required to restore; `DataIterator.stream()` adds more.
 
 
 def epoch_seed(seed: int, epoch: int, salt: str = "") -> int:
@@ -74,6 +77,15 @@ def transform_rewards(ds: tf.data.Dataset, mode: str,
     reward = (tf.cast(features["reward"], tf.float64) - mean) / std
     return {**features, "reward": tf.cast(reward, tf.float32)}
   return ds.map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _as_json(value: Any) -> Any:
+  """A position value as it reads back from JSON (tuples become lists), for comparison."""
+  if isinstance(value, Mapping):
+    return {str(key): _as_json(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_as_json(item) for item in value]
+  return value
 
 
 def _zero_example(element_spec: Mapping[str, tf.TensorSpec]) -> dict[str, tf.Tensor]:
@@ -129,26 +141,51 @@ class DataIterator:
 
   # ------------------------------------------------------------------------------ position
 
+  def stream(self) -> dict[str, Any]:
+    """What fixes the batches besides the host: JSON values, compared as such on restore.
+
+    "tasks" lists [Task, mixing rate] pairs (a Mixture can be registered again with other rates);
+    "examples" the valid examples per Task (changed data gives other batches).
+    """
+    return {"dataset": self.name, "split": self.split, "seed": int(self.seed),
+            "global_batch_size": int(self.global_batch_size),
+            "feature_lengths": {key: int(length)
+                                for key, length in sorted(self.feature_lengths.items())},
+            "shuffle": bool(self.shuffle), "reward_mode": self.reward_mode,
+            "num_epochs": None if self.num_epochs is None else int(self.num_epochs),
+            "tasks": [[task.name, float(rate)] for task, rate in self._tasks],
+            "examples": {task_name: int(statistics.count)
+                         for task_name, statistics in self.statistics.items()}}
+
   def position(self) -> dict[str, Any]:
-    """Where the stream is: the same on every host; store it in the checkpoint as JSON."""
-    return {"dataset": self.name, "split": self.split, "seed": self.seed, "epoch": self._epoch,
-            "batches_consumed": self._batches_consumed, "process_count": self.process_count,
-            "global_batch_size": self.global_batch_size}
+    """Where the stream is, and what fixes it: the same on every host; JSON-serialisable, to be
+    stored in the checkpoint and given back to `restore`."""
+    return {**self.stream(), "epoch": self._epoch, "batches_consumed": self._batches_consumed,
+            "process_count": self.process_count}
 
   def restore(self, position: Mapping[str, Any], *, on_host_count_change: str = "error") -> None:
     """Continue from a saved position; the next batch is the one that would have come next.
 
-    A different host count cannot continue the same stream: it is refused, or with
-    on_host_count_change="restart_epoch" the saved epoch starts again from its first batch.
+    Anything else that fixes the stream (`stream()`: data, seed, batch size, feature lengths,
+    shuffle, reward mode, epochs, mixing rates) must be as saved, or the batches would silently
+    differ from those the run would have seen. A different host count cannot continue the same
+    stream either: it is refused, or with on_host_count_change="restart_epoch" the saved epoch
+    starts again from its first batch.
     """
     missing = [key for key in POSITION_KEYS if key not in position]
     if missing:
       raise ValueError(f"data position {dict(position)} lacks {missing}")
-    for key, mine in (("dataset", self.name), ("split", self.split), ("seed", self.seed),
-                      ("global_batch_size", self.global_batch_size)):
-      if position[key] != mine:
+    unchecked = []
+    for key, mine in self.stream().items():
+      if key not in position:
+        unchecked.append(key)
+      elif _as_json(position[key]) != mine:
         raise ValueError(f"cannot resume the data stream: the checkpoint has {key}="
-                         f"{position[key]!r}, this run has {key}={mine!r}")
+                         f"{position[key]!r}, this run has {key}={mine!r}; run with the "
+                         f"checkpoint's {key}, or start the data stream afresh (no position)")
+    if unchecked:
+      logging.warning("The data position predates %s; resuming without checking them.",
+                      unchecked)
     epoch, consumed = int(position["epoch"]), int(position["batches_consumed"])
     if position["process_count"] != self.process_count:
       message = (f"the checkpoint's data position was written by {position['process_count']} "
