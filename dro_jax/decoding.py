@@ -49,6 +49,15 @@ class SamplingParams:
   temperature 0 is greedy decoding; top_k 0 and top_p 1 switch those truncations off.
   suppress_pad keeps the padding token out of the samples, so every token before EOS is one that
   scoring counts (scoring masks target 0); False samples from the full model distribution.
+
+  With suppress_pad, each token is drawn from the model conditioned on "not padding", while
+  SampleOutput.logps stay the model's log-probs normalised over the full vocabulary, as scoring.py
+  and the losses compute them (so they are deliberately not renormalised). Averages over these
+  samples, such as a KL estimate sum(logps - ref_logps), are then averages over pad-free
+  responses: per step the two distributions differ by log(1 - p(pad)), which is exactly
+  logps - sampling_logps at temperature 1 without top-k / top-p, and exp(sum(logps -
+  sampling_logps)) is the importance weight that corrects it. A trained T5 gives padding (never a
+  target) negligible mass, so the bias is negligible; an untrained one about 1/vocab per token.
   """
 
   max_decode_length: int = 64

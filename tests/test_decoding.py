@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 import torch
 
@@ -301,6 +302,18 @@ def test_truncated_first_token_frequencies(small_vocab_model):
   assert _chi_square_p(counts, probs) > 1e-3
   np.testing.assert_allclose(np.asarray(output.sampling_logps)[:, 0], np.log(probs[tokens]),
                              atol=1e-5)
+
+
+def test_suppressed_pad_differs_from_the_model_by_log_one_minus_p_pad(small_vocab_model):
+  """The documented gap: logps are the model's over the full vocabulary, the samples avoid pad."""
+  config, params, prompt = small_vocab_model
+  sampling = decoding.SamplingParams(max_decode_length=1, num_samples=4)
+  output = decoding.make_sampler(config, sampling)(params, prompt, jax.random.key(11))
+  logits = _logits(config, params, prompt, np.zeros((1, 1), np.int32))[0, 0]
+  p_pad = np.exp(logits[0] - scipy.special.logsumexp(logits))
+  assert p_pad > 0.01
+  np.testing.assert_allclose(np.asarray(output.logps - output.sampling_logps)[:, 0],
+                             np.log1p(-p_pad), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,20 @@ def test_flan_presets_are_t5_1_1_and_unknown_names_fail():
     t5_lib.T5Config(mlp_activations=("swishy",))
 
 
+def test_overridden_width_or_heads_derive_head_dim():
+  assert t5_lib.get_config("tiny").head_dim == 8
+  assert t5_lib.get_config("t5_1_0_xl").head_dim == 128  # the published value, kept
+  assert t5_lib.get_config("tiny", emb_dim=64).head_dim == 16
+  assert t5_lib.get_config("tiny", num_heads=8).head_dim == 4
+  assert t5_lib.get_config("t5_1_1_small", num_heads=8).head_dim == 64
+  assert t5_lib.get_config("tiny", emb_dim=64, head_dim=8).head_dim == 8  # explicit wins
+  assert t5_lib.get_config("tiny", vocab_size=64).head_dim == 8
+  with pytest.raises(ValueError, match="emb_dim 32 is not a multiple of num_heads 3.*head_dim"):
+    t5_lib.get_config("tiny", num_heads=3)
+  abstract = nn.unbox(t5_lib.abstract_params(t5_lib.get_config("tiny", emb_dim=64)))
+  assert abstract["encoder"]["layers_0"]["attention"]["query"]["kernel"].shape == (64, 64)
+
+
 def test_every_parameter_has_logical_axes_with_t5x_names():
   axes = t5_lib.logical_axes(t5_lib.get_config("t5_1_1_tiny"))
   flat = {jax.tree_util.keystr(k): tuple(v) for k, v in jax.tree_util.tree_flatten_with_path(

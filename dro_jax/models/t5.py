@@ -116,10 +116,24 @@ def default_dtype() -> str:
 
 
 def get_config(name: str, **overrides: Any) -> T5Config:
-  """A named preset (`t5_1_1_large`, `flan_t5_xl`, `t5_1_0_base`, `tiny`, ...) with overrides."""
+  """A named preset (`t5_1_1_large`, `flan_t5_xl`, `t5_1_0_base`, `tiny`, ...) with overrides.
+
+  The presets set head_dim as published (64, or 128 for T5.1.0 XL and XXL, not always
+  emb_dim / num_heads). Overriding emb_dim or num_heads without head_dim derives it as
+  emb_dim // num_heads, so the attention width follows the model width instead of keeping the
+  preset's; pass head_dim to choose another.
+  """
   if name not in PRESETS:
     raise ValueError(f"unknown T5 preset {name!r}; known presets: {sorted(PRESETS)}")
-  return PRESETS[name].replace(**overrides)
+  preset = PRESETS[name]
+  if ({"emb_dim", "num_heads"} & set(overrides)) and "head_dim" not in overrides:
+    emb_dim = overrides.get("emb_dim", preset.emb_dim)
+    num_heads = overrides.get("num_heads", preset.num_heads)
+    if emb_dim % num_heads:
+      raise ValueError(f"get_config({name!r}): emb_dim {emb_dim} is not a multiple of num_heads "
+                       f"{num_heads}, so head_dim cannot be derived; pass head_dim")
+    overrides["head_dim"] = emb_dim // num_heads
+  return preset.replace(**overrides)
 
 
 # ----------------------------------------------------------------------------------------------
