@@ -296,6 +296,34 @@ def test_statistics_error_reaches_the_waiting_hosts(tmp_path, vocabulary, new_na
                                     timeout_seconds=5)
 
 
+def test_unknown_piece_rate_is_reported_and_warned_about(tmp_path, vocabulary, new_name, caplog):
+  """Text the vocabulary cannot spell becomes <unk>: a silent failure to learn, unless reported."""
+  known = single_task(tmp_path, vocabulary, new_name(), make_rows(4))
+  assert statistics.dataset_statistics(known, "train").unknown_piece_rate == 0.0
+  assert "unknown to its vocabulary" not in caplog.text
+  rows = [{**row, "response": f"{row['response']} \u00e9t\u00e9 \u6f22\u5b57 \u00fc"}
+          for row in make_rows(4)]
+  unknown = single_task(tmp_path, vocabulary, new_name(), rows)
+  stats = one_host(unknown, cache_dir=str(tmp_path / "workdir")).statistics[unknown]
+  assert statistics.UNKNOWN_PIECE_WARNING_RATE < stats.unknown_piece_rate < 0.5
+  assert stats.pieces_checked > 0
+  assert f"Task '{unknown}' split 'train'" in caplog.text
+  assert "unknown to its vocabulary" in caplog.text
+
+
+def test_a_vocabulary_larger_than_the_model_is_refused(tmp_path, vocabulary, new_name):
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(2))
+  size = tasks.load_vocabulary(vocabulary).vocab_size
+  assert one_host(name, model_vocab_size=size).batches_per_epoch == 1
+  mixture = new_name("mixture")
+  tasks.register_mixture(mixture, [name])
+  for provider in (name, mixture):
+    with pytest.raises(ValueError, match=rf"Task '{name}' has a vocabulary of {size} pieces "
+                       rf"\({re.escape(vocabulary)}\), more than the model's vocab_size "
+                       f"{size - 1}"):
+      one_host(provider, model_vocab_size=size - 1)
+
+
 def test_thumbs_mode_labels_rewards_above_the_mean(tmp_path, vocabulary, new_name):
   name = single_task(tmp_path, vocabulary, new_name(), make_rows(8))
   batches = list(one_host(name, reward_mode="thumbs", num_epochs=1, shuffle=False))

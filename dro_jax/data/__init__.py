@@ -25,6 +25,7 @@ _EXPORTS = {
     "register_single_trajectory_task": "tasks",
     "register_pairwise_task": "tasks",
     "register_mixture": "tasks",
+    "check_vocabulary_fits": "tasks",
     "SingleTrajectoryFeatureConverter": "converters",
     "PairwiseFeatureConverter": "converters",
     "feature_converter": "converters",

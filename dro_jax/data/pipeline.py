@@ -35,7 +35,8 @@ from dro_jax.data import converters
 from dro_jax.data._tensorflow import tf
 from dro_jax.data.readers import DataError
 from dro_jax.data.statistics import DatasetStatistics, dataset_statistics
-from dro_jax.data.tasks import PAIRWISE, FeedbackSource, component_tasks, feedback_source
+from dro_jax.data.tasks import (PAIRWISE, FeedbackSource, check_vocabulary_fits, component_tasks,
+                                feedback_source)
 
 REWARD_MODES = ("raw", "normalized", "thumbs")
 POSITION_KEYS = ("dataset", "split", "seed", "epoch", "batches_consumed", "process_count",
@@ -274,7 +275,8 @@ def input_pipeline(name: str, *, global_batch_size: int, split: str = "train", s
                    reward_mode: str = "raw", cache_dir: str | None = None,
                    position: Mapping[str, Any] | None = None,
                    on_host_count_change: str = "error",
-                   statistics_timeout_seconds: float = 3600.0) -> DataIterator:
+                   statistics_timeout_seconds: float = 3600.0,
+                   model_vocab_size: int | None = None) -> DataIterator:
   """This host's batches of a Task or Mixture registered with `dro_jax.data.tasks`.
 
   Args:
@@ -293,6 +295,9 @@ def input_pipeline(name: str, *, global_batch_size: int, split: str = "train", s
     position: a saved `DataIterator.position()` to continue from.
     on_host_count_change: "error" or "restart_epoch", when `position` has another host count.
     statistics_timeout_seconds: how long other processes wait for process 0's statistics.
+    model_vocab_size: the model's vocab_size (`T5Config.vocab_size`); a Task whose vocabulary
+      has more pieces is refused (its ids would index past the embedding). The statistics warn
+      about a high rate of unknown pieces in any case.
   """
   if process_index is None or process_count is None:
     import jax  # Only for the defaults: the pipeline itself needs no JAX.
@@ -303,6 +308,8 @@ def input_pipeline(name: str, *, global_batch_size: int, split: str = "train", s
                      f"{process_count} processes")
   if reward_mode not in REWARD_MODES:
     raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {reward_mode!r}")
+  if model_vocab_size is not None:
+    check_vocabulary_fits(name, model_vocab_size)
   sources = [feedback_source(task) for task, _ in component_tasks(name)]
   if reward_mode != "raw" and sources[0].kind == PAIRWISE:
     raise ValueError(f"reward_mode={reward_mode!r} needs rewards; '{name}' is pairwise")

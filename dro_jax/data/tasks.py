@@ -423,6 +423,23 @@ def component_tasks(name: str) -> list[tuple[seqio.Task, float]]:
   return [(provider, 1.0)]
 
 
+def check_vocabulary_fits(name: str, model_vocab_size: int) -> None:
+  """Refuses a Task (or any Task of a Mixture) whose vocabulary is larger than the model's.
+
+  Ids at or past the model's vocab_size have no embedding row, and no lookup fails on them:
+  JAX fills out-of-range gathers with NaN or clamps them.
+  """
+  for task, _ in component_tasks(name):
+    vocabulary = feedback_source(task).vocabulary
+    if vocabulary.vocab_size > model_vocab_size:
+      path = getattr(vocabulary, "sentencepiece_model_file", None)
+      raise ValueError(
+          f"Task '{task.name}' has a vocabulary of {vocabulary.vocab_size} pieces"
+          + (f" ({path})" if path else "") + f", more than the model's vocab_size "
+          f"{model_vocab_size}: ids from {model_vocab_size} on have no embedding; register the "
+          "Task with the model's own vocabulary (its checkpoint's spiece.model)")
+
+
 def register_mixture(name: str, tasks: Sequence[str | tuple[str, float]], *,
                      overwrite: bool = False) -> seqio.Mixture:
   """Registers a seqio Mixture of feedback Tasks; a bare name has rate 1.0.
