@@ -127,12 +127,12 @@ class DataIterator:
       scarce = {task_name: statistics.count for task_name, statistics in self.statistics.items()
                 if statistics.count < process_count}
       if scarce:
-        raise DataError(
-            f"mixture '{name}': " + ", ".join(f"Task '{task_name}' has {count} example{'s' * (count != 1)}"
-                                               for task_name, count in scarce.items())
-            + f" in split '{split}', fewer than the {process_count} processes; some host would "
-            "have none of them and the mixing rates would skew; give each Task at least one "
-            "example per process, or leave it out of the mixture")
+        counts = ", ".join(f"Task '{task_name}' has {count} example{'s' * (count != 1)}"
+                           for task_name, count in scarce.items())
+        raise DataError(f"mixture '{name}': {counts} in split '{split}', fewer than the "
+                        f"{process_count} processes; some host would have none of them and the "
+                        "mixing rates would skew; give each Task at least one example per "
+                        "process, or leave it out of the mixture")
     total = sum(statistics.count for statistics in self.statistics.values())
     self.batches_per_epoch = math.ceil(math.ceil(total / process_count) / self.batch_size)
     self._converter = converters.feature_converter(
