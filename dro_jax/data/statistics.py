@@ -2,14 +2,14 @@
 computed once and cached.
 
 The count fixes how many batches every host yields per epoch; the reward statistics drive the DRO
-paper's dataset-level z-normalisation. Both come from one pass over the validated examples in Python;
-only the first `UNKNOWN_PIECE_SAMPLE` examples are tokenised, for the rate of pieces the vocabulary
-does not know (a vocabulary that does not fit the data turns them into <unk>, and the loss stays
-flat; above `UNKNOWN_PIECE_WARNING_RATE` a warning says so). With a cache folder (the workdir),
-process 0 computes and writes `data_statistics/<task>.<split>.<fingerprint>.v<version>.json` and the
-other processes wait for that file, so every host uses identical numbers; the fingerprint changes
-with the files, so stale numbers are never reused. If process 0 finds bad data it writes the error,
-and every host raises it.
+paper's dataset-level z-normalisation. Both come from one pass over the validated examples in
+Python; only the first `UNKNOWN_PIECE_SAMPLE` examples are tokenised, for the rate of pieces the
+vocabulary does not know (a vocabulary that does not fit the data turns them into <unk>, and the
+loss stays flat; above `UNKNOWN_PIECE_WARNING_RATE` a warning says so). With a cache folder (the
+workdir), process 0 computes and writes `data_statistics/<task>.<split>.<fingerprint>.v<N>.json`
+and the other processes wait for that file, so every host uses identical numbers; the fingerprint
+changes with the files, so stale numbers are never reused. If process 0 finds bad data it writes
+the error, and every host raises it.
 """
 
 from __future__ import annotations
