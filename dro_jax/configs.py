@@ -23,6 +23,19 @@ COMMON_ARGS = {"size": "tiny", "family": "t5_1_1", "tr": "none", "task": "", "st
                "batch": "", "lr": "", "init": ""}
 
 
+def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`configs/NAME.py`'s get_config(arg), for notebooks, benchmarks and tests."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(name)
+  if not path.suffix:
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"dro_jax_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def parse_arg(arg: str | None, recipe: str, **defaults: Any) -> ml_collections.ConfigDict:
   """`k=v,k=v` -> ConfigDict of the recipe's args (common ones included); unknown keys fail."""
   known = {**COMMON_ARGS, **defaults}

@@ -168,11 +168,9 @@ def eval_batches(config, task: str | None, workdir: str) -> list[Batch]:
 
 
 def vocabulary_of(task: str):
-  import seqio
   from dro_jax.data import tasks
   first, _ = tasks.component_tasks(task)[0]
-  del seqio
-  return first.output_features["inputs"].vocabulary
+  return tasks.feedback_source(first).vocabulary
 
 
 def device_batch(batch: Batch, shardings: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -317,13 +315,22 @@ def build_state(config, model_config, mesh, rules, abstract, shardings) -> Train
     return jax.jit(init, out_shardings=shardings)(rng, policy)
 
 
+def compile_step(config, mesh, rules, shardings: TrainState, example_batch: Batch):
+  """(the jitted train step, the batch's shardings) for batches shaped like `example_batch`."""
+  batch_layout = partitioning.batch_shardings(
+      {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
+       for k, v in example_batch.items()}, mesh)
+  train_step = partitioning.jit_step(
+      step_lib.make_train_step(config, partitioning.microbatch_constraint(mesh)), mesh,
+      shardings, batch_layout, rules)
+  return train_step, batch_layout
+
+
 def resolve_model_config(config: ml_collections.ConfigDict, task: str) -> t5_lib.T5Config:
   """The policy's T5Config; refuses a vocabulary larger than the model's embedding."""
+  from dro_jax.data import tasks
   model_config = step_lib.t5_config(config)
-  pieces = vocabulary_of(task).vocab_size
-  if pieces > model_config.vocab_size:
-    raise ValueError(f"the vocabulary of task {task!r} has {pieces} pieces, more than the "
-                     f"model's vocab_size {model_config.vocab_size} (config.model.vocab_size)")
+  tasks.check_vocabulary_fits(task, model_config.vocab_size)
   return model_config
 
 
@@ -399,11 +406,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   # 4. Steps.
   batches = train_iterator(config, task, workdir, position)
   first = numeric(next(batches))
-  batch_layout = partitioning.batch_shardings(
-      {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in first.items()}, mesh)
-  train_step = partitioning.jit_step(
-      step_lib.make_train_step(config, partitioning.microbatch_constraint(mesh)), mesh,
-      shardings, batch_layout, rules)
+  train_step, batch_layout = compile_step(config, mesh, rules, shardings, first)
   eval_step = jax.jit(step_lib.make_eval_step(config))
   held_out = eval_batches(config, eval_task, workdir)
   log = MetricsLog(workdir, latest)
