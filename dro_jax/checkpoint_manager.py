@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from dro_jax.state import TrainState
@@ -48,6 +49,14 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep_last: int = 3, keep_best: int = 0,
                best_metric: str | None = None, best_mode: str = "max",
                async_save: bool = True):
+    self.workdir = workdir
+    self._settings = dict(keep_last=keep_last, keep_best=keep_best, best_metric=best_metric,
+                          best_mode=best_mode, async_save=async_save)
+    self._open(**self._settings)
+
+  def _open(self, *, keep_last: int, keep_best: int, best_metric: str | None, best_mode: str,
+            async_save: bool) -> None:
+    workdir = self.workdir
     policies: list[Any] = [checkpoint_managers.LatestN(n=max(int(keep_last), 1))]
     if keep_best and best_metric:
       if best_mode not in ("max", "min"):
@@ -93,6 +102,38 @@ class Checkpointer:
     """One item (e.g. "policy" for a later stage's init), into `like`'s shardings if given."""
     restore = ocp.args.StandardRestore(None if like is None else _abstract(like))
     return self.manager.restore(step, args=ocp.args.Composite(**{name: restore}))[name]
+
+  def restore_latest_valid(self, like: TrainState
+                           ) -> tuple[TrainState, dict[str, Any], int] | None:
+    """The newest step that restores, newest first; a corrupt or partial step is reported by
+    name and moved to `<workdir>/checkpoints_corrupt/<step>` (so that step number can be saved
+    again). None when no step restores."""
+    while (step := self.latest_step()) is not None:
+      try:
+        state, position = self.restore(step, like)
+        return state, position, step
+      except Exception as error:  # orbax / tensorstore raise many kinds on damaged files
+        path = os.path.join(self.directory, str(step))
+        print(f"checkpoint {path} is corrupt or incomplete ({type(error).__name__}: "
+              f"{str(error)[:300]}); moving it to checkpoints_corrupt/{step} and trying the "
+              f"previous step", flush=True)
+        self.quarantine(step)
+    return None
+
+  def quarantine(self, step: int) -> None:
+    """Moves step `step` aside (process 0) and reopens the manager, which forgets it."""
+    import jax
+    from jax.experimental import multihost_utils
+    self.manager.close()
+    if jax.process_index() == 0:  # epath: local folders and gs:// alike
+      target = epath.Path(self.workdir) / "checkpoints_corrupt" / str(step)
+      if target.exists():
+        target.rmtree()
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (epath.Path(self.directory) / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"dro_jax_quarantine_{step}")
+    self._open(**self._settings)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

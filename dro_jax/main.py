@@ -44,7 +44,15 @@ def main(argv) -> None:
   if config.runner not in RUNNERS:
     raise app.UsageError(f"config.runner={config.runner!r}: choose from {sorted(RUNNERS)}")
   maybe_initialize_distributed()
-  RUNNERS[config.runner](config, _WORKDIR.value)
+  from dro_jax import train
+  try:
+    RUNNERS[config.runner](config, _WORKDIR.value)
+  except train.NonFiniteError as error:
+    print(f"stopped: {error}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  except train.Preempted as preempted:
+    print(str(preempted), flush=True)
+    sys.exit(143)
 
 
 def run() -> None:

@@ -429,9 +429,21 @@ def make_train_step(config: ml_collections.ConfigDict,
     metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     new_state = state.replace(step=count, rng=rng, policy=policy, policy_opt=policy_opt,
                               value=value, value_opt=value_opt, reference=new_reference)
-    return new_state, metrics
+    return keep_if_nonfinite(metrics["finite"], new_state, state.replace(step=count)), metrics
 
+  if config.get("on_nonfinite", "stop") not in ("stop", "skip"):
+    raise ValueError(f"config.on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
+  if config.get("on_nonfinite", "stop") == "stop":
+    keep_if_nonfinite = lambda finite, new, old: new  # the driver stops on the flag
+  else:
+    keep_if_nonfinite = skip_nonfinite
   return step
+
+
+def skip_nonfinite(finite: Array, new: TrainState, old: TrainState) -> TrainState:
+  """`where(finite, new, old)` leaf by leaf: a non-finite step leaves the state as it was
+  (except the step count: the batch is consumed)."""
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
 def make_eval_step(config: ml_collections.ConfigDict) -> Callable[[TrainState, Batch], dict]:

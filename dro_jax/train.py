@@ -34,6 +34,74 @@ class NonFiniteError(FloatingPointError):
   """A step produced a non-finite loss or gradient (the message names the step and metric)."""
 
 
+class Preempted(Exception):
+  """SIGTERM (or the pod's preemption notice): the state was saved at `step`; exit 143."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted: saved a checkpoint at step {step}")
+    self.step = step
+
+
+class Preemption:
+  """Whether the run was asked to stop, agreed by every host at the same step.
+
+  With several processes, `jax.distributed` installs the preemption notifier and
+  `multihost_utils.reached_preemption_sync_point` tells every host the same step; a single
+  process installs its own SIGTERM handler (never replacing JAX's).
+  """
+
+  def __init__(self):
+    import signal
+    self.requested = False
+    self.distributed = jax.process_count() > 1
+    self._previous = None
+    if not self.distributed:
+      self._previous = signal.signal(signal.SIGTERM, self._request)
+
+  def _request(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if self.distributed:
+      from jax.experimental import multihost_utils
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # no preemption sync manager (e.g. a local multi-process run)
+        return False
+    return self.requested
+
+  def close(self) -> None:
+    import signal
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class FiniteMonitor:
+  """`on_nonfinite`: "stop" raises on the first non-finite step; "skip" counts the skipped
+  steps (the step left the state unchanged) and stops after `max_consecutive_skips` in a row."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.mode, self.limit = config.on_nonfinite, config.max_consecutive_skips
+    self.skipped, self.consecutive = 0, 0
+
+  def check(self, step: int, metrics: Mapping[str, float]) -> None:
+    if metrics.get("finite", 1.0):
+      self.consecutive = 0
+      return
+    if self.mode == "skip":
+      self.skipped += 1
+      self.consecutive += 1
+      print(f"step {step}: non-finite {_nonfinite_metric(metrics)}; step skipped "
+            f"({self.skipped} in all)", flush=True)
+      if self.consecutive <= self.limit:
+        return
+    raise NonFiniteError(
+        f"step {step}: {_nonfinite_metric(metrics)} is {metrics.get(_nonfinite_metric(metrics))} "
+        f"(non-finite)" + (f", {self.consecutive} steps in a row" if self.mode == "skip" else "")
+        + "; the last checkpoint is intact")
+
+
 # ------------------------------------------------------------------------------------------ files
 
 
@@ -351,14 +419,9 @@ def _host(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
   return {key: float(value) for key, value in jax.device_get(dict(metrics)).items()}
 
 
-def check_finite(step: int, metrics: Mapping[str, float]) -> None:
-  """Raises NonFiniteError naming the step and the first non-finite metric."""
-  if metrics.get("finite", 1.0):
-    return
+def _nonfinite_metric(metrics: Mapping[str, float]) -> str:
   bad = [key for key, value in metrics.items() if not np.isfinite(value)]
-  name = "loss" if "loss" in bad else (bad[0] if bad else "grad_norm")
-  raise NonFiniteError(f"step {step}: {name} is {metrics.get(name)} (non-finite); the last "
-                       f"checkpoint is intact")
+  return "loss" if "loss" in bad else (bad[0] if bad else "grad_norm")
 
 
 def evaluate(eval_step, state, batches, shardings) -> dict[str, float]:
@@ -391,12 +454,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   checkpointer = checkpoint_manager.Checkpointer(
       workdir, keep_last=config.keep_last, keep_best=config.keep_best,
       best_metric=config.best_metric, best_mode=config.best_mode)
-  latest = checkpointer.latest_step()
-  position = None
-  if latest is not None:
-    like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract, shardings)
-    state, position = checkpointer.restore(latest, like)
+  like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
+  restored = checkpointer.restore_latest_valid(like)
+  latest, position = None, None
+  if restored is not None:
+    state, position, latest = restored
     logging.info("resumed from step %d", latest)
     print(f"resumed from step {latest}", flush=True)
   else:
@@ -411,8 +474,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   held_out = eval_batches(config, eval_task, workdir)
   log = MetricsLog(workdir, latest)
   progress = _progress(config.total_steps, start)
+  monitor, preemption = FiniteMonitor(config), Preemption()
+  report = lambda pending: _report(pending, log, progress, config, monitor)
   pending: tuple[int, Any] | None = None
-  batch, tick = first, time.perf_counter()
+  batch = first
   try:
     for step in range(start + 1, config.total_steps + 1):
       if batch is None:
@@ -420,36 +485,42 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       state, metrics = train_step(state, device_batch(batch, batch_layout))
       batch = None
       if pending is not None:  # The previous step's metrics, read while this one runs.
-        _report(pending, log, progress, config, tick)
+        report(pending)
       pending = (step, metrics)
-      if step % config.checkpoint_every == 0 or step == config.total_steps or (
-          config.eval_every and step % config.eval_every == 0):
-        _report(pending, log, progress, config, tick)  # `finite` known before any save.
-        pending = None
-        eval_metrics = {}
-        if held_out and config.eval_every and (step % config.eval_every == 0
-                                               or step == config.total_steps):
-          with partitioning.activate(mesh, rules):
-            eval_metrics = evaluate(eval_step, state, held_out, batch_layout)
-          log.write(step, eval_metrics)
-        if step % config.checkpoint_every == 0 or step == config.total_steps:
-          checkpointer.save(state, batches.position(), eval_metrics)
+      evaluate_now = bool(held_out) and config.eval_every and (
+          step % config.eval_every == 0 or step == config.total_steps)
+      save_now = step % config.checkpoint_every == 0 or step == config.total_steps
+      preempted = preemption.reached(step)
+      if not (evaluate_now or save_now or preempted):
+        continue
+      report(pending)  # `finite` is known before any save: the last checkpoint is good.
+      pending = None
+      eval_metrics = {}
+      if evaluate_now:
+        with partitioning.activate(mesh, rules):
+          eval_metrics = evaluate(eval_step, state, held_out, batch_layout)
+        log.write(step, eval_metrics)
+      if save_now or preempted:
+        checkpointer.save(state, batches.position(), eval_metrics)
+      if preempted:
+        raise Preempted(step)
     if pending is not None:
-      _report(pending, log, progress, config, tick)
+      report(pending)
   finally:
+    preemption.close()
     progress.close()
     checkpointer.close()
     log.close()
   return state
 
 
-def _report(pending, log: MetricsLog, progress, config, tick: float) -> None:
+def _report(pending, log: MetricsLog, progress, config, monitor: FiniteMonitor) -> None:
   step, metrics = pending
   values = _host(metrics)
-  check_finite(step, values)
+  monitor.check(step, values)
   progress.update(step, values["loss"])
-  if step % config.log_every == 0 or step == config.total_steps:
-    values = {**values, "steps_per_second": progress.rate()}
+  if step % config.log_every == 0 or step == config.total_steps or not values["finite"]:
+    values = {**values, "steps_per_second": progress.rate(), "skipped_steps": monitor.skipped}
     log.write(step, values)
     logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
 

@@ -45,3 +45,9 @@ def new_name():
   for name in created:
     seqio.MixtureRegistry.remove(name)
     seqio.TaskRegistry.remove(name)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+  """One demo-data cache for every training run of the session (the data is generated once)."""
+  return str(tmp_path_factory.mktemp("demo_cache"))

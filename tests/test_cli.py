@@ -14,28 +14,10 @@ import pytest
 
 from dro_jax import configs, train
 
+from run_helpers import read_metrics, shrink
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = ("sft", "dro", "dro_p", "kto", "dpo", "ipo", "reward_model", "preference_model")
-
-
-@pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory):
-  """One demo-data cache for every run of the session (the data is generated once)."""
-  return str(tmp_path_factory.mktemp("demo_cache"))
-
-
-def shrink(config, demo_cache: str, steps: int = 3):
-  config.total_steps = steps
-  config.model.num_encoder_layers = config.model.num_decoder_layers = 1
-  config.batch_size = 8
-  config.eval_batches = 1
-  config.data.cache_dir = demo_cache
-  return config
-
-
-def read_metrics(workdir) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
