@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -100,44 +101,84 @@ def _restored_items(workdir, step: int):
   return items
 
 
-@pytest.mark.slow
-def test_sigkill_between_checkpoints_then_the_same_command_resumes_exactly(tmp_path, demo_cache):
-  env = cli_env(tmp_path, demo_cache)
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  subprocess.run(cli(straight, *KILL_OVERRIDES), env=env, check=True, capture_output=True,
-                 timeout=600)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, demo_cache):
+  """The kill tests' reference: the same small run, never stopped."""
+  tmp_path = tmp_path_factory.mktemp("uninterrupted")
+  workdir = tmp_path / "run"
+  subprocess.run(cli(workdir, *KILL_OVERRIDES), env=cli_env(tmp_path, demo_cache), check=True,
+                 capture_output=True, timeout=600)
+  return workdir
 
-  with open(tmp_path / "killed.log", "w") as output:  # a file: an unread pipe would block it
-    process = subprocess.Popen(cli(killed, *KILL_OVERRIDES), env=env, stdout=output,
+
+def _start_and_stop_after_step_8(workdir, env, log, sig) -> subprocess.Popen:
+  with open(log, "w") as output:  # a file: an unread pipe would block the run
+    process = subprocess.Popen(cli(workdir, *KILL_OVERRIDES), env=env, stdout=output,
                                stderr=subprocess.STDOUT)
   deadline = time.time() + 600
-  while not (killed / "checkpoints" / "8").is_dir() and process.poll() is None:
+  while not (workdir / "checkpoints" / "8").is_dir() and process.poll() is None:
     assert time.time() < deadline, "no checkpoint at step 8"
     time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-  steps = [int(name) for name in os.listdir(killed / "checkpoints") if name.isdigit()]
-  resumed_from = max(steps)
-  assert 8 <= resumed_from < 60
+  process.send_signal(sig)
+  process.wait(timeout=600)
+  return process
 
-  result = subprocess.run(cli(killed, *KILL_OVERRIDES), env=env, capture_output=True,
+
+def _assert_resumes_to_the_uninterrupted_run(workdir, uninterrupted, env, resumed_from):
+  result = subprocess.run(cli(workdir, *KILL_OVERRIDES), env=env, capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resumed from step {resumed_from}" in result.stdout + result.stderr
-
-  rows = [row for row in read_metrics(killed) if "loss" in row]
-  reference_rows = [row for row in read_metrics(straight) if "loss" in row]
+  rows = [row for row in read_metrics(workdir) if "loss" in row]
+  reference_rows = [row for row in read_metrics(uninterrupted) if "loss" in row]
   assert [row["step"] for row in rows] == list(range(1, 61))  # no step twice, none missing
   for row, reference_row in zip(rows, reference_rows):
     row.pop("steps_per_second"), reference_row.pop("steps_per_second")
     assert row == reference_row
-
-  resumed, uninterrupted = _restored_items(killed, 60), _restored_items(straight, 60)
-  assert resumed["data_position"] == uninterrupted["data_position"]
+  resumed, straight = _restored_items(workdir, 60), _restored_items(uninterrupted, 60)
+  assert resumed["data_position"] == straight["data_position"]
   import jax
   for name in ("policy", "policy_opt", "value", "value_opt", "reference", "rng_step"):
-    for a, b in zip(jax.tree.leaves(resumed[name]), jax.tree.leaves(uninterrupted[name])):
+    for a, b in zip(jax.tree.leaves(resumed[name]), jax.tree.leaves(straight[name])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
-  assert sorted(os.listdir(killed / "checkpoints" / "60")) == sorted(
-      os.listdir(straight / "checkpoints" / "60"))
+  assert sorted(os.listdir(workdir / "checkpoints" / "60")) == sorted(
+      os.listdir(uninterrupted / "checkpoints" / "60"))
+
+
+@pytest.mark.slow
+def test_sigkill_between_checkpoints_then_the_same_command_resumes_exactly(
+    tmp_path, demo_cache, uninterrupted):
+  env = cli_env(tmp_path, demo_cache)
+  killed = tmp_path / "killed"
+  process = _start_and_stop_after_step_8(killed, env, tmp_path / "killed.log", signal.SIGKILL)
+  assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  steps = [int(name) for name in os.listdir(killed / "checkpoints") if name.isdigit()]
+  resumed_from = max(steps)
+  assert 8 <= resumed_from < 60
+  _assert_resumes_to_the_uninterrupted_run(killed, uninterrupted, env, resumed_from)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_exits_143_and_resumes_exactly(
+    tmp_path, demo_cache, uninterrupted):
+  env = cli_env(tmp_path, demo_cache)
+  workdir = tmp_path / "preempted"
+  process = _start_and_stop_after_step_8(workdir, env, tmp_path / "term.log", signal.SIGTERM)
+  log = (tmp_path / "term.log").read_text()
+  assert process.returncode == 143, log[-3000:]
+  last_step = max(row["step"] for row in read_metrics(workdir) if "loss" in row)
+  steps = [int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit()]
+  assert max(steps) == last_step and 8 <= last_step < 60
+  assert f"saved a checkpoint at step {last_step}" in log
+  _assert_resumes_to_the_uninterrupted_run(workdir, uninterrupted, env, last_step)
+
+
+def test_a_nonfinite_loss_stops_the_cli_with_the_step_and_metric(tmp_path, demo_cache):
+  result = subprocess.run(
+      cli(tmp_path / "w", "--config.total_steps=6", "--config.eval_every=0",
+          "--config.optimizer.learning_rate=1e30", "--config.optimizer.warmup_steps=0",
+          "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1"),
+      env=cli_env(tmp_path, demo_cache), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert re.search(r"stopped: step \d+: (loss|grad_norm|[\w/]+) is (nan|inf)", result.stderr)
+  assert not (tmp_path / "w" / "checkpoints" / "6").exists()
