@@ -91,6 +91,9 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
   config.init_checkpoint = placeholder(str)
   config.on_nonfinite = "stop"  # or "skip"
   config.max_consecutive_skips = 5
+  # A frozen reference's log-probs computed once, looked up by example_id (reference_cache.py):
+  # "auto" whenever valid, "on" (refused when the reference moves), or "off" (in the step).
+  config.reference_cache = "auto"
 
   config.model = ml_collections.ConfigDict({
       "preset": preset_name(args.family, args.size),

@@ -17,7 +17,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dro_jax import checkpoint_manager, partitioning, reference, step as step_lib
+from dro_jax import checkpoint_manager, partitioning, reference, reference_cache
+from dro_jax import step as step_lib
 from dro_jax.models import t5 as t5_lib
 from dro_jax.models import value as value_lib
 from dro_jax.state import TrainState
@@ -206,15 +207,18 @@ def feature_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:
   return {"inputs": config.max_input_length, "targets": config.max_target_length}
 
 
-def train_iterator(config, task: str, workdir: str, position: Mapping[str, Any] | None):
+def train_iterator(config, task: str, workdir: str, position: Mapping[str, Any] | None,
+                   with_partners: bool = False):
   from dro_jax.data import pipeline
   return pipeline.input_pipeline(
       task, global_batch_size=config.batch_size, seed=config.seed,
       feature_lengths=feature_lengths(config), shuffle=config.data.shuffle,
-      reward_mode=config.data.reward_mode, cache_dir=workdir, position=position or None)
+      reward_mode=config.data.reward_mode, cache_dir=workdir, position=position or None,
+      with_partners=with_partners)
 
 
-def eval_batches(config, task: str | None, workdir: str) -> list[Batch]:
+def eval_batches(config, task: str | None, workdir: str,
+                 with_partners: bool = False) -> list[Batch]:
   """The first `eval_batches` batches of the eval split, kept on the host for every evaluation."""
   if not task or not config.eval_every or not config.eval_batches:
     return []
@@ -223,7 +227,7 @@ def eval_batches(config, task: str | None, workdir: str) -> list[Batch]:
     iterator = pipeline.input_pipeline(
         task, split=config.data.eval_split, global_batch_size=config.batch_size,
         seed=config.seed, feature_lengths=feature_lengths(config), shuffle=False, num_epochs=1,
-        reward_mode=config.data.reward_mode, cache_dir=workdir)
+        reward_mode=config.data.reward_mode, cache_dir=workdir, with_partners=with_partners)
   except Exception as error:  # A Task without an eval split trains without evaluation.
     logging.warning("no evaluation: task %s split %s: %s", task, config.data.eval_split, error)
     return []
@@ -247,9 +251,13 @@ def device_batch(batch: Batch, shardings: Mapping[str, Any]) -> dict[str, jax.Ar
           for key in shardings}
 
 
+HOST_KEYS = ("example_id", "kl_example_id")  # for host-side lookups; the step never sees them
+
+
 def numeric(batch: Batch) -> Batch:
   return {key: value for key, value in batch.items()
-          if isinstance(value, np.ndarray) and value.dtype.kind in "biuf"}
+          if isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
+          and key not in HOST_KEYS}
 
 
 # ------------------------------------------------------------------------------------------ state
@@ -267,8 +275,10 @@ def _unboxed_shapes(tree: PyTree) -> PyTree:
   return nn.unbox(tree)
 
 
-def state_layout(config, model_config, mesh, rules) -> tuple[TrainState, TrainState]:
-  """(abstract state, its shardings): nothing is allocated."""
+def state_layout(config, model_config, mesh, rules,
+                 with_reference: bool = True) -> tuple[TrainState, TrainState]:
+  """(abstract state, its shardings): nothing is allocated. `with_reference=False`: no reference
+  parameters even for a loss that uses one (its log-probs come with the batch)."""
   value_fn = step_lib.make_value_function(config)
   optimizers = step_lib.make_optimizers(config)
   boxed_policy = abstract_policy(config, model_config)
@@ -279,7 +289,7 @@ def state_layout(config, model_config, mesh, rules) -> tuple[TrainState, TrainSt
     boxed_value = value_fn.abstract_params()
     value_shardings = partitioning.params_shardings(boxed_value, mesh, rules)
     value = _unboxed_shapes(boxed_value)
-  uses_reference = step_lib.OBJECTIVES[config.loss].uses_reference
+  uses_reference = with_reference and step_lib.OBJECTIVES[config.loss].uses_reference
   abstract = TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
       policy=policy, policy_opt=jax.eval_shape(optimizers["policy"].init, policy),
@@ -298,11 +308,11 @@ def state_layout(config, model_config, mesh, rules) -> tuple[TrainState, TrainSt
   return abstract, shardings
 
 
-def make_init_fn(config, model_config):
+def make_init_fn(config, model_config, with_reference: bool = True):
   """init(rng, policy or None) -> TrainState; jitted with the state's out_shardings."""
   value_fn = step_lib.make_value_function(config)
   optimizers = step_lib.make_optimizers(config)
-  uses_reference = step_lib.OBJECTIVES[config.loss].uses_reference
+  uses_reference = with_reference and step_lib.OBJECTIVES[config.loss].uses_reference
 
   def init(rng: jax.Array, policy: PyTree | None) -> TrainState:
     policy_rng, value_rng, state_rng = jax.random.split(rng, 3)
@@ -367,7 +377,7 @@ def load_init_policy(config, path: str, like: PyTree, shardings: PyTree) -> PyTr
 
 def build_state(config, model_config, mesh, rules, abstract, shardings) -> TrainState:
   """A new state straight into its shards (the policy from `init_checkpoint` or from scratch)."""
-  init = make_init_fn(config, model_config)
+  init = make_init_fn(config, model_config, with_reference=shardings.reference is not None)
   rng = jax.random.PRNGKey(config.seed)
   policy = None
   if config.init_checkpoint:
@@ -448,7 +458,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   partitioning.validate(mesh, batch_size=config.batch_size,
                         num_microbatches=config.num_microbatches,
                         num_heads=model_config.num_heads, process_count=jax.process_count())
-  abstract, shardings = state_layout(config, model_config, mesh, rules)
+  # A frozen reference's log-probs, computed once (reference_cache.py): the state then holds no
+  # reference parameters. None: the step scores the reference.
+  cache = reference_cache.prepare(config, task, eval_task, workdir, model_config, mesh, rules)
+  partners = cache is not None and cache.partners
+  abstract, shardings = state_layout(config, model_config, mesh, rules,
+                                     with_reference=cache is None)
 
   # 3. State: the latest checkpoint, or a new one.
   checkpointer = checkpoint_manager.Checkpointer(
@@ -467,11 +482,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   start = int(jax.device_get(state.step))
 
   # 4. Steps.
-  batches = train_iterator(config, task, workdir, position)
+  batches = reference_cache.attach(cache, train_iterator(config, task, workdir, position,
+                                                         with_partners=partners))
   first = numeric(next(batches))
   train_step, batch_layout = compile_step(config, mesh, rules, shardings, first)
   eval_step = jax.jit(step_lib.make_eval_step(config))
-  held_out = eval_batches(config, eval_task, workdir)
+  held_out = reference_cache.attach_eval(
+      cache, eval_batches(config, eval_task, workdir, with_partners=partners))
   log = MetricsLog(workdir, latest)
   progress = _progress(config.total_steps, start)
   monitor, preemption = FiniteMonitor(config), Preemption()

@@ -83,7 +83,8 @@ def test_single_trajectory_round_trip(tmp_path, vocabulary, decode, new_name):
   assert {key: (value.shape, value.dtype.name) for key, value in batch.items()} == {
       "encoder_input_tokens": ((4, 24), "int32"), "decoder_input_tokens": ((4, 16), "int32"),
       "decoder_target_tokens": ((4, 16), "int32"), "decoder_loss_weights": ((4, 16), "float32"),
-      "reward": ((4,), "float32"), "example_weights": ((4,), "float32")}
+      "reward": ((4,), "float32"), "example_weights": ((4,), "float32"),
+      "example_id": ((4,), "int64")}
   targets = batch["decoder_target_tokens"]
   np.testing.assert_array_equal(batch["decoder_input_tokens"][:, 1:], targets[:, :-1])
   assert (batch["decoder_input_tokens"][:, 0] == 0).all()
@@ -138,7 +139,7 @@ def test_pairwise_round_trip(tmp_path, vocabulary, decode, new_name):
                                max_prompt_length=20, max_response_length=12)
   batches = list(one_host(name, shuffle=False, num_epochs=1, global_batch_size=2))
   assert sorted(batches[0]) == sorted(
-      ["encoder_input_tokens", "example_weights"]
+      ["encoder_input_tokens", "example_weights", "example_id"]
       + [f"{side}_decoder_{key}" for side in ("chosen", "rejected")
          for key in ("input_tokens", "target_tokens", "loss_weights")])
   assert batches[0]["chosen_decoder_target_tokens"].shape == (2, 12)

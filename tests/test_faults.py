@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from dro_jax import checkpoint_manager, configs, partitioning, step as step_lib, train
+from dro_jax import checkpoint_manager, configs, partitioning, reference_cache
+from dro_jax import step as step_lib, train
 
 from run_helpers import read_metrics, shrink
 
@@ -64,13 +65,18 @@ def test_nonfinite_stop_names_step_and_metric_and_keeps_the_last_checkpoint(
   mesh = partitioning.mesh_from_config(config)
   rules = partitioning.rules_from_config(config)
   model_config = step_lib.t5_config(config)
-  abstract, shardings = train.state_layout(config, model_config, mesh, rules)
+  task, eval_task = train.resolve_data(config)
+  # The run's frozen-reference cache, read back: its state holds no reference parameters.
+  cache = reference_cache.prepare(config, task, eval_task, str(tmp_path), model_config, mesh,
+                                  rules)
+  abstract, shardings = train.state_layout(config, model_config, mesh, rules,
+                                           with_reference=cache is None)
   like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract, shardings)
   state, _ = manager.restore(4, like)
   manager.close()
-  task, eval_task = train.resolve_data(config)
-  held_out = train.eval_batches(config, eval_task, str(tmp_path))
+  held_out = reference_cache.attach_eval(cache, train.eval_batches(config, eval_task,
+                                                                   str(tmp_path)))
   layout = partitioning.batch_shardings(
       {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in train.numeric(held_out[0]).items()},
       mesh)

@@ -2,8 +2,12 @@
 
 Single-trajectory: encoder_input_tokens, decoder_input_tokens (targets shifted right, start id 0),
 decoder_target_tokens, decoder_loss_weights (float32, 1 on target tokens), reward (float32),
-label (int32, thumbs data only), example_weights (float32, 1; the pipeline's padding rows have 0).
-Pairwise: encoder_input_tokens, chosen_decoder_* and rejected_decoder_* as above, example_weights.
+label (int32, thumbs data only), example_weights (float32, 1; the pipeline's padding rows have 0),
+example_id (int64, host-side only: the driver never sends it to the devices; padding rows -1).
+With partners (KTO's fixed mismatched pairs, `tasks.with_partners`): kl_decoder_* from the partner's
+response, as the decoder_* keys, and kl_example_id.
+Pairwise: encoder_input_tokens, chosen_decoder_* and rejected_decoder_* as above, example_weights,
+example_id.
 
 Examples are never packed: one example per row keeps each sequence log-prob a plain masked sum.
 Task feature lengths are given as {"inputs": ..., "targets": ...} for both kinds (pairwise uses
@@ -23,6 +27,7 @@ _TOKENS = _Spec(dtype=tf.int32)
 _WEIGHTS = _Spec(dtype=tf.float32)
 _FLOAT_SCALAR = _Spec(dtype=tf.float32, rank=0)
 _INT_SCALAR = _Spec(dtype=tf.int32, rank=0)
+_ID = _Spec(dtype=tf.int64, rank=0)
 
 
 class _UnpackedConverter(seqio.FeatureConverter):
@@ -94,24 +99,31 @@ class _UnpackedConverter(seqio.FeatureConverter):
 
 
 class SingleTrajectoryFeatureConverter(_UnpackedConverter):
-  """(inputs, targets, reward[, label]) -> encoder/decoder tokens, loss weights, reward, label."""
+  """(inputs, targets, reward[, label][, kl_targets]) -> encoder/decoder tokens, loss weights,
+  reward, label, ids; kl_decoder_* from the partner's response when `with_partners`."""
 
-  def __init__(self, with_label: bool = False, **kwargs):
-    scalars = {"reward": _FLOAT_SCALAR, **({"label": _INT_SCALAR} if with_label else {})}
-    super().__init__({"": "targets"}, scalars, **kwargs)
+  def __init__(self, with_label: bool = False, with_partners: bool = False, **kwargs):
+    scalars = {"reward": _FLOAT_SCALAR, **({"label": _INT_SCALAR} if with_label else {}),
+               "example_id": _ID, **({"kl_example_id": _ID} if with_partners else {})}
+    decoder_sources = {"": "targets", **({"kl_": "kl_targets"} if with_partners else {})}
+    super().__init__(decoder_sources, scalars, **kwargs)
 
 
 class PairwiseFeatureConverter(_UnpackedConverter):
   """(inputs, chosen, rejected) -> encoder tokens and chosen_/rejected_ decoder features."""
 
   def __init__(self, **kwargs):
-    super().__init__({"chosen_": "chosen", "rejected_": "rejected"}, {}, **kwargs)
+    super().__init__({"chosen_": "chosen", "rejected_": "rejected"}, {"example_id": _ID},
+                     **kwargs)
 
 
-def feature_converter(kind: str, with_label: bool = False) -> seqio.FeatureConverter:
+def feature_converter(kind: str, with_label: bool = False,
+                      with_partners: bool = False) -> seqio.FeatureConverter:
   """The converter for a Task kind ("single_trajectory" or "pairwise")."""
   if kind == "pairwise":
+    if with_partners:
+      raise ValueError("partners (KTO's mismatched responses) need single-trajectory data")
     return PairwiseFeatureConverter()
   if kind == "single_trajectory":
-    return SingleTrajectoryFeatureConverter(with_label=with_label)
+    return SingleTrajectoryFeatureConverter(with_label=with_label, with_partners=with_partners)
   raise ValueError(f"unknown kind {kind!r}; use 'single_trajectory' or 'pairwise'")

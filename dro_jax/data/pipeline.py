@@ -14,6 +14,11 @@ about 2,000 UltraFeedback-sized examples a second on two CPU cores).
 A Mixture samples its Tasks by their rates from endless per-Task streams; its "epoch" is the same
 number of batches as one pass over all its Tasks would give, after which the seeds change.
 
+Every batch carries `example_id` (int64, see `tasks`; a Mixture adds the Task's index
+<< TASK_ID_SHIFT; padding rows -1), which stays on the host. With `with_partners=True` a
+single-trajectory batch also carries each example's fixed KTO partner (`kl_decoder_*`,
+`kl_example_id`), the same on every host and in every epoch; other losses do not pay for it.
+
     iterator = input_pipeline("my_task", global_batch_size=32, seed=0, cache_dir=workdir,
                               reward_mode="normalized")
     batch = next(iterator)                 # numpy dict, this host's rows
@@ -35,12 +40,15 @@ from dro_jax.data import converters
 from dro_jax.data._tensorflow import tf
 from dro_jax.data.readers import DataError
 from dro_jax.data.statistics import DatasetStatistics, dataset_statistics
-from dro_jax.data.tasks import (PAIRWISE, FeedbackSource, check_vocabulary_fits, component_tasks,
-                                feedback_source)
+from dro_jax.data.tasks import (PAIRWISE, FeedbackSource, TruncateAndAppendEos,
+                                check_vocabulary_fits, component_tasks, feedback_source,
+                                with_partners as partners_context)
 
 REWARD_MODES = ("raw", "normalized", "thumbs")
 POSITION_KEYS = ("dataset", "split", "seed", "epoch", "batches_consumed", "process_count",
                  "global_batch_size")  # Required to restore; `DataIterator.stream()` adds more.
+TASK_ID_SHIFT = 56  # A Mixture's example_id: Task index << TASK_ID_SHIFT | the Task's example_id
+ID_KEYS = ("example_id", "kl_example_id")
 
 
 def epoch_seed(seed: int, epoch: int, salt: str = "") -> int:
@@ -90,7 +98,24 @@ def _as_json(value: Any) -> Any:
 
 
 def _zero_example(element_spec: Mapping[str, tf.TensorSpec]) -> dict[str, tf.Tensor]:
-  return {key: tf.zeros(spec.shape, spec.dtype) for key, spec in element_spec.items()}
+  """A padding row: zeros, and id -1 (no example has it)."""
+  return {key: tf.fill(spec.shape, tf.constant(-1, spec.dtype)) if key in ID_KEYS
+          else tf.zeros(spec.shape, spec.dtype) for key, spec in element_spec.items()}
+
+
+def task_ids(ids: np.ndarray, task_index: int) -> np.ndarray:
+  """A component Task's example ids as the Mixture's batches carry them (padding stays -1)."""
+  return np.where(ids >= 0, ids + (task_index << TASK_ID_SHIFT), ids)
+
+
+def _tokenize_partners(ds: tf.data.Dataset, source: FeedbackSource,
+                       targets_length: int) -> tf.data.Dataset:
+  """The partner's response tokenised and truncated exactly as the example's own targets."""
+  feature = {"kl_targets": seqio.Feature(source.vocabulary, add_eos=True)}
+  ds = seqio.preprocessors.tokenize(ds, feature, copy_pretokenized=False)
+  truncate = TruncateAndAppendEos({"kl_targets": source.max_lengths["targets"]},
+                                  {"kl_targets": targets_length}, feature)
+  return truncate(ds)
 
 
 class DataIterator:
@@ -102,8 +127,10 @@ class DataIterator:
   def __init__(self, name: str, *, split: str, global_batch_size: int,
                feature_lengths: Mapping[str, int], seed: int, process_index: int,
                process_count: int, shuffle: bool, num_epochs: int | None, reward_mode: str,
-               cache_dir: str | None, statistics_timeout_seconds: float):
+               cache_dir: str | None, statistics_timeout_seconds: float,
+               with_partners: bool = False):
     self.name, self.split, self.seed = name, split, seed
+    self.with_partners = with_partners
     self.global_batch_size = global_batch_size
     self.process_index, self.process_count = process_index, process_count
     self.batch_size = global_batch_size // process_count
@@ -136,7 +163,8 @@ class DataIterator:
     total = sum(statistics.count for statistics in self.statistics.values())
     self.batches_per_epoch = math.ceil(math.ceil(total / process_count) / self.batch_size)
     self._converter = converters.feature_converter(
-        self._sources[0].kind, with_label=self._sources[0].thumbs or reward_mode == "thumbs")
+        self._sources[0].kind, with_label=self._sources[0].thumbs or reward_mode == "thumbs",
+        with_partners=with_partners)
     self._epoch, self._batches_consumed = 0, 0
     self._batches: Iterator[dict[str, np.ndarray]] | None = None
 
@@ -238,14 +266,24 @@ class DataIterator:
       return {"inputs": inputs, "chosen": targets, "rejected": targets}
     return {"inputs": inputs, "targets": targets}
 
-  def _task_examples(self, task: seqio.Task, source: FeedbackSource,
-                     epoch: int) -> tf.data.Dataset:
+  def _task_examples(self, task: seqio.Task, source: FeedbackSource, epoch: int,
+                     task_index: int = 0) -> tf.data.Dataset:
     """This host's converted examples of one Task for an epoch."""
-    ds = task.get_dataset(
-        sequence_length=self._task_lengths(source), split=self.split, shuffle=self.shuffle,
-        seed=epoch_seed(self.seed, epoch, task.name), num_epochs=1,
-        shard_info=seqio.ShardInfo(self.process_index, self.process_count),
-        try_in_mem_cache=False)
+    def make() -> tf.data.Dataset:
+      return task.get_dataset(
+          sequence_length=self._task_lengths(source), split=self.split, shuffle=self.shuffle,
+          seed=epoch_seed(self.seed, epoch, task.name), num_epochs=1,
+          shard_info=seqio.ShardInfo(self.process_index, self.process_count),
+          try_in_mem_cache=False)
+    if self.with_partners:
+      with partners_context():
+        ds = _tokenize_partners(make(), source, self.feature_lengths["targets"])
+    else:
+      ds = make()
+    if task_index:
+      offset = tf.constant(task_index << TASK_ID_SHIFT, tf.int64)
+      ds = ds.map(lambda features: {**features, **{key: features[key] + offset
+                                                   for key in ID_KEYS if key in features}})
     ds = transform_rewards(ds, self.reward_mode, self.statistics[task.name])
     return self._converter(ds, self.feature_lengths)
 
@@ -253,8 +291,8 @@ class DataIterator:
     if self._is_mixture:
       # Each Task repeats (reshuffled every pass, deterministically from the seed) and is
       # sampled by its rate. Repeating after the shuffle keeps its buffer to one pass.
-      streams = [self._task_examples(task, source, epoch).repeat()
-                 for (task, _), source in zip(self._tasks, self._sources)]
+      streams = [self._task_examples(task, source, epoch, index).repeat()
+                 for index, ((task, _), source) in enumerate(zip(self._tasks, self._sources))]
       rates = np.array([rate for _, rate in self._tasks], np.float64)
       ds = tf.data.Dataset.sample_from_datasets(streams, weights=list(rates / rates.sum()),
                                                 seed=epoch_seed(self.seed, epoch, "mixture"))
@@ -276,7 +314,8 @@ def input_pipeline(name: str, *, global_batch_size: int, split: str = "train", s
                    position: Mapping[str, Any] | None = None,
                    on_host_count_change: str = "error",
                    statistics_timeout_seconds: float = 3600.0,
-                   model_vocab_size: int | None = None) -> DataIterator:
+                   model_vocab_size: int | None = None,
+                   with_partners: bool = False) -> DataIterator:
   """This host's batches of a Task or Mixture registered with `dro_jax.data.tasks`.
 
   Args:
@@ -298,6 +337,10 @@ def input_pipeline(name: str, *, global_batch_size: int, split: str = "train", s
     model_vocab_size: the model's vocab_size (`T5Config.vocab_size`); a Task whose vocabulary
       has more pieces is refused (its ids would index past the embedding). The statistics warn
       about a high rate of unknown pieces in any case.
+    with_partners: batches also carry each example's fixed KTO partner, the next valid example
+      of its file with another prompt (cyclically): kl_decoder_input_tokens,
+      kl_decoder_target_tokens, kl_decoder_loss_weights and kl_example_id (single-trajectory
+      Tasks only).
   """
   if process_index is None or process_count is None:
     import jax  # Only for the defaults: the pipeline itself needs no JAX.
@@ -315,12 +358,14 @@ def input_pipeline(name: str, *, global_batch_size: int, split: str = "train", s
     raise ValueError(f"reward_mode={reward_mode!r} needs rewards; '{name}' is pairwise")
   if reward_mode == "thumbs" and sources[0].thumbs:
     raise ValueError(f"'{name}' already carries thumbs labels; use reward_mode='raw'")
+  if with_partners and sources[0].kind == PAIRWISE:
+    raise ValueError(f"with_partners gives KTO's mismatched responses; '{name}' is pairwise")
   iterator = DataIterator(
       name, split=split, global_batch_size=global_batch_size,
       feature_lengths=feature_lengths or default_feature_lengths(name), seed=seed,
       process_index=process_index, process_count=process_count, shuffle=shuffle,
       num_epochs=num_epochs, reward_mode=reward_mode, cache_dir=cache_dir,
-      statistics_timeout_seconds=statistics_timeout_seconds)
+      statistics_timeout_seconds=statistics_timeout_seconds, with_partners=with_partners)
   if position is not None:
     iterator.restore(position, on_host_count_change=on_host_count_change)
   return iterator

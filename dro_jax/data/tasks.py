@@ -15,12 +15,19 @@ With too_long="skip" or "error" an over-long record is skipped (counted) or repo
 
 Task features: "inputs" and "targets" (or "chosen" and "rejected") as token ids, "reward" float32
 and, for thumbs data, "label" int32 (1 up, 0 down); the converters in `converters.py` turn them into
-model batches.
+model batches. Every example also carries "example_id" (int64): (index of its file among the split's
+files in sorted order) << 32 | (its index among the file's adapter outputs), the same whatever the
+shuffling or the host count, so per-example values computed once (the frozen reference's log-probs,
+`reference_cache.py`) can be looked up by it. Within `with_partners()`, a single-trajectory example
+also carries its fixed KTO partner, the next valid example of the same file with another prompt
+(cyclically): "kl_targets" (the partner's response) and "kl_example_id".
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -46,6 +53,24 @@ _FIELD_OF_FEATURE = {"inputs": "prompt", "targets": "response", "chosen": "chose
                      "rejected": "rejected"}
 
 SourceSpec = str | Sequence[str] | Mapping[str, str | Sequence[str]]
+
+FILE_ID_SHIFT = 32  # example_id = file index << FILE_ID_SHIFT | index within the file
+PARTNER_KEYS = ("kl_targets", "kl_example_id")
+_WITH_PARTNERS = contextvars.ContextVar("dro_jax_with_partners", default=False)
+
+
+@contextlib.contextmanager
+def with_partners() -> Iterator[None]:
+  """Datasets made from FeedbackSources within it carry each example's fixed partner.
+
+  A context rather than an argument because seqio's Task.get_dataset passes the source nothing
+  of its own; the source reads it when the dataset is made, so iterating later is unaffected.
+  """
+  token = _WITH_PARTNERS.set(True)
+  try:
+    yield
+  finally:
+    _WITH_PARTNERS.reset(token)
 
 
 def load_vocabulary(vocabulary: str | seqio.Vocabulary, extra_ids: int = 0) -> seqio.Vocabulary:
@@ -125,12 +150,20 @@ class FeedbackSource(seqio.DataSource):
 
   @property
   def output_signature(self) -> dict[str, tf.TensorSpec]:
-    text = tf.TensorSpec((), tf.string)
+    text, example_id = tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int64)
     if self.kind == PAIRWISE:
-      return {"inputs": text, "chosen": text, "rejected": text}
-    signature = {"inputs": text, "targets": text, "reward": tf.TensorSpec((), tf.float32)}
+      return {"inputs": text, "chosen": text, "rejected": text, "example_id": example_id}
+    signature = {"inputs": text, "targets": text, "reward": tf.TensorSpec((), tf.float32),
+                 "example_id": example_id}
     if self.thumbs:
       signature["label"] = tf.TensorSpec((), tf.int32)
+    return signature
+
+  def _signature(self, partners: bool) -> dict[str, tf.TensorSpec]:
+    signature = self.output_signature
+    if partners:
+      signature.update(kl_targets=tf.TensorSpec((), tf.string),
+                       kl_example_id=tf.TensorSpec((), tf.int64))
     return signature
 
   def fingerprint(self, split: str) -> str:
@@ -146,21 +179,37 @@ class FeedbackSource(seqio.DataSource):
     return SkipReport(self._on_invalid, self._too_long)
 
   def examples(self, split: str, *, shard_info: seqio.ShardInfo | None = None,
-               file_seed: int | None = None, report: SkipReport | None = None) -> Iterator[dict]:
-    """Validated examples of this shard, in file order (files permuted by `file_seed`)."""
+               file_seed: int | None = None, report: SkipReport | None = None,
+               with_ids: bool = False, partners: bool = False) -> Iterator[dict]:
+    """Validated examples of this shard, in file order (files permuted by `file_seed`).
+
+    with_ids: add "example_id"; partners: add "kl_targets" and "kl_example_id" (the next valid
+    example of the same file with another prompt, cyclically; single-trajectory data only).
+    """
+    if partners and self.kind == PAIRWISE:
+      raise ValueError("partners are KTO's mismatched responses; pairwise data has none")
     files = self.list_shards(split)
+    file_index = {path: index for index, path in enumerate(sorted(files))}
     if file_seed is not None:
       random.Random(file_seed).shuffle(files)
     report = report or self.skip_report()
     index = 0
     for path in files:
-      for example in self._file_examples(path, report):
+      first_id = file_index[path] << FILE_ID_SHIFT
+      examples: Iterator[dict] = (
+          {**example, "example_id": first_id + row} if with_ids or partners else example
+          for row, example in self._file_examples(path, report))
+      if partners:
+        examples = _with_partners(examples)
+      for example in examples:
         if shard_info is None or index % shard_info.num_shards == shard_info.index:
           yield example
         index += 1
     report.log(f"{split} of {', '.join(files)}")
 
-  def _file_examples(self, path: str, report: SkipReport) -> Iterator[dict]:
+  def _file_examples(self, path: str, report: SkipReport) -> Iterator[tuple[int, dict]]:
+    """(index among the file's adapter outputs, valid or not; the example) of its valid ones."""
+    row = -1
     for raw in read_records(path, self._file_format):
       if raw.problem:
         report.problem(f"{raw.location}: {raw.problem}")
@@ -173,6 +222,7 @@ class FeedbackSource(seqio.DataSource):
       if not outputs:
         report.dropped()
       for output in outputs:
+        row += 1
         context = output.get(CONTEXT_KEY) if isinstance(output, Mapping) else None
         where = f"{raw.location}: {context}: " if context else f"{raw.location}: "
         try:
@@ -183,7 +233,7 @@ class FeedbackSource(seqio.DataSource):
         except RecordError as error:
           report.problem(f"{where}{error}", is_length=isinstance(error, _TooLong))
           continue
-        yield example
+        yield row, example
 
   def _check_lengths(self, example: Mapping[str, Any]) -> None:
     if self._too_long == "truncate":
@@ -201,13 +251,14 @@ class FeedbackSource(seqio.DataSource):
     del sequence_length, use_cached, num_epochs  # Handled by the Task.
     file_seed = (int(seed) if seed is not None else random.randrange(2**31)) if shuffle else None
 
-    signature = self.output_signature
+    partners = _WITH_PARTNERS.get()
+    signature = self._signature(partners)
 
     def generate() -> Iterator[dict[str, np.ndarray]]:
       self.last_error = None
       try:
-        yield from _columns(self.examples(split, shard_info=shard_info, file_seed=file_seed),
-                            signature)
+        yield from _columns(self.examples(split, shard_info=shard_info, file_seed=file_seed,
+                                          with_ids=True, partners=partners), signature)
       except DataError as error:
         self.last_error = error
         raise
@@ -215,6 +266,35 @@ class FeedbackSource(seqio.DataSource):
     # Chunks of examples cross into TensorFlow together: one Python call per example is slow.
     chunk_signature = {key: tf.TensorSpec((None,), spec.dtype) for key, spec in signature.items()}
     return tf.data.Dataset.from_generator(generate, output_signature=chunk_signature).unbatch()
+
+
+def _with_partners(examples: Iterator[dict]) -> Iterator[dict]:
+  """Each example with its partner: the next example of the file with ANOTHER prompt, cyclically.
+
+  "Another prompt" because datasets list a prompt's responses together (UltraFeedback's four),
+  and KTO's mismatched pairs estimate the KL from a response to some other prompt. Streams one
+  run of equal prompts at a time; a file with a single prompt pairs each response with the next.
+  """
+  run: list[dict] = []  # consecutive examples of one prompt, waiting for the next prompt
+  heads: list[dict] = []  # the first examples of the file's first two runs: the last run's partner
+  for example in examples:
+    if run and example["inputs"] != run[0]["inputs"]:
+      yield from (_partnered(member, example) for member in run)
+      run = []
+    if not run and len(heads) < 2:
+      heads.append(example)
+    run.append(example)
+  if not run:
+    return
+  partner = next((head for head in heads if head["inputs"] != run[0]["inputs"]), None)
+  if partner is None:
+    yield from (_partnered(member, run[(i + 1) % len(run)]) for i, member in enumerate(run))
+  else:
+    yield from (_partnered(member, partner) for member in run)
+
+
+def _partnered(example: dict, partner: Mapping[str, Any]) -> dict:
+  return {**example, "kl_targets": partner["targets"], "kl_example_id": partner["example_id"]}
 
 
 def _columns(examples: Iterator[dict[str, Any]], signature: Mapping[str, tf.TensorSpec],
