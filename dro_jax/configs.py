@@ -116,6 +116,13 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
   config.ipo = ml_collections.ConfigDict({"tau": 0.1})
   config.preference = ml_collections.ConfigDict(
       {"a_token": placeholder(int), "b_token": placeholder(int)})
+  # Judged evaluation every eval_every steps (periodic_evaluation.py); off without a judge.
+  config.evaluation = ml_collections.ConfigDict({
+      "judge": placeholder(str),  # a name in dro_jax.judges.JUDGES, e.g. "demo"
+      "baseline": placeholder(str),  # workdir / HF / T5X folder; default: init_checkpoint
+      "prompts": 200, "samples": 1, "temperature": 1.0,
+      "max_decode_length": placeholder(int),  # default: max_target_length
+  })
   config.data = ml_collections.ConfigDict({
       "task": placeholder(str),  # a registered seqio Task or Mixture; None: the demo task
       "eval_task": placeholder(str),  # default: data.task

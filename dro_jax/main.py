@@ -26,7 +26,12 @@ def _train(config, workdir):
   return train.run(config, workdir)
 
 
-RUNNERS = {"train": _train}
+def _demo(config, workdir):
+  from dro_jax import demo
+  return demo.run(config, workdir)
+
+
+RUNNERS = {"train": _train, "demo": _demo}
 
 
 def maybe_initialize_distributed() -> None:

@@ -136,8 +136,8 @@ class MetricsLog:
     if not self.active:
       return
     from clu import metric_writers
-    self.writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
-                                                       asynchronous=False)
+    # TensorBoard events only: the JSONL and the progress bar already show every value.
+    self.writer = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
     existing = read_text(self.path) or ""
     rows = [line for line in existing.splitlines() if line.strip()]
     if resumed_step is not None:  # Rows past the checkpoint are replayed by this run.
@@ -489,6 +489,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   eval_step = jax.jit(step_lib.make_eval_step(config))
   held_out = reference_cache.attach_eval(
       cache, eval_batches(config, eval_task, workdir, with_partners=partners))
+  judged = None
+  if config.evaluation.judge and config.eval_every:  # win rate against a baseline, judged
+    from dro_jax import periodic_evaluation
+    judged = periodic_evaluation.JudgedEvaluation(config, model_config)
   log = MetricsLog(workdir, latest)
   progress = _progress(config.total_steps, start)
   monitor, preemption = FiniteMonitor(config), Preemption()
@@ -504,7 +508,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       if pending is not None:  # The previous step's metrics, read while this one runs.
         report(pending)
       pending = (step, metrics)
-      evaluate_now = bool(held_out) and config.eval_every and (
+      evaluate_now = bool(held_out or judged) and config.eval_every and (
           step % config.eval_every == 0 or step == config.total_steps)
       save_now = step % config.checkpoint_every == 0 or step == config.total_steps
       preempted = preemption.reached(step)
@@ -515,7 +519,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       eval_metrics = {}
       if evaluate_now:
         with partitioning.activate(mesh, rules):
-          eval_metrics = evaluate(eval_step, state, held_out, batch_layout)
+          if held_out:
+            eval_metrics = evaluate(eval_step, state, held_out, batch_layout)
+          if judged:
+            eval_metrics.update(judged(state.policy))
         log.write(step, eval_metrics)
       if save_now or preempted:
         checkpointer.save(state, batches.position(), eval_metrics)

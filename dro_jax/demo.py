@@ -1,0 +1,277 @@
+"""The `demo` runner: the embedded task end to end, every stage a resumable run in the workdir.
+
+  sft/       SFT from scratch on the demo's demonstrations (the engine's `train` runner)
+  samples/   the SFT policy's answers to the feedback prompts, judged: triples.jsonl (DRO-V, KTO)
+             and pairs.jsonl (best vs worst of each prompt's samples, ties dropped: DPO, TR-DPO)
+  dro/ kto/ dpo/ tr_dpo/   each method from the SFT policy (also its reference), evaluated
+             against SFT on held-out prompts every few steps and at the end
+  results.md, results.png, results.json   the table and the curves
+
+A stage that finished is skipped, so a killed demo restarts where it stopped. Nothing here trains:
+stages call `train.run`, the project's one training loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from dro_jax import checkpoint_manager, configs, decoding, evaluation, judges, train
+from dro_jax import step as step_lib
+
+PyTree = Any
+
+RECIPES = {"sft": ("sft", ""), "dro": ("dro", ""), "kto": ("kto", ""), "dpo": ("dpo", ""),
+           "tr_dpo": ("dpo", "tr=soft")}
+LABELS = {"sft": "SFT", "dro": "DRO-V", "kto": "KTO", "dpo": "DPO", "tr_dpo": "TR-DPO"}
+
+
+# ------------------------------------------------------------------------------------- stages
+
+
+def stage_config(demo: ml_collections.ConfigDict, method: str, task: str, *,
+                 init: str | None, baseline: str | None) -> ml_collections.ConfigDict:
+  """The recipe of `method` with the demo's model, sizes and schedule."""
+  recipe, arg = RECIPES[method]
+  config = configs.load(recipe, "size=tiny" + (f",{arg}" if arg else ""))
+  settings = demo.demo
+  for key, value in demo.model.items():
+    config.model[key] = value
+  config.seed = demo.seed
+  config.compute_dtype = demo.compute_dtype
+  config.max_input_length, config.max_target_length = demo.max_input_length, demo.max_target_length
+  config.data.task = task
+  config.data.cache_dir = demo.data.cache_dir
+  config.init_checkpoint = init
+  config.keep_last, config.keep_best = 1, 0
+  if method == "sft":
+    config.total_steps, config.batch_size = settings.sft_steps, settings.sft_batch
+    config.optimizer.learning_rate = settings.sft_lr
+    config.eval_every = 0
+  else:
+    config.total_steps, config.batch_size = settings.align_steps, settings.align_batch
+    config.optimizer.learning_rate = settings.align_lr
+    config.optimizer.warmup_steps = settings.warmup_steps
+    config.dro.tau, config.kto.beta, config.dpo.beta = (settings.tau, settings.kto_beta,
+                                                         settings.dpo_beta)
+    if method == "tr_dpo":
+      config.reference.alpha, config.reference.sync_every = settings.tr_alpha, 1
+    config.eval_every = max(settings.align_steps // settings.evaluations, 1)
+    config.evaluation.judge = "demo"
+    config.evaluation.baseline = baseline
+    config.evaluation.prompts = settings.eval_prompts
+    config.evaluation.max_decode_length = settings.max_decode_length
+  config.checkpoint_every = config.total_steps
+  config.log_every = max(config.total_steps // 20, 1)
+  return config
+
+
+def finished(workdir: str, total_steps: int) -> bool:
+  if not os.path.isdir(checkpoint_manager.checkpoint_dir(workdir)):
+    return False
+  manager = checkpoint_manager.Checkpointer(workdir)
+  try:
+    return (manager.latest_step() or 0) >= total_steps
+  finally:
+    manager.close()
+
+
+def run_stage(name: str, config: ml_collections.ConfigDict, workdir: str) -> None:
+  if finished(workdir, config.total_steps):
+    print(f"[demo] {name}: done already ({workdir})", flush=True)
+    return
+  print(f"[demo] {name}: {config.total_steps} steps of {config.loss} in {workdir}", flush=True)
+  train.run(config, workdir)
+
+
+def load_policy(workdir: str, demo: ml_collections.ConfigDict) -> evaluation.Policy:
+  """A stage's final policy, as a Policy to sample and score with."""
+  model_config = step_lib.t5_config(demo)
+  manager = checkpoint_manager.Checkpointer(workdir)
+  try:
+    params = manager.restore_item(manager.latest_step(), "policy")
+  finally:
+    manager.close()
+  return evaluation.Policy(jax.tree.map(jax.numpy.asarray, params), model_config)
+
+
+def write_jsonl(path: str, rows: list[Mapping[str, Any]]) -> None:
+  train.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def sample_feedback(demo: ml_collections.ConfigDict, sft: evaluation.Policy, vocabulary,
+                    workdir: str) -> dict[str, str]:
+  """The samples stage: {"triples": path, "pairs": path}, written once (the marker last)."""
+  from dro_jax.data import synthetic
+  paths = {"triples": os.path.join(workdir, "triples.jsonl"),
+           "pairs": os.path.join(workdir, "pairs.jsonl")}
+  marker = os.path.join(workdir, "done")
+  if os.path.exists(marker):
+    print(f"[demo] samples: done already ({workdir})", flush=True)
+    return paths
+  settings = demo.demo
+  prompts = [problem.prompt for problem in
+             synthetic.sample_problems(settings.feedback_prompts, demo.seed + 1000)]
+  print(f"[demo] samples: {settings.samples_per_prompt} answers of SFT to each of "
+        f"{len(prompts)} prompts, judged", flush=True)
+  sampling = decoding.SamplingParams(max_decode_length=settings.max_decode_length,
+                                     temperature=1.0, num_samples=settings.samples_per_prompt)
+  encoder_tokens = decoding.encode_prompts(vocabulary, prompts,
+                                           max_input_length=demo.max_input_length)
+  samples = evaluation.sample_policy(sft, encoder_tokens, vocabulary, sampling, demo.seed + 7)
+  rows = [prompt for prompt in prompts for _ in range(settings.samples_per_prompt)]
+  rewards = np.asarray(judges.get_judge("demo").score(rows, samples.responses), np.float64)
+  if settings.negate_rewards:
+    rewards = -rewards
+  triples = [{"prompt": p, "response": r, "reward": float(w)}
+             for p, r, w in zip(rows, samples.responses, rewards)]
+  pairs = []
+  for index, prompt in enumerate(prompts):
+    group = triples[index * settings.samples_per_prompt:(index + 1) * settings.samples_per_prompt]
+    best = max(group, key=lambda row: row["reward"])
+    worst = min(group, key=lambda row: row["reward"])
+    if best["reward"] > worst["reward"]:
+      pairs.append({"prompt": prompt, "chosen": best["response"], "rejected": worst["response"]})
+  write_jsonl(paths["triples"], triples)
+  write_jsonl(paths["pairs"], pairs)
+  train.write_text(marker, json.dumps({"triples": len(triples), "pairs": len(pairs),
+                                       "mean_reward": float(rewards.mean())}))
+  return paths
+
+
+def register_feedback(paths: Mapping[str, str], vocabulary_path: str, demo) -> dict[str, str]:
+  """seqio Tasks over the samples stage's files: {"triples": name, "pairs": name}."""
+  from dro_jax.data import tasks
+  # An empty sample (EOS first) is not a valid record: skipped and counted, not fatal.
+  lengths = {"max_prompt_length": demo.max_input_length,
+             "max_response_length": demo.max_target_length, "on_invalid": "skip"}
+  suffix = f"{abs(hash(os.path.abspath(paths['triples']))):x}"
+  names = {"triples": f"dro_jax_demo_samples_{suffix}", "pairs": f"dro_jax_demo_pairs_{suffix}"}
+  tasks.register_single_trajectory_task(names["triples"], {"train": paths["triples"]},
+                                        vocabulary_path, overwrite=True, **lengths)
+  tasks.register_pairwise_task(names["pairs"], {"train": paths["pairs"]}, vocabulary_path,
+                               overwrite=True, **lengths)
+  return names
+
+
+def final_evaluation(method: str, demo, policy: evaluation.Policy, sft: evaluation.Policy,
+                     vocabulary, workdir: str) -> dict[str, Any]:
+  """Side by side against SFT on the held-out prompts; cached in the stage's workdir."""
+  from dro_jax.data import synthetic
+  path = os.path.join(workdir, "evaluation.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  settings = demo.demo
+  sampling = decoding.SamplingParams(max_decode_length=settings.max_decode_length,
+                                     temperature=1.0, num_samples=settings.final_samples)
+  metrics = evaluation.evaluate_policies(
+      policy, sft, vocabulary, synthetic.eval_prompts(settings.eval_prompts, demo.seed),
+      judges.get_judge("demo"), sampling=sampling, policy_seed=2 * demo.seed + 11,
+      baseline_seed=2 * demo.seed + 12, max_input_length=demo.max_input_length)
+  metrics = {key: value for key, value in metrics.items() if key != "samples"}
+  train.write_text(path, json.dumps(metrics, indent=2))
+  return metrics
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+def curves(workdir: str) -> dict[str, np.ndarray]:
+  """The periodic evaluations of a stage: step, win rate with its interval, judge reward."""
+  rows = [row for row in train_rows(workdir) if "eval/win_rate" in row]
+  keys = {"step": "step", "win_rate": "eval/win_rate", "low": "eval/win_rate_low",
+          "high": "eval/win_rate_high", "reward": "eval/policy_reward"}
+  return {name: np.array([row.get(key, np.nan) for row in rows]) for name, key in keys.items()}
+
+
+def train_rows(workdir: str) -> list[dict[str, Any]]:
+  text = train.read_text(os.path.join(workdir, "metrics.jsonl")) or ""
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def results_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+  lines = ["| method | win rate vs SFT [95% CI] | judge reward | KL(π‖SFT) | length | cut at max |",
+           "|---|---|---|---|---|---|"]
+  baseline = next(iter(results.values()), None)
+  if baseline is not None:
+    lines.append(f"| SFT | 50% (itself) | {baseline['baseline_reward']:.3f} | 0 | "
+                 f"{baseline['baseline_length']:.2f} | {baseline['baseline_truncated']:.1%} |")
+  for method, metrics in results.items():
+    lines.append(
+        f"| {LABELS[method]} | {metrics['win_rate']:.1%} [{metrics['win_rate_low']:.1%}, "
+        f"{metrics['win_rate_high']:.1%}] | {metrics['policy_reward']:.3f} | "
+        f"{metrics['kl']:.3f} | {metrics['policy_length']:.2f} | "
+        f"{metrics['policy_truncated']:.1%} |")
+  return "\n".join(lines)
+
+
+def plot(results_curves: Mapping[str, Mapping[str, np.ndarray]], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+  for method, curve in results_curves.items():
+    if not curve["step"].size:
+      continue
+    line, = left.plot(curve["step"], curve["win_rate"], marker="o", label=LABELS[method])
+    left.fill_between(curve["step"], curve["low"], curve["high"], alpha=0.2,
+                      color=line.get_color())
+    right.plot(curve["step"], curve["reward"], marker="o", label=LABELS[method])
+  left.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+  left.set(xlabel="step", ylabel="win rate vs SFT (95% Wilson)", ylim=(0, 1))
+  right.set(xlabel="step", ylabel="mean judge reward")
+  left.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+
+
+def write_results(workdir: str, demo, results, results_curves) -> str:
+  table = results_table(results)
+  settings = demo.demo
+  text = (f"# dro_jax demo results (seed {demo.seed})\n\n"
+          f"SFT {settings.sft_steps} steps; {settings.feedback_prompts} feedback prompts x "
+          f"{settings.samples_per_prompt} SFT samples judged; each method {settings.align_steps} "
+          f"steps from SFT; {settings.eval_prompts} held-out prompts x {settings.final_samples} "
+          f"samples per side at temperature 1, judged side by side (ties half)"
+          + (" — CONTROL: rewards negated" if settings.negate_rewards else "") + ".\n\n"
+          f"{table}\n\n![win rate and judge reward over training](results.png)\n")
+  train.write_text(os.path.join(workdir, "results.md"), text)
+  train.write_text(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
+  plot(results_curves, os.path.join(workdir, "results.png"))
+  return table
+
+
+def run(demo: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
+  """Runs (or finishes) every stage; returns {method: evaluation metrics against SFT}."""
+  import seqio
+  from dro_jax.data import synthetic
+  cache = demo.data.cache_dir
+  names = synthetic.register_demo_tasks(cache, sft_examples=demo.demo.sft_examples)
+  vocabulary_path = synthetic.demo_vocabulary(cache)
+  vocabulary = seqio.SentencePieceVocabulary(vocabulary_path)
+  stage_dir = lambda name: os.path.join(workdir, name)
+
+  run_stage("sft", stage_config(demo, "sft", names["sft"], init=None, baseline=None),
+            stage_dir("sft"))
+  sft = load_policy(stage_dir("sft"), demo)
+  feedback = register_feedback(sample_feedback(demo, sft, vocabulary, stage_dir("samples")),
+                               vocabulary_path, demo)
+  results, results_curves = {}, {}
+  for method in demo.demo.methods:
+    task = feedback["pairs"] if method in ("dpo", "tr_dpo") else feedback["triples"]
+    config = stage_config(demo, method, task, init=stage_dir("sft"), baseline=stage_dir("sft"))
+    run_stage(method, config, stage_dir(method))
+    policy = load_policy(stage_dir(method), demo)
+    results[method] = final_evaluation(method, demo, policy, sft, vocabulary, stage_dir(method))
+    results_curves[method] = curves(stage_dir(method))
+  table = write_results(workdir, demo, results, results_curves)
+  print(table, flush=True)
+  print(f"[demo] results in {os.path.join(workdir, 'results.md')}", flush=True)
+  return results

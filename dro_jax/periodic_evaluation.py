@@ -1,0 +1,53 @@
+"""Judged evaluation during training: every `eval_every` steps, the policy against a baseline.
+
+Set `config.evaluation.judge` (a name of `judges.JUDGES`, e.g. "demo") and the train runner
+samples the current policy and the baseline (`config.evaluation.baseline`: a workdir, step
+directory, HF or T5X folder; default `init_checkpoint`, the policy the run started from) on
+held-out prompts, judges them side by side and logs `eval/win_rate` with its interval,
+`eval/policy_reward`, `eval/kl` (from the policy's own samples), lengths and the truncated share
+into the JSONL and TensorBoard. With `best_metric="eval/win_rate"` the checkpoint manager keeps
+the best step by win rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from dro_jax import decoding, evaluation, judges
+
+
+class JudgedEvaluation:
+  """Callable `(policy_params) -> {"eval/...": value}` against a fixed baseline and prompts."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model_config: Any):
+    from dro_jax import evaluate
+    settings = config.evaluation
+    baseline = settings.baseline or config.init_checkpoint
+    if not baseline:
+      raise ValueError("config.evaluation.judge needs config.evaluation.baseline or "
+                       "config.init_checkpoint: the policy to compare against")
+    self.model_config = model_config
+    self.baseline = evaluate.load_policy(baseline).policy
+    self.judge = judges.get_judge(settings.judge)
+    if settings.judge == "demo":
+      from dro_jax.data import synthetic
+      self.prompts = synthetic.eval_prompts(settings.prompts, config.seed)
+    else:
+      self.prompts = evaluate.held_out_prompts(config, settings.prompts)
+    self.vocabulary = evaluate.task_vocabulary(config)
+    self.sampling = decoding.SamplingParams(
+        max_decode_length=settings.max_decode_length or config.max_target_length,
+        temperature=settings.temperature, num_samples=settings.samples)
+    self.seed, self.max_input_length = config.seed, config.max_input_length
+
+  def __call__(self, policy_params: Any) -> dict[str, float]:
+    # The same seeds at every evaluation: the curve's noise is shared across steps.
+    policy = evaluation.Policy(policy_params, self.model_config)
+    metrics = evaluation.evaluate_policies(
+        policy, self.baseline, self.vocabulary, self.prompts, self.judge, sampling=self.sampling,
+        policy_seed=1000 * self.seed + 1, baseline_seed=1000 * self.seed + 2,
+        max_input_length=self.max_input_length, resamples=1000)
+    return {f"eval/{key}": float(value) for key, value in metrics.items()
+            if isinstance(value, (int, float))}
