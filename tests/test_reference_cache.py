@@ -156,19 +156,25 @@ def test_the_cache_gives_the_losses_of_the_reference_scored_in_the_step(
 
 def test_a_resumed_run_keeps_its_cache(demo_cache, tmp_path, capsys):
   workdir = str(tmp_path)
-  train.run(small("dro_p", demo_cache, "auto", steps=2), workdir)
+
+  def config(steps: int, mode: str = "auto"):
+    config = small("dro_p", demo_cache, mode, steps=steps)
+    config.eval_every, config.checkpoint_every = 0, 1
+    return config
+
+  train.run(config(1), workdir)
   assert "reference cache: train" in capsys.readouterr().out
   folder = tmp_path / "reference_cache"
   stored = {path.name: path.stat().st_mtime_ns for path in folder.glob("*.npz")}
-  assert sorted(name.split("-")[0] for name in stored) == ["eval", "train"]
-  state = train.run(small("dro_p", demo_cache, "auto", steps=3), workdir)
+  assert [name.split("-")[:2] for name in stored] == [["train", "single"]]
+  state = train.run(config(2), workdir)
   out = capsys.readouterr().out
-  assert "resumed from step 2" in out and "reference cache: train" not in out
-  assert int(state.step) == 3 and state.reference is None
+  assert "resumed from step 1" in out and "reference cache: train" not in out
+  assert int(state.step) == 2 and state.reference is None
   assert {path.name: path.stat().st_mtime_ns for path in folder.glob("*.npz")} == stored
   # Without the cache the checkpoint would have no reference to restore: refused, by name.
   with pytest.raises(ValueError, match="holds no reference parameters.*reference_cache='auto'"):
-    train.run(small("dro_p", demo_cache, "off", steps=4), workdir)
+    train.run(config(3, "off"), workdir)
 
 
 def test_a_trust_region_refuses_the_cache(demo_cache, tmp_path):
