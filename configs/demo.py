@@ -8,7 +8,8 @@ from those single-trajectory triples, DPO and TR-DPO from best-vs-worst pairs of
 samples; each is judged side by side against SFT on held-out prompts. Stages live in
 <workdir>/{sft,samples,dro,kto,dpo,tr_dpo} and resume; <workdir>/results.md has the table and
 plot. Args (comma-separated k=v): seed, scale (a factor on every step count, e.g. 0.25 for a
-quick run), negate (1: the judge's rewards negated, a control that must make DRO-V worse).
+quick run), negate (1: the judge's rewards negated, a control that must make DRO-V worse),
+methods (joined by "+", e.g. methods=dro+kto).
 """
 
 import ml_collections
@@ -17,7 +18,12 @@ from dro_jax import configs
 
 
 def get_config(arg=None):
-  args = configs.parse_arg(arg, "demo", seed=0, scale=1.0, negate=0)
+  args = configs.parse_arg(arg, "demo", seed=0, scale=1.0, negate=0, methods="dro+kto+dpo+tr_dpo")
+  methods = tuple(args.methods.split("+"))
+  unknown = sorted(set(methods) - {"dro", "kto", "dpo", "tr_dpo"})
+  if unknown:
+    raise ValueError(f"configs/demo.py: arg methods: unknown {unknown}; choose from dro, kto, "
+                     f"dpo, tr_dpo")
   config = configs.base_config("dro", args)
   config.runner = "demo"
   config.seed = args.seed
@@ -27,6 +33,7 @@ def get_config(arg=None):
   config.model.num_encoder_layers = config.model.num_decoder_layers = 2
   config.model.mlp_dim = 384
   config.compute_dtype = "float32"
+  config.mesh_shape = (1, 1, 1)  # one device: a model this small only slows down when split
   config.max_input_length, config.max_target_length = 16, 12
   scale = args.scale
   config.demo = ml_collections.ConfigDict({
@@ -37,7 +44,7 @@ def get_config(arg=None):
       "warmup_steps": 40, "evaluations": 4,
       "eval_prompts": max(int(400 * scale), 32), "final_samples": 2,
       "tau": 1.0, "kto_beta": 1.0, "dpo_beta": 0.5, "tr_alpha": 0.6,
-      "methods": ("dro", "kto", "dpo", "tr_dpo"),
+      "methods": methods,
       "negate_rewards": bool(args.negate),
       "max_decode_length": 12,
   })

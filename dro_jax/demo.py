@@ -49,6 +49,7 @@ def stage_config(demo: ml_collections.ConfigDict, method: str, task: str, *,
   config.data.cache_dir = demo.data.cache_dir
   config.init_checkpoint = init
   config.keep_last, config.keep_best = 1, 0
+  config.mesh_shape = demo.mesh_shape
   if method == "sft":
     config.total_steps, config.batch_size = settings.sft_steps, settings.sft_batch
     config.optimizer.learning_rate = settings.sft_lr
@@ -248,13 +249,18 @@ def write_results(workdir: str, demo, results, results_curves) -> str:
   return table
 
 
+def synthetic_tasks(demo: ml_collections.ConfigDict) -> dict[str, str]:
+  """The demo task's seqio Tasks (its demonstrations for SFT among them), registered."""
+  from dro_jax.data import synthetic
+  return synthetic.register_demo_tasks(demo.data.cache_dir, sft_examples=demo.demo.sft_examples)
+
+
 def run(demo: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
   """Runs (or finishes) every stage; returns {method: evaluation metrics against SFT}."""
   import seqio
   from dro_jax.data import synthetic
-  cache = demo.data.cache_dir
-  names = synthetic.register_demo_tasks(cache, sft_examples=demo.demo.sft_examples)
-  vocabulary_path = synthetic.demo_vocabulary(cache)
+  names = synthetic_tasks(demo)
+  vocabulary_path = synthetic.demo_vocabulary(demo.data.cache_dir)
   vocabulary = seqio.SentencePieceVocabulary(vocabulary_path)
   stage_dir = lambda name: os.path.join(workdir, name)
 

@@ -32,12 +32,15 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MESH_AXES,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh of `shape` (one -1 entry takes the remaining devices) over all devices."""
+  """A mesh of `shape` over the devices: one -1 entry takes the remaining ones; a shape
+  without -1 that needs fewer devices than there are takes the first ones."""
   devices = list(jax.devices() if devices is None else devices)
   shape = list(shape)
   if shape.count(-1) > 1:
     raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1")
   known = int(np.prod([s for s in shape if s != -1]))
+  if -1 not in shape and known < len(devices):
+    devices = devices[:known]
   if -1 in shape:
     if len(devices) % known:
       raise ValueError(f"mesh shape {tuple(shape)} does not divide {len(devices)} devices")
