@@ -1,224 +1,159 @@
-"""Compile time and step time of one jitted train step per loss on a T5 preset (tiny by default).
+"""Compile time and step time of the engine's train step per loss on a T5 preset (tiny by default).
 
-Each step scores what its loss needs (policy with gradient; reference without; the value
-network for DRO-V), takes the gradient, applies the optimizer (Adafactor, the project default;
-the 1/τ policy-update scale for DRO) and the reference update, with the state donated.
-Prints one table row per loss.
+Each row is the step `train.run` trains with: the recipe `configs/<loss>.py` (its optimizer,
+reference rule and loss settings), the state from the engine's init, the step jitted by
+`train.compile_step` (shardings over the mesh, state donated), here fed one synthetic batch so
+that only the step is measured; a loss with a reference scores it inside the step. Prints one
+table row per loss: compile seconds (tracing included), median step milliseconds, and the loss
+after the timed steps.
 
-  python benchmarks/loss_steps.py                      # tiny T5, CPU
-  python benchmarks/loss_steps.py --batch 16 --repeats 50
+  python benchmarks/loss_steps.py                      # tiny T5, 1 layer, CPU: about 45 s
+  python benchmarks/loss_steps.py --batch 16 --repeats 50 --microbatches 4
+  python benchmarks/loss_steps.py --size small --losses dro,kto --mesh 1,-1,1   # on accelerators
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
+from jax.sharding import Mesh
 
-from dro_jax import losses, optim, reference, scoring
+from dro_jax import configs, partitioning, step as step_lib, train
 from dro_jax.models import t5 as t5_lib
-from dro_jax.models import value as value_lib
+from dro_jax.state import TrainState
 
-A_TOKEN, B_TOKEN = 3, 4  # the preference model's label tokens
+A_TOKEN, B_TOKEN = 3, 4  # the preference model's label tokens in the synthetic batch
+
+# Row name -> (recipe, recipe arg). TR-DPO is DPO with the soft trust region (α = 0.6 every step).
+ROWS: dict[str, tuple[str, str]] = {
+    "sft": ("sft", ""), "dpo": ("dpo", ""), "tr_dpo": ("dpo", "tr=soft"), "ipo": ("ipo", ""),
+    "kto": ("kto", ""), "dro": ("dro", ""), "dro:double_single": ("dro", "value=double_single"),
+    "dro:single_multiple": ("dro", "value=single_multiple"),
+    "dro:single_single": ("dro", "value=single_single"), "dro_p": ("dro_p", ""),
+    "reward_model": ("reward_model", ""), "preference_model": ("preference_model", ""),
+}
 
 
-def make_batch(config: t5_lib.T5Config, batch: int, source: int, target: int,
-               seed: int = 0) -> dict[str, jax.Array]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add = parser.add_argument
+  add("--size", default="tiny", help="the recipes' size arg: tiny, small, base, large, xl, xxl")
+  add("--family", default="t5_1_1", help="t5_1_1, flan_t5 or t5_1_0")
+  add("--layers", type=int, default=None,
+      help="encoder and decoder layers each; 0: the preset's. Default: 1 at size tiny (half the "
+           "compile time of its 2, which keeps the default run under a minute on two CPU "
+           "cores), else the preset's")
+  add("--batch", type=int, default=8)
+  add("--microbatches", type=int, default=1, help="config.num_microbatches")
+  add("--mesh", default="-1,1,1", help="config.mesh_shape (data, fsdp, model)")
+  add("--source_length", type=int, default=32)
+  add("--target_length", type=int, default=32)
+  add("--repeats", type=int, default=20)
+  add("--losses", default=",".join(ROWS), help=f"comma-separated rows of {sorted(ROWS)}")
+  args = parser.parse_args(argv)
+  if args.layers is None:
+    args.layers = 1 if args.size == "tiny" else 0
+  return args
+
+
+def make_batch(vocab_size: int, batch: int, source: int, target: int,
+               seed: int = 0) -> dict[str, np.ndarray]:
+  """Every key any loss reads: random tokens, one padded sequence and one zero-weight example.
+
+  No `label`: KTO then takes desirable = reward above the batch mean, as on the demo feedback.
+  """
   rng = np.random.default_rng(seed)
 
   def tokens(length: int) -> np.ndarray:
-    array = rng.integers(2, config.vocab_size, size=(batch, length)).astype(np.int32)
+    array = rng.integers(5, vocab_size, size=(batch, length)).astype(np.int32)
     array[0, length // 2:] = 0  # one padded sequence
     return array
 
-  def shift(t: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.zeros((batch, 1), np.int32), t[:, :-1]], axis=1)
-
-  chosen, rejected = tokens(target), tokens(target)
+  arrays = {"encoder_input_tokens": tokens(source)}
+  for prefix in ("", "chosen_", "rejected_"):
+    targets = tokens(target)
+    arrays[f"{prefix}decoder_target_tokens"] = targets
+    arrays[f"{prefix}decoder_input_tokens"] = np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+    arrays[f"{prefix}decoder_loss_weights"] = (targets > 0).astype(np.float32)
+  arrays["reward"] = rng.normal(size=batch).astype(np.float32)
   weights = np.ones(batch, np.float32)
   weights[-1] = 0.0  # one padding example
-  arrays = {
-      "encoder_input_tokens": tokens(source),
-      "decoder_target_tokens": chosen, "decoder_input_tokens": shift(chosen),
-      "chosen_decoder_target_tokens": chosen, "chosen_decoder_input_tokens": shift(chosen),
-      "rejected_decoder_target_tokens": rejected,
-      "rejected_decoder_input_tokens": shift(rejected),
-      "reward": rng.normal(size=batch).astype(np.float32),
-      "label": (rng.uniform(size=batch) > 0.5).astype(np.float32),
-      "example_weights": weights,
-  }
-  return {k: jnp.asarray(v) for k, v in arrays.items()}
+  arrays["example_weights"] = weights
+  return arrays
 
 
-def _score(model, params, batch, suffix=""):
-  return scoring.score(model, params, batch["encoder_input_tokens"],
-                       batch[f"{suffix}decoder_input_tokens"],
-                       batch[f"{suffix}decoder_target_tokens"])
+def row_config(name: str, args: argparse.Namespace) -> ml_collections.ConfigDict:
+  """The row's recipe with the benchmark's batch, mesh and microbatches; no warm-up."""
+  recipe, extra = ROWS[name]
+  config = configs.load(recipe, ",".join(
+      part for part in (f"size={args.size}", f"family={args.family}", extra) if part))
+  config.batch_size = args.batch
+  config.num_microbatches = args.microbatches
+  config.mesh_shape = tuple(int(part) for part in args.mesh.split(","))
+  config.max_input_length, config.max_target_length = args.source_length, args.target_length
+  config.optimizer.warmup_steps = 0  # a warm-up would make the first steps' updates zero
+  if args.layers:
+    config.model.num_encoder_layers = config.model.num_decoder_layers = args.layers
+  if config.loss == "preference_model":
+    config.preference.a_token, config.preference.b_token = A_TOKEN, B_TOKEN
+  return config
 
 
-def _mismatched(batch):
-  """(x_i, y_{i+1 mod m}) for KTO's reference point."""
-  return {**batch, "decoder_input_tokens": jnp.roll(batch["decoder_input_tokens"], -1, 0),
-          "decoder_target_tokens": jnp.roll(batch["decoder_target_tokens"], -1, 0)}
+@dataclasses.dataclass
+class Row:
+  """One loss's config, mesh and state layout: everything but the state itself."""
+  config: ml_collections.ConfigDict
+  model_config: t5_lib.T5Config
+  mesh: Mesh
+  rules: tuple[tuple[str, Any], ...]
+  abstract: TrainState  # of ShapeDtypeStructs
+  shardings: TrainState  # of NamedShardings
 
 
-def policy_loss_fn(name: str, model, value_fn) -> Callable:
-  """loss(params, ref_params, batch) -> (scalar, metrics) for the policy losses."""
-
-  def loss(params, ref_params, batch):
-    weights = batch["example_weights"]
-    ref_params = jax.lax.stop_gradient(ref_params)
-    if name in ("dpo", "ipo", "tr_dpo"):
-      policy = scoring.score_pairs(model, params["policy"], batch)
-      ref = scoring.score_pairs(model, ref_params, batch)
-      args = (policy["chosen_logps"], policy["rejected_logps"], ref["chosen_logps"],
-              ref["rejected_logps"])
-      if name == "ipo":
-        per_example, metrics = losses.ipo_loss(
-            *args, tau=0.1, chosen_lengths=policy["chosen_lengths"],
-            rejected_lengths=policy["rejected_lengths"], weights=weights)
-      else:
-        per_example, metrics = losses.dpo_loss(*args, beta=0.1, weights=weights)
-    elif name == "kto":
-      policy = _score(model, params["policy"], batch)["logps"]
-      ref = _score(model, ref_params, batch)["logps"]
-      mismatched = _mismatched(batch)
-      policy_kl = jax.lax.stop_gradient(_score(model, params["policy"], mismatched)["logps"])
-      ref_kl = _score(model, ref_params, mismatched)["logps"]
-      desirable = losses.above_mean_reward(batch["reward"], weights)
-      per_example, metrics = losses.kto_loss(policy, ref, policy_kl, ref_kl, desirable, beta=0.1,
-                                             weights=weights)
-    elif name.startswith("dro"):
-      policy = _score(model, params["policy"], batch)["logps"]
-      ref = _score(model, ref_params, batch)["logps"]
-      if name == "dro_p":
-        per_example, metrics = losses.dro_p_loss(policy, ref, batch["reward"], tau=1.0,
-                                                 weights=weights)
-      else:
-        values = value_fn(params["value"], params["policy"], batch["encoder_input_tokens"])
-        per_example, metrics = losses.dro_loss(policy, ref, values, batch["reward"], tau=1.0,
-                                               weights=weights)
-    elif name == "sft":
-      scores = _score(model, params["policy"], batch)
-      per_example, metrics = losses.sft_loss(scores["token_logps"],
-                                             batch["decoder_target_tokens"] > 0, weights=weights)
-    else:
-      raise ValueError(name)
-    return losses.reduce_loss(per_example, weights), metrics
-
-  return loss
+def plan(name: str, args: argparse.Namespace) -> Row:
+  config = row_config(name, args)
+  model_config = step_lib.t5_config(config)
+  mesh = partitioning.mesh_from_config(config)
+  rules = partitioning.rules_from_config(config)
+  partitioning.validate(mesh, batch_size=config.batch_size,
+                        num_microbatches=config.num_microbatches,
+                        num_heads=model_config.num_heads)
+  abstract, shardings = train.state_layout(config, model_config, mesh, rules)
+  return Row(config, model_config, mesh, rules, abstract, shardings)
 
 
-def judge_loss_fn(name: str, model, reward_network) -> Callable:
-  """Reward model (Bradley-Terry, encoder + head over prompt ‖ response) and pairwise judge."""
+def build(row: Row) -> TrainState:
+  """The row's initial state from the engine's init function.
 
-  def loss(params, ref_params, batch):
-    del ref_params
-    weights = batch["example_weights"]
-    prompt = batch["encoder_input_tokens"]
-    chosen = batch["chosen_decoder_target_tokens"]
-    rejected = batch["rejected_decoder_target_tokens"]
-    if name == "reward_model":
-      both = jnp.concatenate([jnp.concatenate([prompt, chosen], 1),
-                              jnp.concatenate([prompt, rejected], 1)], 0)
-      rewards = reward_network.apply({"params": params["policy"]}, both)
-      chosen_rewards, rejected_rewards = jnp.split(rewards, 2)
-      per_example, metrics = losses.reward_model_loss(chosen_rewards, rejected_rewards,
-                                                       weights=weights)
-    else:
-      first = jnp.concatenate([prompt, chosen, rejected], 1)
-      swapped = jnp.concatenate([prompt, rejected, chosen], 1)
-      inputs = jnp.concatenate([first, swapped], 0)
-      start = jnp.zeros((inputs.shape[0], 1), jnp.int32)
-      logits = model.apply({"params": params["policy"]}, inputs, start)[:, 0]
-      label_logps = jax.nn.log_softmax(logits.astype(jnp.float32))[:, [A_TOKEN, B_TOKEN]]
-      first_logps, swapped_logps = jnp.split(label_logps, 2)
-      per_example, metrics = losses.preference_model_loss(first_logps, swapped_logps,
-                                                          batch["label"], weights=weights)
-    return losses.reduce_loss(per_example, weights), metrics
-
-  return loss
+  On one device it runs op by op: each jitted init compiles its random initialisers afresh
+  (about 2 s per row on a CPU, as long as the step), while op-by-op runs share the compiled ops
+  across rows. On a mesh `train.build_state` places every leaf straight into its shards.
+  """
+  if row.mesh.size > 1:
+    return train.build_state(row.config, row.model_config, row.mesh, row.rules, row.abstract,
+                             row.shardings)
+  init = train.make_init_fn(row.config, row.model_config)
+  with partitioning.activate(row.mesh, row.rules):
+    state = init(jax.random.PRNGKey(row.config.seed), None)
+  return jax.device_put(state, row.shardings)
 
 
-def make_step(loss, optimizer, alpha: float, sync_every: int) -> Callable:
-  def step(state, batch):
-    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
-        state["params"], state["ref"], batch)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    count = state["step"] + 1
-    ref = state["ref"]
-    if ref is not None:
-      ref = reference.update(ref, params["policy"], count, alpha=alpha, sync_every=sync_every)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    return {"params": params, "ref": ref, "opt_state": opt_state, "step": count}, metrics
-  return step
-
-
-def build(name: str, config: t5_lib.T5Config, policy_params: Any, rng: jax.Array):
-  """(step, state) for one benchmark row."""
-  model = t5_lib.T5(config)
-  opt_config = optim.default_config()
-  opt_config.warmup_steps = 0
-  alpha, sync_every = 0.0, 1  # frozen reference
-  value_fn, tau = None, None
-  params = {"policy": jax.tree.map(jnp.copy, policy_params)}
-  ref = reference.init(policy_params)
-  if name.startswith("dro"):
-    tau = 1.0
-    if name != "dro_p":
-      variant = name.split(":")[1] if ":" in name else "double_multiple"
-      value_fn = value_lib.make_value_function(variant, config)
-      params["value"] = value_fn.init(policy_params, rng)
-  if name == "tr_dpo":
-    alpha, sync_every = 0.6, 1
-  if name in ("reward_model", "preference_model", "sft"):
-    ref = None
-  if name == "reward_model":
-    opt_config.multiply_by_parameter_scale = False  # its head starts at zero (see optim.py)
-    network = value_lib.EncoderValueNetwork(config)
-    params = {"policy": value_lib.DoubleNetMultipleValues(config).init(policy_params, rng)}
-    loss = judge_loss_fn(name, model, network)
-  elif name == "preference_model":
-    loss = judge_loss_fn(name, model, None)
-  else:
-    loss = policy_loss_fn(name.split(":")[0], model, value_fn)
-  optimizer = optim.make_joint_optimizer(opt_config, tau=tau)
-  state = {"params": params, "ref": ref, "opt_state": optimizer.init(params),
-           "step": jnp.int32(0)}
-  return make_step(loss, optimizer, alpha, sync_every), state
-
-
-ROWS = ("sft", "dpo", "tr_dpo", "ipo", "kto", "dro", "dro:double_single", "dro:single_multiple",
-        "dro:single_single", "dro_p", "reward_model", "preference_model")
-
-
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="tiny")
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--source_length", type=int, default=32)
-  parser.add_argument("--target_length", type=int, default=32)
-  parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--losses", default=",".join(ROWS))
-  args = parser.parse_args()
-
-  config = t5_lib.get_config(args.preset)
-  policy_params = t5_lib.init_params(config, jax.random.PRNGKey(0))
-  batch = make_batch(config, args.batch, args.source_length, args.target_length)
-  print(f"T5 {args.preset} ({sum(x.size for x in jax.tree.leaves(policy_params)):,} params), "
-        f"batch {args.batch} x ({args.source_length} -> {args.target_length}), "
-        f"{jax.devices()[0].platform} x {jax.device_count()}, Adafactor, state donated")
-  print(f"{'loss':<22}{'compile s':>11}{'step ms':>10}{f'loss@{args.repeats + 1}':>13}")
-  for name in args.losses.split(","):
-    step, state = build(name, config, policy_params, jax.random.PRNGKey(1))
+def measure(row: Row, state: TrainState, args: argparse.Namespace) -> dict[str, Any]:
+  """Compile seconds (tracing included), median step milliseconds and the last loss of a row."""
+  host_batch = make_batch(row.model_config.vocab_size, args.batch, args.source_length,
+                          args.target_length)
+  train_step, layout = train.compile_step(row.config, row.mesh, row.rules, row.shardings,
+                                          host_batch)
+  batch = train.device_batch(host_batch, layout)
+  with partitioning.activate(row.mesh, row.rules):
     start = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    compiled = train_step.jitted.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
     state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
@@ -228,8 +163,31 @@ def main() -> None:
       state, metrics = compiled(state, batch)
       jax.block_until_ready((state, metrics))
       times.append(time.perf_counter() - start)
-    print(f"{name:<22}{compile_s:>11.2f}{np.median(times) * 1e3:>10.2f}"
-          f"{float(metrics['loss']):>13.4f}")
+  return {"compile_s": compile_s, "step_ms": float(np.median(times)) * 1e3,
+          "loss": float(metrics["loss"]), "optimizer": row.config.optimizer.name,
+          "params": sum(x.size for x in jax.tree.leaves(row.abstract.policy))}
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+  args = parse_args(argv)
+  names = [name for name in args.losses.split(",") if name]
+  unknown = [name for name in names if name not in ROWS]
+  if unknown:
+    raise SystemExit(f"--losses: unknown rows {unknown}; choose from {sorted(ROWS)}")
+  print(f"T5 {args.size} ({args.family}, layers: {args.layers or 'preset'}), batch {args.batch} "
+        f"x ({args.source_length} -> {args.target_length}) in {args.microbatches} "
+        f"microbatch(es), mesh {args.mesh}, {jax.devices()[0].platform} x {jax.device_count()}; "
+        f"the engine's step, state donated")
+  print(f"{'loss':<22}{'optimizer':>10}{'params':>11}{'compile s':>11}{'step ms':>10}"
+        f"{f'loss@{args.repeats + 1}':>13}", flush=True)
+  results = {}
+  for name in names:
+    row = plan(name, args)
+    result = results[name] = measure(row, build(row), args)
+    print(f"{name:<22}{result['optimizer']:>10}{result['params']:>11,}"
+          f"{result['compile_s']:>11.2f}{result['step_ms']:>10.2f}{result['loss']:>13.4f}",
+          flush=True)
+  return results
 
 
 if __name__ == "__main__":
