@@ -13,6 +13,7 @@ stages call `train.run`, the project's one training loop.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Mapping
@@ -151,7 +152,11 @@ def register_feedback(paths: Mapping[str, str], vocabulary_path: str, demo) -> d
   # An empty sample (EOS first) is not a valid record: skipped and counted, not fatal.
   lengths = {"max_prompt_length": demo.max_input_length,
              "max_response_length": demo.max_target_length, "on_invalid": "skip"}
-  suffix = f"{abs(hash(os.path.abspath(paths['triples']))):x}"
+  # Named by content: the same samples give the same Task, hence the same shuffled stream.
+  digest = hashlib.sha256()
+  for kind in ("triples", "pairs"):
+    digest.update(train.read_text(paths[kind]).encode())
+  suffix = digest.hexdigest()[:16]
   names = {"triples": f"dro_jax_demo_samples_{suffix}", "pairs": f"dro_jax_demo_pairs_{suffix}"}
   tasks.register_single_trajectory_task(names["triples"], {"train": paths["triples"]},
                                         vocabulary_path, overwrite=True, **lengths)
@@ -213,10 +218,12 @@ def results_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def plot(results_curves: Mapping[str, Mapping[str, np.ndarray]], path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+  # A Figure with its own Agg canvas, not pyplot: the caller's backend (a notebook's) is kept.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  figure = Figure(figsize=(10, 4))
+  FigureCanvasAgg(figure)
+  left, right = figure.subplots(1, 2)
   for method, curve in results_curves.items():
     if not curve["step"].size:
       continue
@@ -230,7 +237,6 @@ def plot(results_curves: Mapping[str, Mapping[str, np.ndarray]], path: str) -> N
   left.legend()
   figure.tight_layout()
   figure.savefig(path, dpi=100)
-  plt.close(figure)
 
 
 def write_results(workdir: str, demo, results, results_curves) -> str:

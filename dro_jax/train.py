@@ -6,6 +6,7 @@ its shards) -> steps, with metrics read one step late, periodic evaluation, and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -179,6 +180,11 @@ def resolve_data(config: ml_collections.ConfigDict) -> tuple[str, str | None]:
   return name, name
 
 
+def loss_kind(config: ml_collections.ConfigDict) -> str:
+  """"pairs" for the pairwise losses, else the single-trajectory role of the demo data."""
+  return DEMO_TASK_ROLE[config.loss]
+
+
 def _register_files(config: ml_collections.ConfigDict) -> str:
   from dro_jax.data import adapters, tasks
   data = config.data
@@ -192,9 +198,11 @@ def _register_files(config: ml_collections.ConfigDict) -> str:
   source = {"train": data.train_files.split(",")}
   if data.eval_files:
     source[data.eval_split] = data.eval_files.split(",")
-  pairwise = DEMO_TASK_ROLE[config.loss] == "pairs"
+  pairwise = loss_kind(config) == "pairs"
   register = tasks.register_pairwise_task if pairwise else tasks.register_single_trajectory_task
-  name = f"dro_jax_files_{abs(hash((data.train_files, data.eval_files, data.adapter))):x}"
+  # A stable name (not Python's per-process hash): the data position records it for resume.
+  key = json.dumps([data.train_files, data.eval_files, data.adapter, loss_kind(config)])
+  name = f"dro_jax_files_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
   import seqio
   seqio.TaskRegistry.remove(name)
   register(name, source, data.vocabulary, adapter=adapter,
