@@ -10,12 +10,8 @@ from dro_jax import configs
 
 
 def get_config(arg=None):
-  args = configs.parse_arg(arg, "dpo", beta=0.1, label_smoothing=0.0, alpha="", sync_every="")
+  args = configs.parse_arg(arg, "dpo", beta=0.1, label_smoothing=0.0)
   config = configs.base_config("dpo", args)
   config.dpo.beta = args.beta
   config.dpo.label_smoothing = args.label_smoothing
-  if args.alpha:
-    config.reference.alpha = float(args.alpha)
-  if args.sync_every:
-    config.reference.sync_every = int(args.sync_every)
   return configs.finalize(config, args)

@@ -9,11 +9,7 @@ from dro_jax import configs
 
 
 def get_config(arg=None):
-  args = configs.parse_arg(arg, "ipo", tau=0.1, alpha="", sync_every="")
+  args = configs.parse_arg(arg, "ipo", tau=0.1)
   config = configs.base_config("ipo", args)
   config.ipo.tau = args.tau
-  if args.alpha:
-    config.reference.alpha = float(args.alpha)
-  if args.sync_every:
-    config.reference.sync_every = int(args.sync_every)
   return configs.finalize(config, args)

@@ -20,7 +20,7 @@ SIZES = ("tiny", "small", "base", "large", "xl", "xxl")
 FAMILIES = ("t5_1_1", "flan_t5", "t5_1_0")
 TRUST_REGIONS = {"none": "frozen", "soft": "soft", "hard": "hard", "hybrid": "trl"}
 COMMON_ARGS = {"size": "tiny", "family": "t5_1_1", "tr": "none", "task": "", "steps": "",
-               "batch": "", "lr": "", "init": ""}
+               "batch": "", "lr": "", "init": "", "alpha": "", "sync_every": ""}
 
 
 def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -141,7 +141,7 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
 
 def finalize(config: ml_collections.ConfigDict,
              args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Applies the common args (task, steps, batch, lr, init) and locks the config."""
+  """Applies the common args (task, steps, batch, lr, init, alpha, sync_every); locks it."""
   if args.task:
     config.data.task = args.task
   if args.steps:
@@ -152,6 +152,10 @@ def finalize(config: ml_collections.ConfigDict,
     config.optimizer.learning_rate = float(args.lr)
   if args.init:
     config.init_checkpoint = args.init
+  if args.alpha:  # the trust-region rule's α and period, over the `tr` preset's
+    config.reference.alpha = float(args.alpha)
+  if args.sync_every:
+    config.reference.sync_every = int(args.sync_every)
   if args.size == "tiny":
     # The tiny model runs on a laptop CPU in seconds: short sequences, frequent logs.
     config.max_input_length, config.max_target_length = 16, 12
