@@ -58,7 +58,10 @@ class Preemption:
     self.distributed = jax.process_count() > 1
     self._previous = None
     if not self.distributed:
-      self._previous = signal.signal(signal.SIGTERM, self._request)
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._request)
+      except ValueError:  # not the main thread (a notebook's worker thread): no handler
+        logging.warning("SIGTERM is not handled: train.run is not on the main thread")
 
   def _request(self, signum, frame) -> None:
     del signum, frame
