@@ -9,6 +9,8 @@ reward model or a preference model) registers itself there under the same protoc
 
 from __future__ import annotations
 
+import abc
+
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -50,13 +52,14 @@ def preference_from_rewards(rewards_a: np.ndarray, rewards_b: np.ndarray) -> np.
   return 0.5 + 0.5 * np.sign(np.asarray(rewards_a, np.float64) - np.asarray(rewards_b, np.float64))
 
 
-class ScoringJudge:
+class ScoringJudge(abc.ABC):
   """Base of the judges that have a reward: `prefer` compares the two rewards."""
 
   name = "scoring"
 
+  @abc.abstractmethod
   def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-    raise NotImplementedError
+    """One reward per (prompt, response)."""
 
   def prefer(self, prompts: Sequence[str], responses_a: Sequence[str],
              responses_b: Sequence[str]) -> np.ndarray:

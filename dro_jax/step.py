@@ -19,6 +19,7 @@ grad_norm, learning_rate, finite). Jit, shardings and donation are applied in pa
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, Callable, Mapping
 
@@ -59,7 +60,7 @@ def _stop(tree: PyTree) -> PyTree:
 # ----------------------------------------------------------------------------------- objectives
 
 
-class Objective:
+class Objective(abc.ABC):
   """How one loss scores a batch and which statistics mix examples. Subclasses fill it in."""
 
   uses_reference = True
@@ -72,18 +73,19 @@ class Objective:
     """Keys derived from the GLOBAL batch before it is split into microbatches."""
     return batch
 
+  @abc.abstractmethod
   def score(self, trainable: PyTree, ref_params: PyTree, batch: Batch,
             for_statistics: bool = True) -> Scores:
     """Per-example scores; `for_statistics=False` when the statistics are already known."""
-    raise NotImplementedError
 
   def statistics(self, scores: Scores, batch: Batch) -> dict[str, Array]:
     """Constants of the global batch (stop-gradient) the per-example losses depend on."""
     del scores, batch
     return {}
 
+  @abc.abstractmethod
   def loss(self, scores: Scores, batch: Batch, stats: Mapping[str, Array]):
-    raise NotImplementedError
+    """(per-example loss [B], metrics) of the registered loss in `losses.LOSSES`."""
 
   def reference_batch_keys(self, scores: Scores) -> Batch:
     """Reference log-probs of `scores` as batch keys, so a second pass need not recompute them."""
