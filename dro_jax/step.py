@@ -91,15 +91,20 @@ class Objective(abc.ABC):
     """Reference log-probs of `scores` as batch keys, so a second pass need not recompute them."""
     return {key: scores[key] for key in self.reference_keys}
 
+  def reference_scores(self, batch: Batch, keys: tuple[str, ...], ref_params: PyTree,
+                       compute: Callable[[PyTree], Scores]) -> Scores:
+    """The precomputed batch `keys` when all are present, else `compute(reference)` -> {key}."""
+    if all(key in batch for key in keys):
+      return {key: batch[key].astype(jnp.float32) for key in keys}
+    if ref_params is None:
+      raise ValueError(f"loss {self.config.loss!r} needs reference log-probs: the batch lacks "
+                       f"{list(keys)} and the state holds no reference parameters")
+    return jax.lax.stop_gradient(compute(_stop(ref_params)))
+
   def reference_logps(self, batch: Batch, key: str, ref_params: PyTree,
                       compute: Callable[[PyTree], Array]) -> Array:
-    """Precomputed `batch[key]` when present, else computed from the reference parameters."""
-    if key in batch:
-      return batch[key].astype(jnp.float32)
-    if ref_params is None:
-      raise ValueError(f"loss {self.config.loss!r} needs reference log-probs: the batch has no "
-                       f"{key!r} and the state holds no reference parameters")
-    return jax.lax.stop_gradient(compute(_stop(ref_params)))
+    """One precomputed reference key, or computed from the reference parameters."""
+    return self.reference_scores(batch, (key,), ref_params, lambda ref: {key: compute(ref)})[key]
 
   def sequence_scores(self, params: PyTree, batch: Batch, prefix: str = "",
                       return_encoded: bool = False) -> Scores:
@@ -232,15 +237,11 @@ class Pairwise(Objective):
 
   def score(self, trainable, ref_params, batch, for_statistics=True):
     policy = scoring.score_pairs(self.model, trainable["policy"], batch)
-    scores = dict(policy)
-    if all(key in batch for key in self.reference_keys):
-      scores.update({key: batch[key].astype(jnp.float32) for key in self.reference_keys})
-    else:
-      ref = self.reference_logps(batch, "__pairs__", ref_params,
-                                 lambda r: scoring.score_pairs(self.model, r, batch))
-      scores.update({"ref_chosen_logps": ref["chosen_logps"],
-                     "ref_rejected_logps": ref["rejected_logps"]})
-    return scores
+    def compute(ref: PyTree) -> Scores:
+      pairs = scoring.score_pairs(self.model, ref, batch)
+      return {"ref_chosen_logps": pairs["chosen_logps"],
+              "ref_rejected_logps": pairs["rejected_logps"]}
+    return {**policy, **self.reference_scores(batch, self.reference_keys, ref_params, compute)}
 
   def loss(self, scores, batch, stats):
     args = (scores["chosen_logps"], scores["rejected_logps"], scores["ref_chosen_logps"],
