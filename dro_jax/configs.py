@@ -102,6 +102,9 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
       "num_encoder_layers": placeholder(int), "num_decoder_layers": placeholder(int),
       "mlp_dim": placeholder(int), "mlp_activations": placeholder(tuple),
       "logits_via_embedding": placeholder(bool), "dropout_rate": 0.0,
+      # Memory / speed levers (T5Config's docs): "none" | "minimal" | "full"; scanned layer
+      # stacks; "xla" | "cudnn" | "auto" attention.
+      "remat": "none", "scan_layers": False, "attention": "xla",
   })
   config.optimizer = optim.default_config()
   config.optimizer.value_learning_rate = placeholder(float)

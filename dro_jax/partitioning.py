@@ -27,6 +27,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("length", None),
     ("relpos_buckets", None),
+    ("layers", None),  # the stacked axis of scanned layers (T5Config.scan_layers)
 )
 
 

@@ -10,13 +10,24 @@ Decoding uses the flax `cache` collection: `decode=True` on a [batch, 1] decoder
 writes a key/value cache for self-attention, reuses encoder keys/values projected once for
 cross-attention, and takes the relative-position bias row of the current cache index. Caches are
 heads-major ([batch, heads, length, head_dim]) so each step reads them without a transpose.
+
+Three optional paths, all off by default and numerically equivalent to the default:
+- `remat`: each encoder/decoder layer is rematerialised in the backward pass ("minimal" keeps the
+  projection and MLP matmul outputs, "full" keeps nothing inside a layer). Cached decoding never
+  rematerialises.
+- `scan_layers`: each layer stack runs under `nn.scan` over parameters stacked on a leading
+  "layers" axis (`encoder/layers/...`, `decoder/layers/...`); `dro_jax.models.scan` converts
+  between that tree and the unrolled t5x tree (`layers_0`, `layers_1`, ...). Decoding caches stack
+  on axis 1 ([batch, layers, ...]) so the batch stays the leading axis.
+- `attention`: "xla" is the einsum path; "cudnn" and "auto" call `jax.nn.dot_product_attention`
+  (see `T5Config.attention`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -46,6 +57,22 @@ class T5Config:
   dropout_rate: float = 0.0
   dtype: str = "bfloat16"
   float32_attention_logits: bool = True
+  # Rematerialisation of each layer in the backward pass: "none", "minimal" (saves the matmul
+  # outputs without batch dimensions: the q/k/v/out projections and the MLP; recomputes attention
+  # logits, softmax, norms and activations) or "full" (saves only each layer's input).
+  remat: str = "none"
+  # Run each layer stack under nn.scan over parameters stacked on a leading "layers" axis.
+  scan_layers: bool = False
+  # "xla": the einsum attention (logits in float32 when float32_attention_logits).
+  # "cudnn": jax.nn.dot_product_attention(implementation="cudnn") for the full-sequence
+  #   (training / scoring) attentions; GPU, bfloat16/float16 and head_dim % 8 == 0 only.
+  # "auto": "cudnn" where it applies (GPU, bfloat16/float16, head_dim % 8 == 0 and <= 128, even
+  #   lengths), else "xla".
+  # "fused_xla": the interface "cudnn" uses (lengths, is_causal, scale 1) computed by XLA, so
+  #   the fused path's masking can be checked on any backend.
+  # The fused paths take the encoder padding as lengths (the count of tokens > 0): they assume
+  # right padding, as seqio's converters produce. Cached decoding always uses the einsum path.
+  attention: str = "xla"
 
   def __post_init__(self):
     object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
@@ -53,6 +80,14 @@ class T5Config:
       if activation not in ACTIVATIONS:
         raise ValueError(f"T5Config.mlp_activations: unknown activation {activation!r}; "
                          f"choose from {sorted(ACTIVATIONS)}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"T5Config.remat: unknown value {self.remat!r}; choose from "
+                       f"{sorted(REMAT_POLICIES)}")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"T5Config.attention: unknown value {self.attention!r}; choose from "
+                       f"{list(ATTENTION_IMPLEMENTATIONS)}")
+    if not isinstance(self.scan_layers, (bool, np.bool_)):
+      raise ValueError(f"T5Config.scan_layers: expected a bool, got {self.scan_layers!r}")
 
   @property
   def activation_dtype(self) -> jnp.dtype:
@@ -70,6 +105,14 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
     "linear": lambda x: x,
 }
+
+# Checkpoint policies of `T5Config.remat` (None: no rematerialisation).
+REMAT_POLICIES = {
+    "none": None,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto", "fused_xla")
 
 _T5_1_1 = dict(mlp_activations=("gelu", "linear"), logits_via_embedding=False)
 _T5_1_0 = dict(mlp_activations=("relu",), logits_via_embedding=True)
@@ -267,11 +310,79 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | 
   return jnp.einsum(f"bhqk,{kspec}->bqhd", weights, value)
 
 
+class AttentionMask(NamedTuple):
+  """What one attention masks with (a pytree, so layers can be rematerialised and scanned).
+
+  On the einsum path `bias` holds everything: relative positions, padding and the causal mask.
+  On the fused paths `bias` is the relative-position bias only ([1, heads, q, k], or None) and
+  padding comes as lengths [batch] int32 (the causal mask is the attention's `is_causal`).
+  """
+
+  bias: Array | None
+  query_lengths: Array | None = None
+  key_lengths: Array | None = None
+
+
+def attention_implementation(config: T5Config, query_length: int, key_length: int) -> str:
+  """"einsum", "xla" or "cudnn": the path `config.attention` takes for full-sequence attention of
+  these lengths on the default backend (decided at trace time; cached decoding is always einsum)."""
+  choice = config.attention
+  if choice == "xla":
+    return "einsum"
+  if choice == "fused_xla":
+    return "xla"
+  backend = jax.default_backend()
+  dtype = config.activation_dtype
+  half = dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if choice == "cudnn":
+    problems = []
+    if backend != "gpu":
+      problems.append(f"the backend is {backend!r}, not 'gpu'")
+    if not half:
+      problems.append(f"dtype is {dtype.name} (cuDNN attention takes bfloat16 or float16)")
+    if config.head_dim % 8:
+      problems.append(f"head_dim {config.head_dim} is not a multiple of 8")
+    if problems:
+      raise ValueError("T5Config.attention='cudnn' cannot run: " + "; ".join(problems) +
+                       ". Use attention='auto' to fall back to 'xla' where cuDNN does not apply.")
+    return "cudnn"
+  # "auto": cuDNN only where it is known to apply (with a bias in training cuDNN needs even
+  # lengths; T5 head dims are 64 or 128).
+  if (backend == "gpu" and half and config.head_dim % 8 == 0 and config.head_dim <= 128
+      and query_length % 2 == 0 and key_length % 2 == 0):
+    return "cudnn"
+  return "einsum"
+
+
+def fused_attention(query: Array, key: Array, value: Array, mask: AttentionMask, *,
+                    is_causal: bool, implementation: str) -> Array:
+  """`jax.nn.dot_product_attention` with T5's conventions: scale 1, an additive relative-position
+  bias, padding as lengths. query [b, q, h, d], key/value [b, k, h, d] -> [b, q, h, d]."""
+  bias = mask.bias
+  if bias is not None and implementation == "cudnn":
+    bias = bias.astype(query.dtype)  # cuDNN takes the bias in the inputs' dtype
+  return jax.nn.dot_product_attention(
+      query, key, value, bias=bias, scale=1.0, is_causal=is_causal,
+      query_seq_lengths=mask.query_lengths, key_value_seq_lengths=mask.key_lengths,
+      implementation=implementation)
+
+
+def sequence_lengths(tokens: Array) -> Array:
+  """[batch] int32 count of non-padding tokens, at least 1: the fused paths' padding (right
+  padding assumed). The floor keeps an all-padding example (a zero-weight filler row) from
+  attending to no key at all; its outputs are finite and unused."""
+  return jnp.maximum(jnp.sum(tokens > 0, axis=-1), 1).astype(jnp.int32)
+
+
 class MultiHeadAttention(nn.Module):
-  """Attention with t5x's 2-D kernels (embed, joined_kv) and (joined_kv, embed)."""
+  """Attention with t5x's 2-D kernels (embed, joined_kv) and (joined_kv, embed).
+
+  `is_causal` is used by the fused paths only (the einsum path has the causal mask in its bias).
+  """
 
   config: T5Config
   is_cross_attention: bool = False
+  is_causal: bool = False
 
   def _project(self, name: str, x: Array, init_scale: float = 1.0) -> Array:
     cfg = self.config
@@ -282,9 +393,9 @@ class MultiHeadAttention(nn.Module):
     return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array | None, *,
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: AttentionMask, *,
                decode: bool = False, max_decode_length: int | None = None,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True, position: Array | None = None) -> Array:
     cfg = self.config
     # The 1/sqrt(head_dim) of scaled dot-product attention lives in the query initialisation.
     query = self._project("query", inputs_q, init_scale=1.0 / cfg.head_dim)
@@ -294,9 +405,15 @@ class MultiHeadAttention(nn.Module):
       key = self._project("key", inputs_kv)
       value = self._project("value", inputs_kv)
       if decode:
-        key, value = self._update_self_attention_cache(key, value, max_decode_length)
-    out = dot_product_attention(query, key, value, bias, cfg.float32_attention_logits,
-                                heads_major=decode)
+        key, value = self._update_self_attention_cache(key, value, max_decode_length, position)
+    implementation = "einsum" if decode else attention_implementation(
+        cfg, query.shape[1], key.shape[1])
+    if implementation == "einsum":
+      out = dot_product_attention(query, key, value, mask.bias, cfg.float32_attention_logits,
+                                  heads_major=decode)
+    else:
+      out = fused_attention(query, key, value, mask, is_causal=self.is_causal,
+                            implementation=implementation)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic)
     out = out.reshape(out.shape[:-2] + (cfg.num_heads * cfg.head_dim,))
     return Dense(inputs_q.shape[-1], ("joined_kv", "embed"), dtype=cfg.activation_dtype,
@@ -315,8 +432,11 @@ class MultiHeadAttention(nn.Module):
     # Parameters must exist even when only the cache is read (apply checks the tree).
     return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
 
-  def _update_self_attention_cache(self, key: Array, value: Array,
-                                   max_decode_length: int | None) -> tuple[Array, Array]:
+  def _update_self_attention_cache(self, key: Array, value: Array, max_decode_length: int | None,
+                                   position: Array | None) -> tuple[Array, Array]:
+    """Writes this step's key/value at the cache index: the layer's own `cache_index`, or the
+    decoder's `position` when given (scanned layers keep no per-layer scalar, so their caches
+    stack on the batch-major axis 1)."""
     initialized = self.has_variable("cache", "cached_key")
     batch, _, heads, head_dim = key.shape
     if not initialized and max_decode_length is None:
@@ -324,58 +444,93 @@ class MultiHeadAttention(nn.Module):
     shape = (batch, heads, max_decode_length or 0, head_dim)
     cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
-    index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    index = None
+    if position is None:
+      index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
     if not initialized:
       return key, value
     if key.shape[2] != 1:
       raise ValueError(f"cached decoding takes one token per step, got length {key.shape[2]}")
-    position = index.value
+    if index is not None:
+      position = index.value
+      index.value = position + 1
     cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(
         cached_key.value.dtype), (0, 0, position, 0))
     cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(
         cached_value.value.dtype), (0, 0, position, 0))
-    index.value = position + 1
     return cached_key.value, cached_value.value
 
 
 class EncoderLayer(nn.Module):
+  """Arguments are positional (deterministic is argument 3 counting self) so `nn.remat` can mark
+  it static; `scanned` returns (x, None) as nn.scan's body."""
+
   config: T5Config
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, deterministic: bool = True) -> Array:
+  def __call__(self, x: Array, mask: AttentionMask, deterministic: bool = True):
     cfg = self.config
     h = LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="pre_attention_layer_norm")(x)
-    h = MultiHeadAttention(cfg, name="attention")(h, h, bias, deterministic=deterministic)
+    h = MultiHeadAttention(cfg, name="attention")(h, h, mask, deterministic=deterministic)
     x = x + nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(h, deterministic)
     h = LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="pre_mlp_layer_norm")(x)
     h = MlpBlock(cfg, name="mlp")(h, deterministic)
     x = x + nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(h, deterministic)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return (x, None) if self.scanned else x
 
 
 class DecoderLayer(nn.Module):
+  """Arguments are positional (deterministic, decode, max_decode_length are 5, 6, 7 counting
+  self) so `nn.remat` can mark them static; `scanned` returns (y, None) as nn.scan's body."""
+
   config: T5Config
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, y: Array, encoded: Array, self_bias: Array, cross_bias: Array, *,
-               decode: bool = False, max_decode_length: int | None = None,
-               deterministic: bool = True) -> Array:
+  def __call__(self, y: Array, encoded: Array, self_mask: AttentionMask,
+               cross_mask: AttentionMask, deterministic: bool = True, decode: bool = False,
+               max_decode_length: int | None = None, position: Array | None = None):
     cfg, eps, dtype = self.config, self.config.layer_norm_epsilon, self.config.activation_dtype
     dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
     h = LayerNorm(eps, dtype, name="pre_self_attention_layer_norm")(y)
-    h = MultiHeadAttention(cfg, name="self_attention")(
-        h, h, self_bias, decode=decode, max_decode_length=max_decode_length,
-        deterministic=deterministic)
+    h = MultiHeadAttention(cfg, is_causal=True, name="self_attention")(
+        h, h, self_mask, decode=decode, max_decode_length=max_decode_length,
+        deterministic=deterministic, position=position)
     y = y + dropout(h, deterministic)
     h = LayerNorm(eps, dtype, name="pre_cross_attention_layer_norm")(y)
     h = MultiHeadAttention(cfg, is_cross_attention=True, name="encoder_decoder_attention")(
-        h, encoded, cross_bias, decode=decode, deterministic=deterministic)
+        h, encoded, cross_mask, decode=decode, deterministic=deterministic)
     y = y + dropout(h, deterministic)
     h = LayerNorm(eps, dtype, name="pre_mlp_layer_norm")(y)
     h = MlpBlock(cfg, name="mlp")(h, deterministic)
     y = y + dropout(h, deterministic)
-    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+    y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
+    return (y, None) if self.scanned else y
+
+
+_ENCODER_STATIC_ARGNUMS = (3,)  # deterministic
+_DECODER_STATIC_ARGNUMS = (5, 6, 7)  # deterministic, decode, max_decode_length
+
+
+def layer_stack(config: T5Config, layer: type[nn.Module], num_layers: int,
+                static_argnums: tuple[int, ...], num_args: int, decode: bool = False):
+  """The layer class as the config runs it: rematerialised (never while decoding) and/or
+  scanned over `num_layers` (parameters on a leading "layers" axis, decoding caches on axis 1,
+  every argument broadcast to each layer)."""
+  policy = REMAT_POLICIES[config.remat]
+  if config.remat != "none" and not decode:
+    # Inside scan the loop already keeps XLA from merging the recomputation away.
+    layer = nn.remat(layer, policy=policy, static_argnums=static_argnums,
+                     prevent_cse=not config.scan_layers)
+  if config.scan_layers:
+    layer = nn.scan(layer, variable_axes={"params": 0, "cache": 1},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast,) * num_args, length=num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+  return layer
 
 
 def padding_bias(query_valid: Array | None, key_valid: Array) -> Array:
@@ -395,12 +550,21 @@ class Encoder(nn.Module):
     cfg = self.config
     length = encoder_input_tokens.shape[1]
     relpos = RelativePositionBiases(cfg, bidirectional=True, name="relpos_bias")
-    valid = encoder_input_tokens > 0
-    bias = relpos(relpos.static_buckets(length, length)) + padding_bias(valid, valid)
+    relpos_bias = relpos(relpos.static_buckets(length, length))
+    if attention_implementation(cfg, length, length) == "einsum":
+      valid = encoder_input_tokens > 0
+      mask = AttentionMask(relpos_bias + padding_bias(valid, valid))
+    else:
+      lengths = sequence_lengths(encoder_input_tokens)
+      mask = AttentionMask(relpos_bias, lengths, lengths)
     x = self.embedder(encoder_input_tokens).astype(cfg.activation_dtype)
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic)
-    for index in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, name=f"layers_{index}")(x, bias, deterministic)
+    layer = layer_stack(cfg, EncoderLayer, cfg.num_encoder_layers, _ENCODER_STATIC_ARGNUMS, 2)
+    if cfg.scan_layers:
+      x, _ = layer(cfg, scanned=True, name="layers")(x, mask, deterministic)
+    else:
+      for index in range(cfg.num_encoder_layers):
+        x = layer(cfg, name=f"layers_{index}")(x, mask, deterministic)
     x = LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic)
 
@@ -415,20 +579,37 @@ class Decoder(nn.Module):
                deterministic: bool = True) -> Array:
     cfg = self.config
     relpos = RelativePositionBiases(cfg, bidirectional=False, name="relpos_bias")
-    length = decoder_input_tokens.shape[1]
+    length, source_length = decoder_input_tokens.shape[1], encoder_input_tokens.shape[1]
+    position = None
     if decode:
-      self_bias = self._decoding_self_bias(relpos, max_decode_length)
+      self_bias, position = self._decoding_self_bias(relpos, max_decode_length)
+      self_mask = AttentionMask(self_bias)
+      cross_mask = AttentionMask(padding_bias(None, encoder_input_tokens > 0))
     else:
-      causal = np.tril(np.ones((length, length), dtype=bool))
-      self_bias = relpos(relpos.static_buckets(length, length)) + np.where(
-          causal, 0.0, NEG_INF).astype(np.float32)[None, None]
-    cross_bias = padding_bias(None, encoder_input_tokens > 0)
+      relpos_bias = relpos(relpos.static_buckets(length, length))
+      if attention_implementation(cfg, length, length) == "einsum":
+        causal = np.tril(np.ones((length, length), dtype=bool))
+        self_mask = AttentionMask(relpos_bias + np.where(
+            causal, 0.0, NEG_INF).astype(np.float32)[None, None])
+      else:
+        # Decoder padding is not known here; being causal, it only reaches padded positions.
+        self_mask = AttentionMask(relpos_bias)
+      if attention_implementation(cfg, length, source_length) == "einsum":
+        cross_mask = AttentionMask(padding_bias(None, encoder_input_tokens > 0))
+      else:
+        cross_mask = AttentionMask(None, None, sequence_lengths(encoder_input_tokens))
     y = self.embedder(decoder_input_tokens).astype(cfg.activation_dtype)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic)
-    for index in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, name=f"layers_{index}")(
-          y, encoded, self_bias, cross_bias, decode=decode, max_decode_length=max_decode_length,
-          deterministic=deterministic)
+    layer = layer_stack(cfg, DecoderLayer, cfg.num_decoder_layers, _DECODER_STATIC_ARGNUMS, 7,
+                        decode=decode)
+    # Scanned layers index their caches with the decoder's position (see the cache update).
+    args = (encoded, self_mask, cross_mask, deterministic, decode, max_decode_length,
+            position if cfg.scan_layers else None)
+    if cfg.scan_layers:
+      y, _ = layer(cfg, scanned=True, name="layers")(y, *args)
+    else:
+      for index in range(cfg.num_decoder_layers):
+        y = layer(cfg, name=f"layers_{index}")(y, *args)
     y = LayerNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="decoder_norm")(y)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic)
     if cfg.logits_via_embedding:
@@ -439,20 +620,22 @@ class Decoder(nn.Module):
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
   def _decoding_self_bias(self, relpos: RelativePositionBiases,
-                          max_decode_length: int | None) -> Array:
-    """Bias row of the current position: relative positions and the causal mask of the cache."""
+                          max_decode_length: int | None) -> tuple[Array, Array]:
+    """(bias row of the current position: relative positions and the causal mask of the cache,
+    the position itself) for one cached step; the position then advances."""
     if max_decode_length is None:
       raise ValueError("cached decoding needs max_decode_length on every step")
     initialized = self.has_variable("cache", "position")
     position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
     if not initialized:
-      return jnp.zeros((1, 1, 1, 1), jnp.float32)
+      return jnp.zeros((1, 1, 1, 1), jnp.float32), position.value
+    current = position.value
     buckets = jnp.asarray(relpos.static_buckets(max_decode_length, max_decode_length))
-    row = jax.lax.dynamic_slice_in_dim(buckets, position.value, 1, axis=0)
-    causal = jnp.arange(max_decode_length)[None, :] <= position.value
+    row = jax.lax.dynamic_slice_in_dim(buckets, current, 1, axis=0)
+    causal = jnp.arange(max_decode_length)[None, :] <= current
     bias = relpos(row) + jnp.where(causal, 0.0, NEG_INF)[None, None]
-    position.value = position.value + 1
-    return bias
+    position.value = current + 1
+    return bias, current
 
 
 class Embed(nn.Module):

@@ -1,0 +1,232 @@
+"""The model's optional paths (T5Config.remat, scan_layers, attention) against the plain model.
+
+Each path must give the plain model's logits, sequence scores and gradients on the tiny config;
+the scanned tree must be exactly `stack_layers` of the unrolled one, and the converter lossless on
+a real T5X checkpoint.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dro_jax import checkpoints, decoding, scoring
+from dro_jax.models import scan as scan_lib
+from dro_jax.models import t5 as t5_lib
+
+# Right-padded encoder rows (one long, one short) and decoder rows with padding at the end.
+ENCODER = np.array([[5, 9, 13, 7, 21, 4, 3, 1], [17, 6, 1, 0, 0, 0, 0, 0]], np.int32)
+TARGETS = np.array([[8, 3, 11, 1, 0, 0], [12, 19, 7, 15, 2, 1]], np.int32)
+DECODER_INPUTS = np.concatenate([np.zeros((2, 1), np.int32), TARGETS[:, :-1]], axis=1)
+
+
+def _relative_error(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _assert_trees_close(actual, expected, rtol):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
+                          jax.tree.leaves(expected)):
+    assert np.shape(a) == np.shape(b), jax.tree_util.keystr(path)
+    assert _relative_error(a, b) <= rtol, (jax.tree_util.keystr(path), _relative_error(a, b))
+
+
+@functools.lru_cache(maxsize=None)
+def _value_and_grad(config: t5_lib.T5Config, deterministic: bool = True):
+  model = t5_lib.T5(config)
+
+  def loss(params, rng):
+    rngs = None if deterministic else {"dropout": rng}
+    scores = scoring.score(model, params, ENCODER, DECODER_INPUTS, TARGETS,
+                           deterministic=deterministic, rngs=rngs)
+    return -jnp.sum(scores["logps"]), scores["logps"]
+
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+@pytest.fixture(scope="module")
+def plain():
+  config = t5_lib.get_config("tiny")
+  params = t5_lib.init_params(config, jax.random.PRNGKey(0))
+  (loss, logps), grads = _value_and_grad(config)(params, jax.random.PRNGKey(1))
+  return config, params, loss, logps, grads
+
+
+def test_the_levers_are_config_keys_and_validated():
+  from dro_jax import configs
+  config = configs.base_config("dpo", configs.parse_arg("", "dpo"))
+  for key, default in (("remat", "none"), ("scan_layers", False), ("attention", "xla")):
+    assert config.model[key] == default
+    assert getattr(t5_lib.T5Config(), key) == default
+  with pytest.raises(ValueError, match=r"T5Config.remat.*'sometimes'"):
+    t5_lib.get_config("tiny", remat="sometimes")
+  with pytest.raises(ValueError, match=r"T5Config.attention.*'flash'"):
+    t5_lib.get_config("tiny", attention="flash")
+  with pytest.raises(ValueError, match=r"T5Config.scan_layers"):
+    t5_lib.get_config("tiny", scan_layers="yes")
+
+
+@pytest.mark.parametrize("levers", [
+    dict(remat="minimal"), dict(remat="full"), dict(scan_layers=True),
+    dict(scan_layers=True, remat="full"),
+])
+def test_remat_and_scan_give_the_plain_loss_and_gradients(plain, levers):
+  config, params, loss, logps, grads = plain
+  lever_config = config.replace(**levers)
+  scanned = lever_config.scan_layers
+  lever_params = scan_lib.stack_layers(params, config) if scanned else params
+  (lever_loss, lever_logps), lever_grads = _value_and_grad(lever_config)(
+      lever_params, jax.random.PRNGKey(1))
+  assert _relative_error(lever_loss, loss) <= 1e-6
+  assert _relative_error(lever_logps, logps) <= 1e-6
+  expected = scan_lib.stack_layers(grads, config) if scanned else grads
+  _assert_trees_close(lever_grads, expected, 1e-5)
+
+
+def test_remat_keeps_dropout_identical(plain):
+  """deterministic=False goes through remat as a static argument; the same rng, the same mask."""
+  config, params, *_ = plain
+  dropout = config.replace(dropout_rate=0.25)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def logps(model_config, rng):
+    return scoring.score(t5_lib.T5(model_config), params, ENCODER, DECODER_INPUTS, TARGETS,
+                         deterministic=False, rngs={"dropout": rng})["logps"]
+
+  rng = jax.random.PRNGKey(7)
+  expected = logps(dropout, rng)
+  assert _relative_error(logps(dropout.replace(remat="full"), rng), expected) <= 1e-6
+  assert _relative_error(logps(config, rng), expected) > 1e-3  # dropout did act
+
+
+def test_scanned_parameter_tree_is_stack_layers_of_the_unrolled_one():
+  config = t5_lib.get_config("t5_1_0_tiny", num_encoder_layers=3)
+  scanned_config = config.replace(scan_layers=True)
+  unrolled = nn.unbox(t5_lib.abstract_params(config))
+  scanned = nn.unbox(t5_lib.abstract_params(scanned_config))
+  expected = scan_lib.stack_layers(unrolled, config)
+  assert jax.tree.structure(scanned) == jax.tree.structure(expected)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), scanned) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), expected)
+  assert scanned["encoder"]["layers"]["mlp"]["wi"]["kernel"].shape == (3, 32, 64)
+  # init_params gives arrays of the same tree; the logical axes lead with "layers".
+  initialised = jax.eval_shape(lambda: t5_lib.init_params(scanned_config, jax.random.PRNGKey(0)))
+  assert jax.tree.map(lambda x: x.shape, initialised) == jax.tree.map(lambda x: x.shape, scanned)
+  axes = t5_lib.logical_axes(scanned_config)
+  assert tuple(axes["decoder"]["layers"]["self_attention"]["query"]["kernel"]) == (
+      "layers", "embed", "joined_kv")
+  assert tuple(axes["decoder"]["relpos_bias"]["rel_embedding"]) == ("heads", "relpos_buckets")
+  # The converter goes back, and refuses a tree that does not fit the config.
+  assert jax.tree.map(lambda x: x.shape, scan_lib.unstack_layers(expected, config)) == \
+      jax.tree.map(lambda x: x.shape, unrolled)
+  with pytest.raises(ValueError, match="encoder"):
+    scan_lib.stack_layers(unrolled, config.replace(num_encoder_layers=2))
+  with pytest.raises(ValueError, match="not a scanned stack"):
+    scan_lib.unstack_layers(unrolled, config)
+
+
+def test_the_converter_round_trips_a_t5x_checkpoint_and_the_scanned_model_matches_t5x(
+    fixtures_dir):
+  folder = fixtures_dir / "t5x" / "t5_1_1_tiny"
+  config, params = checkpoints.load_t5x(str(folder / "checkpoint_1000"), dtype="float32")
+  reference = dict(np.load(folder / "reference_outputs.npz"))
+  stacked = scan_lib.stack_layers(params, config)
+  back = scan_lib.unstack_layers(stacked, config)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+  scanned_config = config.replace(scan_layers=True, remat="minimal")
+  assert scan_lib.to_config_layout(params, scanned_config)["encoder"].keys() == \
+      stacked["encoder"].keys()
+  logits = np.asarray(t5_lib.T5(scanned_config).apply(
+      {"params": stacked}, reference["encoder_input_tokens"], reference["decoder_input_tokens"]))
+  valid = reference["decoder_target_tokens"] > 0
+  error = np.abs(logits - reference["logits"])[valid].max()
+  assert error <= 1e-5 * np.abs(reference["logits"][valid]).max()
+
+
+def test_scanned_cached_decoding_matches_the_unrolled_model(plain):
+  config, params, *_ = plain
+  sampling = decoding.SamplingParams(max_decode_length=7, temperature=0.0, num_samples=2,
+                                     suppress_pad=True, eos_id=1)
+  sample = jax.jit(decoding.sample, static_argnames=("config", "sampling"))
+  rng = jax.random.PRNGKey(3)
+  expected = sample(params, ENCODER, rng, config=config, sampling=sampling)
+  scanned_config = config.replace(scan_layers=True, remat="full")
+  got = sample(scan_lib.stack_layers(params, config), ENCODER, rng, config=scanned_config,
+               sampling=sampling)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(expected.tokens))
+  np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(expected.lengths))
+  np.testing.assert_allclose(np.asarray(got.logps), np.asarray(expected.logps), rtol=1e-5,
+                             atol=1e-6)
+  # The scanned caches keep the batch leading: [batch, layers, heads, length, head_dim].
+  model = t5_lib.T5(scanned_config)
+  stacked = scan_lib.stack_layers(params, config)
+  encoded = jax.ShapeDtypeStruct((2, ENCODER.shape[1], config.emb_dim), jnp.float32)
+  cache = jax.eval_shape(lambda e: decoding.create_cache(model, stacked, e, ENCODER, 7), encoded)
+  attention_cache = cache["decoder"]["layers"]["self_attention"]
+  assert attention_cache["cached_key"].shape == (2, 2, 4, 7, 8)
+  assert "cache_index" not in attention_cache
+
+
+@pytest.mark.parametrize("attention", ["auto", "fused_xla"])
+def test_attention_paths_match_the_einsum_path_on_cpu(plain, attention):
+  """On CPU "auto" falls back to the einsum path; "fused_xla" runs jax.nn.dot_product_attention
+  with the lengths / is_causal / scale=1 interface cuDNN gets, so its masking is checked here."""
+  config, params, loss, logps, grads = plain
+  fused = config.replace(attention=attention)
+  (fused_loss, fused_logps), fused_grads = _value_and_grad(fused)(params, jax.random.PRNGKey(1))
+  assert _relative_error(fused_loss, loss) <= 1e-6
+  assert _relative_error(fused_logps, logps) <= 1e-6
+  _assert_trees_close(fused_grads, grads, 1e-5)
+  for stack in ("encoder", "decoder"):
+    relpos = fused_grads[stack]["relpos_bias"]["rel_embedding"]
+    assert np.abs(np.asarray(relpos)).max() > 0
+
+
+def test_fused_attention_keeps_an_all_padding_row_finite(plain):
+  config, params, *_ = plain
+  encoder = np.concatenate([ENCODER, np.zeros((1, ENCODER.shape[1]), np.int32)])
+  decoder = np.concatenate([DECODER_INPUTS, np.zeros((1, DECODER_INPUTS.shape[1]), np.int32)])
+  fused = config.replace(attention="fused_xla")
+  logits = np.asarray(t5_lib.T5(fused).apply({"params": params}, encoder, decoder))
+  assert np.isfinite(logits).all()
+  assert t5_lib.sequence_lengths(jnp.asarray(encoder)).tolist() == [8, 3, 1]
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the refusal off GPU")
+def test_cudnn_attention_refuses_clearly_off_gpu(plain):
+  config, params, *_ = plain
+  with pytest.raises(ValueError, match=r"attention='cudnn' cannot run: the backend is 'cpu'.*"
+                                       r"dtype is float32.*attention='auto'"):
+    t5_lib.T5(config.replace(attention="cudnn")).apply({"params": params}, ENCODER,
+                                                       DECODER_INPUTS)
+  with pytest.raises(ValueError, match=r"head_dim 12 is not a multiple of 8"):
+    t5_lib.attention_implementation(config.replace(attention="cudnn", head_dim=12,
+                                                   dtype="bfloat16"), 8, 8)
+  # "auto" never picks cuDNN off GPU, nor for float32 or an unsupported head_dim.
+  assert t5_lib.attention_implementation(config.replace(attention="auto"), 8, 8) == "einsum"
+
+
+# GPU ONLY: the one test skipped on CPU. It compares cuDNN attention with the einsum path in
+# bfloat16 (logits, scores and gradients of every parameter), with padded encoder rows.
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_attention_matches_the_einsum_path_on_gpu():
+  config = t5_lib.get_config("tiny", dtype="bfloat16", head_dim=16)
+  params = t5_lib.init_params(config, jax.random.PRNGKey(0))
+  assert t5_lib.attention_implementation(config.replace(attention="auto"), 6, 8) == "cudnn"
+  (loss, logps), grads = _value_and_grad(config)(params, jax.random.PRNGKey(1))
+  for attention in ("cudnn", "auto"):
+    (fused_loss, fused_logps), fused_grads = _value_and_grad(config.replace(
+        attention=attention))(params, jax.random.PRNGKey(1))
+    # bfloat16 activations: agreement to bfloat16 resolution, not float32's.
+    np.testing.assert_allclose(np.asarray(fused_logps), np.asarray(logps), rtol=2e-2, atol=2e-2)
+    for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(grads)):
+      assert _relative_error(a, b) <= 5e-2
+    assert abs(float(fused_loss) - float(loss)) <= 2e-2 * abs(float(loss))
