@@ -208,15 +208,32 @@ class KTO(SingleTrajectory):
     return prepared
 
   def score(self, trainable, ref_params, batch, for_statistics=True):
-    scores = self.policy_and_reference(trainable, ref_params, batch)
     if not for_statistics:
-      return scores
-    scores["kl_logps"] = jax.lax.stop_gradient(
-        self.sequence_scores(trainable["policy"], batch, prefix="kl_")["logps"])
-    scores["ref_kl_logps"] = self.reference_logps(
-        batch, "ref_kl_logps", ref_params,
-        lambda ref: self.sequence_scores(ref, batch, prefix="kl_")["logps"])
+      return self.policy_and_reference(trainable, ref_params, batch)
+    # The mismatched pair i is (x_i, y_partner): row i's own prompt, so its encoder output is
+    # reused (no gradient flows through the mismatched scores).
+    policy = self.sequence_scores(trainable["policy"], batch, return_encoded=True)
+    kl = scoring.decode_scores(
+        self.model, trainable["policy"], jax.lax.stop_gradient(policy["encoded"]),
+        batch["encoder_input_tokens"], batch["kl_decoder_input_tokens"],
+        batch["kl_decoder_target_tokens"], batch.get("kl_decoder_loss_weights"))
+    scores = {"logps": policy["logps"], "kl_logps": jax.lax.stop_gradient(kl["logps"])}
+    if any(key in batch for key in self.reference_keys):  # precomputed, one or both
+      for key, prefix in zip(self.reference_keys, ("", "kl_")):
+        scores[key] = self.reference_logps(
+            batch, key, ref_params,
+            lambda ref, p=prefix: self.sequence_scores(ref, batch, prefix=p)["logps"])
+    else:
+      scores.update(self.reference_scores(batch, self.reference_keys, ref_params,
+                                          lambda ref: self.reference_pair(ref, batch)))
     return scores
+
+  def reference_pair(self, ref: PyTree, batch: Batch) -> Scores:
+    """ref_logps and ref_kl_logps with one encoder pass over the prompts."""
+    matched, mismatched = scoring.score_many(self.model, ref, batch["encoder_input_tokens"], [
+        (batch[f"{prefix}decoder_input_tokens"], batch[f"{prefix}decoder_target_tokens"],
+         batch.get(f"{prefix}decoder_loss_weights")) for prefix in ("", "kl_")])
+    return {"ref_logps": matched["logps"], "ref_kl_logps": mismatched["logps"]}
 
   def statistics(self, scores, batch):
     return {"z0": losses.kto_reference_point(scores["kl_logps"], scores["ref_kl_logps"],
