@@ -32,7 +32,9 @@ EXTRAS = {
         "transformers>=5,<6",
         "scipy>=1.11",
     ],
-    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    # libtpu also serves CPU-only machines: `python -m dro_jax.sizing` compiles for a TPU
+    # topology it describes (verified: jax 0.10.2 + libtpu 0.0.42.1).
+    "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
     "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
     "notebook": ["nbclient>=0.10", "ipykernel>=6"],
 }

@@ -109,8 +109,10 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
   config.optimizer = optim.default_config()
   config.optimizer.value_learning_rate = placeholder(float)
   preset = reference.PRESETS[TRUST_REGIONS[args.tr]]
+  # dtype: of the reference copy in the state; "bfloat16" halves it, frozen or hard sync only.
   config.reference = ml_collections.ConfigDict(
-      {"alpha": float(preset["alpha"]), "sync_every": int(preset["sync_every"])})
+      {"alpha": float(preset["alpha"]), "sync_every": int(preset["sync_every"]),
+       "dtype": "float32"})
   config.dro = ml_collections.ConfigDict(
       {"tau": 1.0, "value_function": "double_multiple", "value_loss_weight": 1.0})
   config.kto = ml_collections.ConfigDict(

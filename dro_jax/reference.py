@@ -7,9 +7,11 @@ optimizer steps taken so far (this one included):
 
 frozen: α = 0; soft TR-α: sync_every = 1 (α ≈ 0.5–0.6); hard TR-τ: α = 1, sync_every = τ; the
 hybrid HF TRL ships: α = 0.6, sync_every = 512. The rule is loss-agnostic (TR-DPO, TR-IPO, TR-KTO,
-DRO). The reference is a float32 master copy: at a learning rate of 1e-6 a soft update of a
-bfloat16 copy rounds to nothing. The arrays are never the policy's own buffers, so the train state
-can be donated.
+DRO). The reference is a float32 master copy by default (`config.reference.dtype`): at a learning
+rate of 1e-6 a soft update of a bfloat16 copy rounds to nothing, so soft updates (0 < α < 1) are
+refused with a bfloat16 copy; a frozen or hard-synced (α = 1: an exact copy, then rounded)
+reference may be stored in bfloat16, half the memory. The arrays are never the policy's own
+buffers, so the train state can be donated.
 """
 
 from __future__ import annotations
@@ -30,9 +32,44 @@ PRESETS: dict[str, dict[str, float | int]] = {
 }
 
 
-def init(params: PyTree) -> PyTree:
-  """A float32 copy of the policy parameters (its own buffers, never aliases)."""
-  return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), params)
+DTYPES = ("float32", "bfloat16")
+
+
+def _cast(dtype: Any) -> Any:
+  def cast(leaf_dtype: Any) -> Any:
+    return dtype if jnp.issubdtype(leaf_dtype, jnp.floating) else leaf_dtype
+  return cast
+
+
+def init(params: PyTree, dtype: Any = jnp.float32) -> PyTree:
+  """A copy of the policy parameters in `dtype` (float32 default; its own buffers, never
+  aliases)."""
+  cast = _cast(dtype)
+  return jax.tree.map(lambda x: jnp.array(x, dtype=cast(x.dtype), copy=True), params)
+
+
+def abstract(params: PyTree, dtype: Any = jnp.float32) -> PyTree:
+  """ShapeDtypeStructs of `init(params, dtype)` (params may be abstract)."""
+  cast = _cast(dtype)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cast(x.dtype)), params)
+
+
+def storage_dtype(dtype: str, alpha: float) -> jnp.dtype:
+  """The reference copy's dtype (`config.reference.dtype`); bfloat16 only where the reference
+  is frozen (α = 0) or hard-synced (α = 1)."""
+  if dtype not in DTYPES:
+    raise ValueError(f"config.reference.dtype must be one of {DTYPES}, got {dtype!r}")
+  if dtype != "float32" and 0.0 < alpha < 1.0:
+    raise ValueError(
+        f"config.reference.dtype={dtype!r} needs a frozen (alpha=0) or hard-synced (alpha=1) "
+        f"reference: soft updates (alpha={alpha}) need a float32 master copy, since a "
+        f"{dtype} copy rounds small updates away; set config.reference.dtype='float32'")
+  return jnp.dtype(dtype)
+
+
+def dtype_from_config(config: Any) -> jnp.dtype:
+  """`storage_dtype` of a run's config (`config.reference.dtype`, float32 when absent)."""
+  return storage_dtype(config.reference.get("dtype", "float32"), float(config.reference.alpha))
 
 
 def is_frozen(alpha: float) -> bool:
@@ -55,7 +92,8 @@ def _check_master_dtype(ref_params: PyTree, alpha: float) -> None:
     if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != jnp.float32:
       raise ValueError(
           f"soft reference updates (alpha={alpha}) need a float32 master copy; "
-          f"{jax.tree_util.keystr(path)} is {leaf.dtype} (use reference.init)")
+          f"{jax.tree_util.keystr(path)} is {leaf.dtype} (set config.reference.dtype="
+          f"'float32', or use a frozen or hard-synced reference)")
 
 
 def update(ref_params: PyTree, params: PyTree, step: Array | int, *, alpha: float,
@@ -72,7 +110,7 @@ def update(ref_params: PyTree, params: PyTree, step: Array | int, *, alpha: floa
     _check_master_dtype(ref_params, alpha)
 
   def mix(ref: Array, param: Array) -> Array:
-    if alpha == 1.0:
+    if alpha == 1.0:  # a hard sync: the policy, cast to the reference's own dtype
       return jnp.array(param, dtype=ref.dtype, copy=True)
     mixed = alpha * param.astype(jnp.float32) + (1.0 - alpha) * ref.astype(jnp.float32)
     return mixed.astype(ref.dtype)

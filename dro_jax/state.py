@@ -10,7 +10,7 @@ Fields and the checkpoint items they become (`checkpointing.py`):
 | policy_opt  | policy_opt   | the policy optimizer's state                                   |
 | value       | value        | φ of the DRO-V variants that have one, else None               |
 | value_opt   | value_opt    | its optimizer's state, else None                               |
-| reference   | reference    | θ_ref: float32 master copy (frozen or moved by reference.update), None when unused |
+| reference   | reference    | θ_ref: a copy in `config.reference.dtype` (float32 master copy by default; bfloat16 allowed when frozen or hard-synced), frozen or moved by reference.update; None when unused |
 
 Fields that a loss does not use are None (empty pytrees), so the same state class serves every
 loss and the checkpoint holds exactly the items that exist.

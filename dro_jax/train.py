@@ -306,7 +306,8 @@ def state_layout(config, model_config, mesh, rules,
       policy=policy, policy_opt=jax.eval_shape(optimizers["policy"].init, policy),
       value=value,
       value_opt=None if value is None else jax.eval_shape(optimizers["value"].init, value),
-      reference=policy if uses_reference else None)
+      reference=reference.abstract(policy, reference.dtype_from_config(config))
+      if uses_reference else None)
   replicated = partitioning.replicated(mesh)
   shardings = TrainState(
       step=replicated, rng=replicated, policy=policy_shardings,
@@ -336,7 +337,8 @@ def make_init_fn(config, model_config, with_reference: bool = True):
         step=jnp.zeros((), jnp.int32), rng=state_rng, policy=policy,
         policy_opt=optimizers["policy"].init(policy), value=value,
         value_opt=None if value is None else optimizers["value"].init(value),
-        reference=reference.init(policy) if uses_reference else None)
+        reference=reference.init(policy, reference.dtype_from_config(config))
+        if uses_reference else None)
 
   return init
 

@@ -1,0 +1,458 @@
+"""Per-chip memory of a recipe's train step on a TPU slice, compiled here on the CPU.
+
+  python -m dro_jax.sizing --config configs/dro.py:size=xl --topology v5e:4x8 \\
+      --config.mesh_shape='(1,32,1)' [--config.num_microbatches=4] [--json sizing.json]
+
+Nothing is allocated: the train state and the batch are ShapeDtypeStructs with the run's
+shardings (`train.state_layout`, `partitioning.batch_shardings`), the step is the engine's own
+(`step.make_train_step` through `partitioning.jit_step`: the same shardings and donation), and the
+mesh (`config.mesh_shape`, one entry may be -1) is laid over the devices of a TPU topology that
+libtpu describes without any TPU present (`pip install -e '.[tpu]'`). XLA's `memory_analysis()`
+of that compile gives the per-chip bytes:
+
+    per chip = arguments + outputs - aliased (the donated state, not counted twice)
+               + temporaries + generated code
+
+The arguments are split into parameters, optimizer state, the reference copy and the batch (from
+the shardings); the temporaries are activations, gradients and the optimizer's work space. The
+sequence lengths default to 512 / 256 for every size but tiny (whose 16 / 12 hide activation
+memory); `--input_length` / `--target_length`, or `--config.max_input_length=...`, change them.
+When the step does not fit the chip's HBM, the report lists what would (a wider fsdp axis, a
+bfloat16 reference, more microbatches, rematerialisation) with ESTIMATED per-chip sizes: state
+scales with 1/fsdp, activations with 1/microbatches; recompile with the flags to measure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+GIB = 2 ** 30
+# HBM per chip, GiB (Cloud TPU system architecture pages).
+CHIP_HBM_GIB: dict[str, float] = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+DEFAULT_LENGTHS = (512, 256)  # (inputs, targets) assumed for every size but tiny
+HEADROOM = 0.9  # suggestions aim at 90% of HBM: XLA's runtime and fragmentation need some room
+REMAT_ACTIVATION_FACTOR = 1 / 3  # rough estimate of what full remat keeps of the activations
+
+
+@dataclasses.dataclass
+class Report:
+  """Per-chip bytes of one compiled train step and the assumptions it was compiled with."""
+
+  config: str
+  topology: str
+  chip: str
+  devices: int
+  hbm_bytes: int
+  loss: str
+  preset: str
+  mesh: dict[str, int]
+  batch_size: int
+  num_microbatches: int
+  input_length: int
+  target_length: int
+  compute_dtype: str
+  reference_dtype: str | None  # None when the state holds no reference parameters
+  reference_cached: bool  # a frozen reference's log-probs come with the batch (reference_cache)
+  model_options: dict[str, Any]  # remat / scan_layers when the model has them
+  # memory_analysis() of the compile, per chip
+  arguments: int
+  outputs: int
+  aliased: int
+  temporaries: int
+  code: int
+  # the arguments split by what they hold, per chip (from the shardings)
+  parameters: int
+  optimizer_state: int
+  reference: int
+  batch: int
+  suggestions: list[str] = dataclasses.field(default_factory=list)
+  plan: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def total(self) -> int:
+    return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
+
+  @property
+  def fits(self) -> bool:
+    return self.total <= self.hbm_bytes
+
+  @property
+  def state(self) -> int:
+    return self.parameters + self.optimizer_state + self.reference
+
+  def to_dict(self) -> dict[str, Any]:
+    data = dataclasses.asdict(self)
+    data.update(total=self.total, fits=self.fits, state=self.state,
+                total_gib=self.total / GIB, hbm_gib=self.hbm_bytes / GIB)
+    return data
+
+
+# ------------------------------------------------------------------------------------- topology
+
+
+def chip_of(topology: str) -> str:
+  """"v5e:4x8" -> "v5e"."""
+  return topology.split(":", 1)[0].lower()
+
+
+def hbm_bytes_of(topology: str) -> int:
+  chip = chip_of(topology)
+  if chip not in CHIP_HBM_GIB:
+    raise ValueError(f"topology {topology!r}: unknown chip {chip!r}; known: "
+                     f"{sorted(CHIP_HBM_GIB)} (or give the HBM with hbm_gib)")
+  return int(CHIP_HBM_GIB[chip] * GIB)
+
+
+@functools.lru_cache(maxsize=None)
+def topology_devices(topology: str) -> tuple[Any, ...]:
+  """The devices of a TPU slice (e.g. "v5e:4x8"), described by libtpu with no TPU present."""
+  # Without these libtpu looks for a TPU VM's metadata and prints warnings about it, and takes
+  # its one-process lock (/tmp/libtpu_lockfile), which only matters for real chips: two sizing
+  # runs (or tests) at once would otherwise fail.
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    import libtpu  # noqa: F401
+  except ImportError as error:
+    raise RuntimeError("sizing for a TPU topology needs libtpu: pip install -e '.[tpu]'") from error
+  from jax.experimental import topologies
+  return tuple(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+
+
+# ---------------------------------------------------------------------------------------- batch
+
+
+def is_tiny(config) -> bool:
+  return str(config.model.preset).endswith("tiny")
+
+
+def batch_spec(config, *, reference_cached: bool) -> dict[str, Any]:
+  """ShapeDtypeStructs of the batch the train step of `config.loss` receives: the data
+  converter's model features at the config's lengths, less the host-side ids, plus the cached
+  reference log-probs (and KTO's data-level partners) when the reference cache is on."""
+  import jax
+  import numpy as np
+
+  from dro_jax import reference_cache, train
+  from dro_jax.data import converters
+  pairwise = train.loss_kind(config) == "pairs"
+  cache_kind = reference_cache.KINDS.get(config.loss) if reference_cached else None
+  converter = converters.feature_converter("pairwise" if pairwise else "single_trajectory",
+                                           with_partners=cache_kind == "kto")
+  lengths = converter.get_model_feature_lengths(
+      converter.complete_lengths(train.feature_lengths(config)))
+  rows = int(config.batch_size)
+  batch = {}
+  for key, spec in converter.MODEL_FEATURES.items():
+    dtype = np.dtype(spec.dtype.as_numpy_dtype)
+    if key in train.HOST_KEYS or dtype.kind not in "biuf":
+      continue
+    shape = (rows,) if spec.rank == 0 else (rows, lengths[key])
+    batch[key] = jax.ShapeDtypeStruct(shape, dtype)
+  if cache_kind is not None:
+    for key in reference_cache.VALUE_KEYS[cache_kind]:
+      batch[key] = jax.ShapeDtypeStruct((rows,), np.float32)
+  return batch
+
+
+# -------------------------------------------------------------------------------------- compile
+
+
+def _shard_bytes(abstract: Any, shardings: Any) -> int:
+  import jax
+  import numpy as np
+  leaves = jax.tree.leaves(abstract)
+  layouts = jax.tree.leaves(shardings, is_leaf=lambda x: hasattr(x, "shard_shape"))
+  return int(sum(np.prod(s.shard_shape(x.shape), dtype=np.int64) * np.dtype(x.dtype).itemsize
+                 for x, s in zip(leaves, layouts)))
+
+
+def _with_sharding(abstract: Any, shardings: Any) -> Any:
+  import jax
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def prepare_config(config, *, input_length: int | None = None,
+                   target_length: int | None = None, num_microbatches: int | None = None):
+  """A copy of `config` with the given lengths / microbatches (None: the config's own)."""
+  config = config.copy_and_resolve_references()
+  if input_length is not None:
+    config.max_input_length = int(input_length)
+  if target_length is not None:
+    config.max_target_length = int(target_length)
+  if num_microbatches is not None:
+    config.num_microbatches = int(num_microbatches)
+  return config
+
+
+def compile_step(config, topology: str):
+  """(compiled train step, its Report without suggestions) of `config` on `topology`."""
+  import jax
+
+  from dro_jax import partitioning, reference, reference_cache, train
+  from dro_jax import step as step_lib
+  devices = topology_devices(topology)
+  mesh = partitioning.make_mesh(tuple(config.mesh_shape), devices=devices)
+  rules = partitioning.rules_from_config(config)
+  model_config = step_lib.t5_config(config)
+  partitioning.validate(mesh, batch_size=config.batch_size,
+                        num_microbatches=config.num_microbatches,
+                        num_heads=model_config.num_heads)
+  cached = reference_cache.enabled(config)
+  abstract, shardings = train.state_layout(config, model_config, mesh, rules,
+                                           with_reference=not cached)
+  batch = batch_spec(config, reference_cached=cached)
+  batch_layout = partitioning.batch_shardings(batch, mesh)
+  train_step = partitioning.jit_step(
+      step_lib.make_train_step(config, partitioning.microbatch_constraint(mesh)), mesh,
+      shardings, batch_layout, rules)
+  with partitioning.activate(mesh, rules):
+    lowered = train_step.jitted.lower(_with_sharding(abstract, shardings),
+                                      _with_sharding(batch, batch_layout))
+  # Executables for a described topology cannot be loaded back from the persistent cache.
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    compiled = lowered.compile()
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+  stats = compiled.memory_analysis()
+  uses_reference = abstract.reference is not None
+  model_options = {key: config.model[key] for key in ("remat", "scan_layers")
+                   if key in config.model}
+  report = Report(
+      config="", topology=topology, chip=chip_of(topology), devices=len(devices),
+      hbm_bytes=0, loss=config.loss, preset=config.model.preset,
+      mesh={name: int(size) for name, size in mesh.shape.items()},
+      batch_size=int(config.batch_size), num_microbatches=int(config.num_microbatches),
+      input_length=int(config.max_input_length), target_length=int(config.max_target_length),
+      compute_dtype=str(model_config.dtype),
+      reference_dtype=str(reference.dtype_from_config(config)) if uses_reference else None,
+      reference_cached=bool(cached and step_lib.OBJECTIVES[config.loss].uses_reference),
+      model_options=model_options,
+      arguments=int(stats.argument_size_in_bytes), outputs=int(stats.output_size_in_bytes),
+      aliased=int(stats.alias_size_in_bytes), temporaries=int(stats.temp_size_in_bytes),
+      code=int(stats.generated_code_size_in_bytes),
+      parameters=_shard_bytes((abstract.policy, abstract.value),
+                              (shardings.policy, shardings.value)),
+      optimizer_state=_shard_bytes((abstract.policy_opt, abstract.value_opt),
+                                   (shardings.policy_opt, shardings.value_opt)),
+      reference=_shard_bytes(abstract.reference, shardings.reference) if uses_reference else 0,
+      batch=_shard_bytes(batch, batch_layout))
+  return compiled, report
+
+
+def size(config, topology: str, *, input_length: int | None = None,
+         target_length: int | None = None, hbm_gib: float | None = None,
+         name: str = "") -> Report:
+  """Compiles `config`'s train step for `topology` and reports its per-chip memory, with
+  suggestions when it does not fit (`hbm_gib` overrides the chip's HBM)."""
+  config = prepare_config(config, input_length=input_length, target_length=target_length)
+  _, report = compile_step(config, topology)
+  report.config = name
+  report.hbm_bytes = int(hbm_gib * GIB) if hbm_gib else hbm_bytes_of(topology)
+  report.suggestions, report.plan = suggest(report, config)
+  return report
+
+
+# ---------------------------------------------------------------------------------- suggestions
+
+
+def _gib(value: float) -> str:
+  if abs(value) < GIB / 10:
+    return f"{value / 2 ** 20:.2f} MiB"
+  return f"{value / GIB:.2f} GiB"
+
+
+def _powers_of_two_dividing(n: int) -> list[int]:
+  return [2 ** k for k in range(0, n.bit_length()) if n % (2 ** k) == 0]
+
+
+def suggest(report: Report, config) -> tuple[list[str], dict[str, Any]]:
+  """What would make the step fit, with estimated per-chip sizes; ([], {}) when it fits.
+
+  The estimates: parameters, optimizer state, the reference and the gradients (taken to be the
+  size of the trainable parameters, inside the temporaries) scale with 1/fsdp; the rest of the
+  temporaries (activations) with 1/microbatches; a bfloat16 reference halves a float32 one;
+  full remat keeps about a third of the activations (rough)."""
+  if report.total <= HEADROOM * report.hbm_bytes:
+    return [], {}
+  from dro_jax import reference
+  data, fsdp, model = report.mesh["data"], report.mesh["fsdp"], report.mesh["model"]
+  gradients = min(report.parameters, report.temporaries)
+  activations = report.temporaries - gradients
+  fixed = report.total - report.state - report.temporaries  # batch, metrics, code
+  target = HEADROOM * report.hbm_bytes
+  verdict = ("does not fit" if not report.fits else
+             f"fits with under {100 * (1 - HEADROOM):.0f}% headroom")
+  lines = [f"{verdict}: {_gib(report.total)} per chip of {_gib(report.hbm_bytes)} HBM "
+           f"(estimates below; recompile with the flags to measure)"]
+  flags: dict[str, Any] = {}
+  state_scale = 1.0
+  wide = report.devices // model
+  emb_dim = _emb_dim(config)
+  if wide > fsdp and (emb_dim is None or emb_dim % wide == 0):
+    state_scale = fsdp / wide
+    saved = (report.state + gradients) * (1 - state_scale)
+    lines.append(f"fsdp over all {wide} data-parallel chips (--config.mesh_shape='(1,{wide},"
+                 f"{model})'): parameters + optimizer state + gradients "
+                 f"{_gib(report.state + gradients)} -> "
+                 f"{_gib((report.state + gradients) * state_scale)} (saves ~{_gib(saved)})")
+    flags["mesh_shape"] = (1, wide, model)
+  ref_scale = 1.0
+  alpha = float(config.reference.alpha)
+  if report.reference and report.reference_dtype == "float32":
+    if reference.is_frozen(alpha) and config.get("reference_cache", "auto") == "off":
+      lines.append(f"reference_cache='auto' (frozen reference): no reference parameters in the "
+                   f"state (saves ~{_gib(report.reference * state_scale)})")
+    if alpha in (0.0, 1.0):
+      ref_scale = 0.5
+      lines.append(f"a bfloat16 reference (--config.reference.dtype=bfloat16): reference "
+                   f"{_gib(report.reference * state_scale)} -> "
+                   f"{_gib(report.reference * state_scale * ref_scale)}")
+      flags["reference.dtype"] = "bfloat16"
+  state_after = ((report.parameters + report.optimizer_state + gradients) * state_scale
+                 + report.reference * state_scale * ref_scale)
+  remat = config.model.get("remat", None)
+  act_scale = 1.0
+  if remat is not None and remat != "full":
+    lines.append(f"full rematerialisation (--config.model.remat=full): activations "
+                 f"{_gib(activations)} -> ~{_gib(activations * REMAT_ACTIVATION_FACTOR)} "
+                 f"(rough estimate)")
+  mesh_rows = (1 if "mesh_shape" in flags else data) * (wide if "mesh_shape" in flags else fsdp)
+  micro = report.num_microbatches
+  options = [m for m in _powers_of_two_dividing(report.batch_size // mesh_rows)
+             if report.batch_size % (mesh_rows * m) == 0 and m > micro]
+  chosen = micro
+  for m in options if fixed + state_after + activations > target else ():
+    chosen = m
+    if fixed + state_after + activations * micro / m <= target:
+      break
+  if chosen > micro:
+    act_scale = micro / chosen
+    lines.append(f"{chosen} microbatches (--config.num_microbatches={chosen}): activations "
+                 f"{_gib(activations)} -> {_gib(activations * act_scale)}")
+    flags["num_microbatches"] = chosen
+  estimate = fixed + state_after + activations * act_scale
+  if estimate > target and remat is not None and remat != "full":
+    estimate = fixed + state_after + activations * act_scale * REMAT_ACTIVATION_FACTOR
+    flags["model.remat"] = "full"
+  verdict = "fits" if estimate <= report.hbm_bytes else "still does not fit: a bigger slice"
+  command = " ".join(f"--config.{key}={_flag_value(value)}" for key, value in flags.items())
+  lines.append(f"together: ~{_gib(estimate)} per chip (estimate; {verdict})"
+               + (f": {command}" if command else ""))
+  return lines, {"flags": flags, "estimate_bytes": int(estimate),
+                 "estimate_fits": bool(estimate <= report.hbm_bytes)}
+
+
+def _flag_value(value: Any) -> str:
+  if isinstance(value, tuple):
+    return "'(" + ",".join(str(v) for v in value) + ")'"
+  return str(value)
+
+
+def _emb_dim(config) -> int | None:
+  from dro_jax import step as step_lib
+  try:
+    return int(step_lib.t5_config(config).emb_dim)
+  except Exception:  # an unusual preset: no divisibility check
+    return None
+
+
+# ---------------------------------------------------------------------------------------- print
+
+
+def format_report(report: Report) -> str:
+  mesh = " x ".join(f"{name} {size}" for name, size in report.mesh.items())
+  reference_line = ("none in the state (log-probs cached with the batch)" if report.reference_cached
+                    else ("none" if report.reference_dtype is None
+                          else f"{report.reference_dtype} copy in the state"))
+  options = "".join(f", {k}={v}" for k, v in report.model_options.items())
+  rows = [
+      f"{report.config or report.loss}: {report.preset} {report.loss} on {report.topology} "
+      f"({report.devices} chips, {_gib(report.hbm_bytes)} HBM each)",
+      f"  assumed: inputs {report.input_length} / targets {report.target_length} tokens, "
+      f"batch {report.batch_size}, {report.num_microbatches} microbatch(es), mesh {mesh}, "
+      f"compute {report.compute_dtype}, parameters float32, reference {reference_line}"
+      f"{options}",
+      "  per chip:",
+      f"    parameters           {_gib(report.parameters):>12}",
+      f"    optimizer state      {_gib(report.optimizer_state):>12}",
+      f"    reference            {_gib(report.reference):>12}",
+      f"    batch                {_gib(report.batch):>12}",
+      f"    activations/temps    {_gib(report.temporaries):>12}  (incl. gradients)",
+      f"    code                 {_gib(report.code):>12}",
+      f"    outputs not donated  {_gib(report.outputs - report.aliased):>12}",
+      f"    total                {_gib(report.total):>12}  = arguments {_gib(report.arguments)}"
+      f" + outputs {_gib(report.outputs)} - aliased {_gib(report.aliased)} + temporaries "
+      f"{_gib(report.temporaries)} + code {_gib(report.code)}",
+      f"  {'fits' if report.fits else 'DOES NOT FIT'}: {100 * report.total / report.hbm_bytes:.0f}%"
+      f" of {_gib(report.hbm_bytes)}",
+  ]
+  rows += [f"  - {line}" if i else f"  {line}" for i, line in enumerate(report.suggestions)]
+  return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def lengths_for(config, argv: Sequence[str], input_length: int | None,
+                target_length: int | None) -> tuple[int | None, int | None]:
+  """The lengths to compile with: the flags, else the config's when set on the command line
+  (`--config.max_input_length=...`) or tiny, else 512 / 256."""
+  def given(key: str) -> bool:
+    return any(arg.split("=", 1)[0].lstrip("-") == f"config.{key}" for arg in argv)
+  chosen = []
+  for value, key, default in ((input_length, "max_input_length", DEFAULT_LENGTHS[0]),
+                              (target_length, "max_target_length", DEFAULT_LENGTHS[1])):
+    if value is None and not given(key) and not is_tiny(config):
+      value = default
+    chosen.append(value)
+  return chosen[0], chosen[1]
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  config = _CONFIG.value
+  input_length, target_length = lengths_for(config, sys.argv, _INPUT_LENGTH.value,
+                                            _TARGET_LENGTH.value)
+  name = next((arg.split("=", 1)[1] if "=" in arg else "" for arg in sys.argv
+               if arg.startswith("--config=")), "")
+  report = size(config, _TOPOLOGY.value, input_length=input_length,
+                target_length=target_length, hbm_gib=_HBM_GIB.value, name=name)
+  print(format_report(report), flush=True)
+  if _JSON.value:
+    from dro_jax import train
+    train.write_text(_JSON.value, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+
+
+def run() -> None:
+  from absl import app
+  app.run(main)
+
+
+if __name__ == "__main__":
+  # Sizing needs no accelerator of this machine: the TPU devices come from libtpu's topology.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from absl import flags
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:k=v,...]",
+                                            lock_config=True)
+  _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:4x8, v4:2x2x2")
+  _INPUT_LENGTH = flags.DEFINE_integer("input_length", None, "encoder tokens (default 512; "
+                                       "the config's for tiny)")
+  _TARGET_LENGTH = flags.DEFINE_integer("target_length", None, "target tokens (default 256; "
+                                        "the config's for tiny)")
+  _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB (default: the chip's)")
+  _JSON = flags.DEFINE_string("json", None, "write the report as JSON here")
+  flags.mark_flags_as_required(["config", "topology"])
+  sys.exit(run())

@@ -1,0 +1,133 @@
+"""Sizing: the real train step compiled for a TPU topology on the CPU, per-chip memory and advice.
+
+libtpu (the `tpu` extra) is required: these tests fail, not skip, without it.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from dro_jax import configs, sizing
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GIB = 2 ** 30
+
+
+@pytest.fixture(scope="module")
+def tiny_dro():
+  """The tiny DRO-V recipe compiled for v5e:2x2 through the sizing module."""
+  config = configs.load("dro", "size=tiny")
+  compiled, report = sizing.compile_step(sizing.prepare_config(config), "v5e:2x2")
+  return config, compiled, report
+
+
+def test_libtpu_is_installed():
+  import libtpu  # noqa: F401  (the tpu extra: .ci/run installs it)
+  assert len(sizing.topology_devices("v5e:2x2")) == 4
+
+
+def test_report_is_the_compiles_memory_analysis(tiny_dro):
+  config, compiled, report = tiny_dro
+  stats = compiled.memory_analysis()
+  assert report.arguments == stats.argument_size_in_bytes
+  assert report.outputs == stats.output_size_in_bytes
+  assert report.aliased == stats.alias_size_in_bytes
+  assert report.temporaries == stats.temp_size_in_bytes
+  assert report.code == stats.generated_code_size_in_bytes
+  assert report.total == (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                          - stats.alias_size_in_bytes + stats.temp_size_in_bytes
+                          + stats.generated_code_size_in_bytes)
+  # The state is donated: the aliased bytes are the state's, counted once.
+  assert report.aliased > 0
+  assert report.aliased >= report.parameters + report.optimizer_state
+  assert report.arguments >= report.parameters + report.optimizer_state + report.batch
+  assert report.devices == 4 and report.mesh == {"data": 4, "fsdp": 1, "model": 1}
+  # Tiny keeps its own short lengths; the frozen reference's log-probs come with the batch.
+  assert (report.input_length, report.target_length) == (16, 12)
+  assert report.reference_cached and report.reference == 0 and report.reference_dtype is None
+  assert report.hbm_bytes == 0  # compile_step leaves the chip to `size`
+  assert report.batch_size == config.batch_size
+
+
+def test_batch_spec_has_the_keys_each_loss_reads():
+  dpo = configs.load("dpo", "size=tiny")
+  keys = sizing.batch_spec(dpo, reference_cached=True)
+  assert {"encoder_input_tokens", "chosen_decoder_target_tokens", "rejected_decoder_input_tokens",
+          "example_weights", "ref_chosen_logps", "ref_rejected_logps"} <= set(keys)
+  assert "example_id" not in keys
+  assert keys["chosen_decoder_target_tokens"].shape == (dpo.batch_size, dpo.max_target_length)
+  kto = sizing.batch_spec(configs.load("kto", "size=tiny"), reference_cached=True)
+  assert {"kl_decoder_target_tokens", "ref_kl_logps", "reward"} <= set(kto)
+  assert "ref_logps" not in sizing.batch_spec(configs.load("dro", "size=tiny"),
+                                              reference_cached=False)
+
+
+def test_lengths_default_to_512_256_except_for_tiny():
+  large = configs.load("dro", "size=large")
+  tiny = configs.load("dro", "size=tiny")
+  assert sizing.lengths_for(large, [], None, None) == (512, 256)
+  assert sizing.lengths_for(tiny, [], None, None) == (None, None)
+  assert sizing.lengths_for(large, ["--config.max_input_length=64"], None, 32) == (None, 32)
+
+
+def test_suggestions_when_it_does_not_fit(tiny_dro):
+  config, _, report = tiny_dro
+  fits = dataclasses.replace(report, hbm_bytes=16 * GIB)
+  assert sizing.suggest(fits, config) == ([], {})
+  # A fake chip too small for the compiled step: each remedy says by how much.
+  small = dataclasses.replace(report, hbm_bytes=int(report.total * 0.5))
+  lines, plan = sizing.suggest(small, config)
+  text = "\n".join(lines)
+  assert "does not fit" in text and "estimate" in text
+  assert "--config.mesh_shape='(1,4,1)'" in text  # fsdp over the 4 data-parallel chips
+  assert plan["flags"]["mesh_shape"] == (1, 4, 1)
+  assert plan["estimate_bytes"] < report.total
+
+
+def test_suggestions_scale_state_with_fsdp_and_activations_with_microbatches():
+  config = configs.load("dpo", "size=base,tr=hard")
+  report = sizing.Report(
+      config="", topology="v5e:2x2", chip="v5e", devices=4, hbm_bytes=10 * GIB, loss="dpo",
+      preset="t5_1_1_base", mesh={"data": 4, "fsdp": 1, "model": 1}, batch_size=32,
+      num_microbatches=1, input_length=512, target_length=256, compute_dtype="bfloat16",
+      reference_dtype="float32", reference_cached=False, model_options={},
+      arguments=10 * GIB, outputs=8 * GIB, aliased=8 * GIB, temporaries=8 * GIB, code=0,
+      parameters=4 * GIB, optimizer_state=0, reference=4 * GIB, batch=0)
+  assert not report.fits
+  lines, plan = sizing.suggest(report, config)
+  # 8 GiB of state + 4 of gradients over fsdp 4 -> 3 GiB; the reference halves in bfloat16;
+  # activations (8 - 4 = 4 GiB) halve per doubling of the microbatches.
+  assert plan["flags"]["mesh_shape"] == (1, 4, 1)
+  assert plan["flags"]["reference.dtype"] == "bfloat16"
+  assert any("bfloat16" in line for line in lines)
+  estimate = 2 * GIB + 0.5 * GIB + 4 * GIB / plan["flags"].get("num_microbatches", 1)
+  assert plan["estimate_bytes"] == pytest.approx(estimate + 2 * GIB, rel=1e-6)  # + batch, code
+  assert plan["estimate_fits"]
+  # A soft trust region keeps its float32 master copy: no bfloat16 advice.
+  soft = configs.load("dpo", "size=base,tr=soft")
+  _, soft_plan = sizing.suggest(report, soft)
+  assert "reference.dtype" not in soft_plan["flags"]
+
+
+def test_cli_prints_and_writes_the_report(tmp_path):
+  out, report_path = tmp_path / "stdout.txt", tmp_path / "report.json"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  with open(out, "w") as stdout:
+    result = subprocess.run(
+        [sys.executable, "-m", "dro_jax.sizing", f"--config={ROOT}/configs/dro.py:size=tiny",
+         "--topology=v5e:2x2", "--config.num_microbatches=2", "--hbm_gib=0.001",
+         f"--json={report_path}"], stdout=stdout, stderr=subprocess.STDOUT, env=env,
+        timeout=300)
+  text = out.read_text()
+  assert result.returncode == 0, text[-3000:]
+  assert "DOES NOT FIT" in text and "per chip" in text and "microbatch" in text
+  report = json.loads(report_path.read_text())
+  assert report["num_microbatches"] == 2 and report["topology"] == "v5e:2x2"
+  assert report["total"] == (report["arguments"] + report["outputs"] - report["aliased"]
+                             + report["temporaries"] + report["code"])
+  assert not report["fits"] and report["suggestions"]
