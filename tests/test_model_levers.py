@@ -52,7 +52,7 @@ def _value_and_grad(config: t5_lib.T5Config, deterministic: bool = True):
 @pytest.fixture(scope="module")
 def plain():
   config = t5_lib.get_config("tiny")
-  params = t5_lib.init_params(config, jax.random.PRNGKey(0))
+  params = jax.jit(t5_lib.init_params, static_argnums=0)(config, jax.random.PRNGKey(0))
   (loss, logps), grads = _value_and_grad(config)(params, jax.random.PRNGKey(1))
   return config, params, loss, logps, grads
 
@@ -98,10 +98,10 @@ def test_remat_keeps_dropout_identical(plain):
     return scoring.score(t5_lib.T5(model_config), params, ENCODER, DECODER_INPUTS, TARGETS,
                          deterministic=False, rngs={"dropout": rng})["logps"]
 
-  rng = jax.random.PRNGKey(7)
+  rng = jax.random.key(7, impl="rbg")  # compiles far faster than threefry on CPU
   expected = logps(dropout, rng)
   assert _relative_error(logps(dropout.replace(remat="full"), rng), expected) <= 1e-6
-  assert _relative_error(logps(config, rng), expected) > 1e-3  # dropout did act
+  assert _relative_error(plain[3], expected) > 1e-3  # dropout did act
 
 
 def test_scanned_parameter_tree_is_stack_layers_of_the_unrolled_one():
@@ -151,6 +151,22 @@ def test_the_converter_round_trips_a_t5x_checkpoint_and_the_scanned_model_matche
   assert error <= 1e-5 * np.abs(reference["logits"][valid]).max()
 
 
+def test_unrolled_checkpoints_read_straight_into_scanned_shards(fixtures_dir):
+  from dro_jax import partitioning
+  path = str(fixtures_dir / "t5x" / "t5_1_1_tiny" / "checkpoint_1000")
+  config, params = checkpoints.load_t5x(path, dtype="float32")
+  scanned_config = config.replace(scan_layers=True)
+  mesh = partitioning.make_mesh((2, 2, 2))
+  shardings = partitioning.params_shardings(t5_lib.abstract_params(scanned_config), mesh)
+  read = scan_lib.read_in_layout(lambda s: checkpoints.load_t5x(path, s, dtype="float32")[1],
+                                 shardings, scanned_config)
+  kernel = read["encoder"]["layers"]["attention"]["query"]["kernel"]
+  assert tuple(kernel.sharding.spec) == (None, "fsdp", "model")  # "layers" -> replicated
+  expected = scan_lib.stack_layers(params, config)
+  for a, b in zip(jax.tree.leaves(read), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_scanned_cached_decoding_matches_the_unrolled_model(plain):
   config, params, *_ = plain
   sampling = decoding.SamplingParams(max_decode_length=7, temperature=0.0, num_samples=2,
@@ -195,7 +211,7 @@ def test_fused_attention_keeps_an_all_padding_row_finite(plain):
   encoder = np.concatenate([ENCODER, np.zeros((1, ENCODER.shape[1]), np.int32)])
   decoder = np.concatenate([DECODER_INPUTS, np.zeros((1, DECODER_INPUTS.shape[1]), np.int32)])
   fused = config.replace(attention="fused_xla")
-  logits = np.asarray(t5_lib.T5(fused).apply({"params": params}, encoder, decoder))
+  logits = np.asarray(jax.jit(t5_lib.T5(fused).apply)({"params": params}, encoder, decoder))
   assert np.isfinite(logits).all()
   assert t5_lib.sequence_lengths(jnp.asarray(encoder)).tolist() == [8, 3, 1]
 

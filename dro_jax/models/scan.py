@@ -14,7 +14,8 @@ replicated, as the default "layers" rule maps it).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import functools
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -120,3 +121,21 @@ def to_config_layout(params: PyTree, config: t5_lib.T5Config) -> PyTree:
   if not config.scan_layers and is_scanned(params):
     return unstack_layers(params, config)
   return params
+
+
+def read_in_layout(read: Callable[[PyTree | None], PyTree], shardings: PyTree | None,
+                   config: t5_lib.T5Config) -> PyTree:
+  """Parameters from a reader of unrolled trees (`load_t5x` / `load_hf_t5`:
+  `read(unrolled_shardings or None) -> params`) in the layout `config` runs.
+
+  With `shardings` (of the config's layout), the unrolled arrays are read straight into the
+  matching per-layer shards and stacked by one jit into the scanned shardings, so no host holds
+  the whole model.
+  """
+  if not config.scan_layers:
+    return read(shardings)
+  if shardings is None:
+    return stack_layers(read(None), config)
+  params = read(unstack_layers(shardings, config))
+  stack = jax.jit(functools.partial(stack_layers, config=config), out_shardings=shardings)
+  return stack(params)
