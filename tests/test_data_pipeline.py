@@ -43,6 +43,14 @@ def decode(vocabulary):
   return lambda ids: spm_vocabulary.decode([int(i) for i in ids])
 
 
+@pytest.fixture(params=["memory", "tf.data"])
+def order(request, monkeypatch):
+  """Both ways an epoch is made: kept arrays permuted in numpy, or a tf.data pipeline."""
+  if request.param == "tf.data":
+    monkeypatch.setattr(pipeline, "IN_MEMORY_BYTES", -1)
+  return request.param
+
+
 def write_jsonl(path, rows):
   path.write_text("".join(json.dumps(row) + "\n" for row in rows))
   return str(path)
@@ -74,10 +82,12 @@ def assert_batches_equal(first, second):
 # ------------------------------------------------------------------------------- round trip
 
 
-def test_single_trajectory_round_trip(tmp_path, vocabulary, decode, new_name):
+def test_single_trajectory_round_trip(tmp_path, vocabulary, decode, new_name, order):
   rows = make_rows(9)
   name = single_task(tmp_path, vocabulary, new_name(), rows)
-  batches = list(one_host(name, shuffle=False, num_epochs=1))
+  iterator = one_host(name, shuffle=False, num_epochs=1)
+  assert iterator.stream()["order"] == order
+  batches = list(iterator)
   assert len(batches) == 3
   batch = batches[0]
   assert {key: (value.shape, value.dtype.name) for key, value in batch.items()} == {
@@ -131,7 +141,7 @@ def test_chat_prompts_render_with_the_template(tmp_path, vocabulary, decode, new
   assert batch["label"].tolist() == [1] and batch["reward"].tolist() == [1.0]
 
 
-def test_pairwise_round_trip(tmp_path, vocabulary, decode, new_name):
+def test_pairwise_round_trip(tmp_path, vocabulary, decode, new_name, order):
   rows = [{"prompt": row["prompt"], "chosen": row["response"], "rejected": f"no {i}"}
           for i, row in enumerate(make_rows(5))]
   name = new_name()
@@ -155,7 +165,7 @@ def test_pairwise_round_trip(tmp_path, vocabulary, decode, new_name):
 # ---------------------------------------------------------------------- hosts, order, resume
 
 
-def test_two_hosts_cover_every_record_exactly_once(tmp_path, vocabulary, decode, new_name):
+def test_two_hosts_cover_every_record_exactly_once(tmp_path, vocabulary, decode, new_name, order):
   rows = make_rows(23)
   name = single_task(tmp_path, vocabulary, new_name(), rows)
   per_host = [list(pipeline.input_pipeline(name, global_batch_size=4, process_index=index,
@@ -170,7 +180,7 @@ def test_two_hosts_cover_every_record_exactly_once(tmp_path, vocabulary, decode,
   assert len(padding) == 2 * 6 * 2 - 23
 
 
-def test_order_is_a_function_of_seed_and_epoch(tmp_path, vocabulary, new_name):
+def test_order_is_a_function_of_seed_and_epoch(tmp_path, vocabulary, new_name, order):
   name = single_task(tmp_path, vocabulary, new_name(), make_rows(16))
   first = [next(one_host(name, seed=5)) for _ in range(2)]
   assert_batches_equal(first[0], first[1])
@@ -182,7 +192,7 @@ def test_order_is_a_function_of_seed_and_epoch(tmp_path, vocabulary, new_name):
 
 
 @pytest.mark.parametrize("taken", [3, 7])  # Within the first epoch, and into the second.
-def test_resume_continues_with_the_next_batch(tmp_path, vocabulary, new_name, taken):
+def test_resume_continues_with_the_next_batch(tmp_path, vocabulary, new_name, order, taken):
   name = single_task(tmp_path, vocabulary, new_name(), make_rows(21))
   hosts = [pipeline.input_pipeline(name, global_batch_size=4, process_index=index,
                                    process_count=2, seed=11) for index in (0, 1)]
@@ -197,6 +207,18 @@ def test_resume_continues_with_the_next_batch(tmp_path, vocabulary, new_name, ta
                                       process_count=2, seed=11, position=saved)
     for _ in range(2):
       assert_batches_equal(next(resumed), next(iterator))
+
+
+def test_resume_refuses_a_position_of_the_other_order(tmp_path, vocabulary, new_name,
+                                                     monkeypatch):
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(12))
+  iterator = one_host(name, seed=2)
+  next(iterator)
+  saved = iterator.position()
+  assert saved["order"] == "memory"
+  monkeypatch.setattr(pipeline, "IN_MEMORY_BYTES", -1)
+  with pytest.raises(ValueError, match="order"):
+    one_host(name, seed=2, position=saved)
 
 
 def test_resume_refuses_a_different_setup(tmp_path, vocabulary, new_name):

@@ -9,7 +9,10 @@ with everything else that fixes the stream (data, seed, batch size, feature leng
 reward mode, epochs, mixing rates: `DataIterator.stream()`) so that a resume with any of them
 changed is refused rather than silently reading other batches. Resuming rebuilds the epoch and
 skips the consumed batches, which costs reading and tokenising them once more (at most one epoch;
-about 2,000 UltraFeedback-sized examples a second on two CPU cores).
+about 2,000 UltraFeedback-sized examples a second on two CPU cores). A single Task whose host share
+of converted features fits in `IN_MEMORY_BYTES` is read and tokenised once and kept as arrays; its
+epochs are numpy permutations of them (seeded the same way), so small datasets do not pay a
+tf.data rebuild every epoch. Which of the two orders a stream uses is part of its position.
 
 A Mixture samples its Tasks by their rates from endless per-Task streams; its "epoch" is the same
 number of batches as one pass over all its Tasks would give, after which the seeds change.
@@ -49,6 +52,9 @@ POSITION_KEYS = ("dataset", "split", "seed", "epoch", "batches_consumed", "proce
                  "global_batch_size")  # Required to restore; `DataIterator.stream()` adds more.
 TASK_ID_SHIFT = 56  # A Mixture's example_id: Task index << TASK_ID_SHIFT | the Task's example_id
 ID_KEYS = ("example_id", "kl_example_id")
+# A single Task whose share of one host is at most this many bytes of converted features is read
+# once and kept in memory; each epoch is then a permutation of it (no per-epoch tf.data rebuild).
+IN_MEMORY_BYTES = 256 << 20
 
 
 def epoch_seed(seed: int, epoch: int, salt: str = "") -> int:
@@ -167,6 +173,7 @@ class DataIterator:
         with_partners=with_partners)
     self._epoch, self._batches_consumed = 0, 0
     self._batches: Iterator[dict[str, np.ndarray]] | None = None
+    self._memory: dict[str, np.ndarray] | bool | None = None  # None: not decided yet
 
   # ------------------------------------------------------------------------------ position
 
@@ -184,7 +191,8 @@ class DataIterator:
             "num_epochs": None if self.num_epochs is None else int(self.num_epochs),
             "tasks": [[task.name, float(rate)] for task, rate in self._tasks],
             "examples": {task_name: int(statistics.count)
-                         for task_name, statistics in self.statistics.items()}}
+                         for task_name, statistics in self.statistics.items()},
+            "order": "memory" if self._in_memory() else "tf.data"}
 
   def position(self) -> dict[str, Any]:
     """Where the stream is, and what fixes it: the same on every host; JSON-serialisable, to be
@@ -245,14 +253,13 @@ class DataIterator:
     if self.num_epochs is not None and self._epoch >= self.num_epochs:
       raise StopIteration
     if self._batches is None:
-      self._batches = self._epoch_dataset(self._epoch, self._batches_consumed).as_numpy_iterator()
+      if self._in_memory():
+        self._batches = self._memory_batches(self._epoch, self._batches_consumed)
+      else:
+        self._batches = self._epoch_dataset(self._epoch,
+                                            self._batches_consumed).as_numpy_iterator()
     try:
-      batch = next(self._batches)
-    except tf.errors.OpError:
-      data_errors = [source.last_error for source in self._sources if source.last_error]
-      if data_errors:
-        raise data_errors[0] from None  # The file:line message, not TensorFlow's wrapping.
-      raise
+      batch = self._read(self._batches)
     except StopIteration:
       raise RuntimeError(f"epoch {self._epoch} ended after {self._batches_consumed} of "
                          f"{self.batches_per_epoch} batches: did the data change while "
@@ -266,12 +273,73 @@ class DataIterator:
       return {"inputs": inputs, "chosen": targets, "rejected": targets}
     return {"inputs": inputs, "targets": targets}
 
+  def _read(self, iterator: Iterator[Any]) -> Any:
+    """next(iterator), a data error surfacing as the file:line message, not TensorFlow's."""
+    try:
+      return next(iterator)
+    except tf.errors.OpError:
+      data_errors = [source.last_error for source in self._sources if source.last_error]
+      if data_errors:
+        raise data_errors[0] from None
+      raise
+
+  def _in_memory(self) -> bool:
+    """A single Task whose host share fits in IN_MEMORY_BYTES is read once and kept as arrays."""
+    if self._memory is None:
+      self._memory = False
+      if not self._is_mixture:
+        ds = self._task_examples(self._tasks[0][0], self._sources[0], 0, shuffle=False)
+        row_bytes = sum(int(np.prod(spec.shape)) * spec.dtype.size
+                        for spec in ds.element_spec.values())
+        rows = math.ceil(self.statistics[self._tasks[0][0].name].count / self.process_count)
+        if rows * row_bytes <= IN_MEMORY_BYTES:
+          self._memory = self._load(ds)
+    return self._memory is not False
+
+  def _load(self, ds: tf.data.Dataset) -> dict[str, np.ndarray]:
+    chunks = []
+    iterator = ds.batch(4096).as_numpy_iterator()
+    while True:
+      try:
+        chunks.append(self._read(iterator))
+      except StopIteration:
+        break
+    spec = ds.element_spec
+    if not chunks:
+      return {key: np.zeros((0,) + tuple(value.shape), value.dtype.as_numpy_dtype)
+              for key, value in spec.items()}
+    return {key: np.concatenate([chunk[key] for chunk in chunks]) for key in spec}
+
+  def _memory_batches(self, epoch: int, skip_batches: int) -> Iterator[dict[str, np.ndarray]]:
+    """The epoch's batches from the kept arrays: this host's rows in the epoch's permutation
+    (the Task's file order without shuffle), then zero-weight rows (ids -1) to fill the epoch."""
+    rows = self._memory
+    count = next(iter(rows.values())).shape[0]
+    order = np.arange(count)
+    if self.shuffle:
+      order = np.random.default_rng(
+          epoch_seed(self.seed, epoch, self._tasks[0][0].name)).permutation(count)
+    total = self.batches_per_epoch * self.batch_size
+    for start in range(skip_batches * self.batch_size, total, self.batch_size):
+      picked = order[start:start + self.batch_size]
+      padding = self.batch_size - picked.size
+      batch = {}
+      for key, values in rows.items():
+        part = values[picked]
+        if padding:
+          fill = np.full((padding,) + values.shape[1:], -1 if key in ID_KEYS else 0, values.dtype)
+          part = np.concatenate([part, fill])
+        batch[key] = part
+      yield batch
+
   def _task_examples(self, task: seqio.Task, source: FeedbackSource, epoch: int,
-                     task_index: int = 0) -> tf.data.Dataset:
+                     task_index: int = 0, shuffle: bool | None = None) -> tf.data.Dataset:
     """This host's converted examples of one Task for an epoch."""
+    shuffle = self.shuffle if shuffle is None else shuffle
+
     def make() -> tf.data.Dataset:
       return task.get_dataset(
-          sequence_length=self._task_lengths(source), split=self.split, shuffle=self.shuffle,
+          sequence_length=self._task_lengths(source), split=self.split, shuffle=shuffle,
           seed=epoch_seed(self.seed, epoch, task.name), num_epochs=1,
           shard_info=seqio.ShardInfo(self.process_index, self.process_count),
           try_in_mem_cache=False)
