@@ -165,24 +165,36 @@ def register_feedback(paths: Mapping[str, str], vocabulary_path: str, demo) -> d
   return names
 
 
-def final_evaluation(method: str, demo, policy: evaluation.Policy, sft: evaluation.Policy,
-                     vocabulary, workdir: str) -> dict[str, Any]:
-  """Side by side against SFT on the held-out prompts; cached in the stage's workdir."""
-  from dro_jax.data import synthetic
-  path = os.path.join(workdir, "evaluation.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  settings = demo.demo
-  sampling = decoding.SamplingParams(max_decode_length=settings.max_decode_length,
-                                     temperature=1.0, num_samples=settings.final_samples)
-  metrics = evaluation.evaluate_policies(
-      policy, sft, vocabulary, synthetic.eval_prompts(settings.eval_prompts, demo.seed),
-      judges.get_judge("demo"), sampling=sampling, policy_seed=2 * demo.seed + 11,
-      baseline_seed=2 * demo.seed + 12, max_input_length=demo.max_input_length)
-  metrics = {key: value for key, value in metrics.items() if key != "samples"}
-  train.write_text(path, json.dumps(metrics, indent=2))
-  return metrics
+class FinalEvaluation:
+  """Each method side by side against SFT on the held-out prompts; SFT's answers sampled once
+  (the same seed for every method) and each method's result cached in its stage's workdir."""
+
+  def __init__(self, demo, sft: evaluation.Policy, vocabulary):
+    from dro_jax.data import synthetic
+    settings = demo.demo
+    self.demo, self.sft, self.vocabulary = demo, sft, vocabulary
+    self.prompts = synthetic.eval_prompts(settings.eval_prompts, demo.seed)
+    self.sampling = decoding.SamplingParams(max_decode_length=settings.max_decode_length,
+                                            temperature=1.0, num_samples=settings.final_samples)
+    self.seeds = {"policy_seed": 2 * demo.seed + 11, "baseline_seed": 2 * demo.seed + 12}
+    self.baseline_samples = None
+
+  def __call__(self, policy: evaluation.Policy, workdir: str) -> dict[str, Any]:
+    path = os.path.join(workdir, "evaluation.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f)
+    if self.baseline_samples is None:
+      self.baseline_samples = evaluation.sample_baseline(
+          self.sft, self.vocabulary, self.prompts, sampling=self.sampling,
+          baseline_seed=self.seeds["baseline_seed"], max_input_length=self.demo.max_input_length)
+    metrics = evaluation.evaluate_policies(
+        policy, self.sft, self.vocabulary, self.prompts, judges.get_judge("demo"),
+        sampling=self.sampling, max_input_length=self.demo.max_input_length,
+        baseline_samples=self.baseline_samples, **self.seeds)
+    metrics = {key: value for key, value in metrics.items() if key != "samples"}
+    train.write_text(path, json.dumps(metrics, indent=2))
+    return metrics
 
 
 # ------------------------------------------------------------------------------------ results
@@ -276,12 +288,13 @@ def run(demo: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, An
   feedback = register_feedback(sample_feedback(demo, sft, vocabulary, stage_dir("samples")),
                                vocabulary_path, demo)
   results, results_curves = {}, {}
+  final_evaluation = FinalEvaluation(demo, sft, vocabulary)
   for method in demo.demo.methods:
     task = feedback["pairs"] if method in ("dpo", "tr_dpo") else feedback["triples"]
     config = stage_config(demo, method, task, init=stage_dir("sft"), baseline=stage_dir("sft"))
     run_stage(method, config, stage_dir(method))
     policy = load_policy(stage_dir(method), demo)
-    results[method] = final_evaluation(method, demo, policy, sft, vocabulary, stage_dir(method))
+    results[method] = final_evaluation(policy, stage_dir(method))
     results_curves[method] = curves(stage_dir(method))
   table = write_results(workdir, demo, results, results_curves)
   print(table, flush=True)

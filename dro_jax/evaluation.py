@@ -277,13 +277,25 @@ def sequence_logps(policy: Policy, encoder_tokens: np.ndarray, tokens: np.ndarra
 # ------------------------------------------------------------------------------------ evaluation
 
 
+def sample_baseline(baseline: Policy, vocabulary: decoding.Vocabulary, prompts: Sequence[str], *,
+                    sampling: decoding.SamplingParams = decoding.SamplingParams(),
+                    baseline_seed: int = 1, max_input_length: int | None = None,
+                    batch_size: int = 64, mesh: Mesh | None = None) -> Samples:
+  """The baseline side of `evaluate_policies` on its own, to pass as its `baseline_samples`."""
+  encoder_tokens = decoding.encode_prompts(vocabulary, list(prompts), eos_id=sampling.eos_id,
+                                           max_input_length=max_input_length)
+  return sample_policy(baseline, encoder_tokens, vocabulary, sampling, baseline_seed,
+                       batch_size=batch_size, mesh=mesh)
+
+
 def evaluate_policies(policy: Policy, baseline: Policy, vocabulary: decoding.Vocabulary,
                       prompts: Sequence[str], judge: judges_lib.Judge, *,
                       sampling: decoding.SamplingParams = decoding.SamplingParams(),
                       policy_seed: int = 0, baseline_seed: int = 1,
                       max_input_length: int | None = None, batch_size: int = 64,
                       mesh: Mesh | None = None, level: float = 0.95, folds: int = 5,
-                      resamples: int = 4000, return_samples: bool = False) -> dict[str, Any]:
+                      resamples: int = 4000, return_samples: bool = False,
+                      baseline_samples: Samples | None = None) -> dict[str, Any]:
   """Policy against baseline on `prompts`; a flat dict of metrics (see the module docstring).
 
   Both sides share `vocabulary` (KL scores the policy's tokens under the baseline). Keys:
@@ -291,16 +303,25 @@ def evaluate_policies(policy: Policy, baseline: Policy, vocabulary: decoding.Voc
   n, prompts, wins, ties, losses, kl, kl_stderr, {policy,baseline}_reward (judges with a reward),
   {policy,baseline}_length, {policy,baseline}_truncated; and `samples` (one dict per comparison:
   prompt, policy and baseline response, preference, rewards, truncation) with return_samples.
+  `baseline_samples`: the baseline's answers to these prompts with these sampling settings and
+  `baseline_seed`, from an earlier call (`sample_baseline`), so repeated evaluations against the
+  same baseline sample it once.
   """
   prompts = list(prompts)
   if not prompts:
     raise ValueError("no prompts to evaluate on")
   encoder_tokens = decoding.encode_prompts(vocabulary, prompts, eos_id=sampling.eos_id,
                                            max_input_length=max_input_length)
-  sides = {}
-  for name, side, seed in (("policy", policy, policy_seed), ("baseline", baseline, baseline_seed)):
-    sides[name] = sample_policy(side, encoder_tokens, vocabulary, sampling, seed,
-                                batch_size=batch_size, mesh=mesh)
+  sides = {"policy": sample_policy(policy, encoder_tokens, vocabulary, sampling, policy_seed,
+                                   batch_size=batch_size, mesh=mesh)}
+  if baseline_samples is None:
+    baseline_samples = sample_policy(baseline, encoder_tokens, vocabulary, sampling,
+                                     baseline_seed, batch_size=batch_size, mesh=mesh)
+  elif len(baseline_samples.responses) != len(prompts) * sampling.num_samples:
+    raise ValueError(f"baseline_samples has {len(baseline_samples.responses)} answers; "
+                     f"{len(prompts)} prompts x {sampling.num_samples} samples need "
+                     f"{len(prompts) * sampling.num_samples}")
+  sides["baseline"] = baseline_samples
   repeats = sampling.num_samples
   shape = (len(prompts), repeats)
   prompt_rows = [prompt for prompt in prompts for _ in range(repeats)]

@@ -41,13 +41,19 @@ class JudgedEvaluation:
         max_decode_length=settings.max_decode_length or config.max_target_length,
         temperature=settings.temperature, num_samples=settings.samples)
     self.seed, self.max_input_length = config.seed, config.max_input_length
+    self.baseline_samples = None  # The baseline's answers: the same at every evaluation.
 
   def __call__(self, policy_params: Any) -> dict[str, float]:
     # The same seeds at every evaluation: the curve's noise is shared across steps.
     policy = evaluation.Policy(policy_params, self.model_config)
+    if self.baseline_samples is None:
+      self.baseline_samples = evaluation.sample_baseline(
+          self.baseline, self.vocabulary, self.prompts, sampling=self.sampling,
+          baseline_seed=1000 * self.seed + 2, max_input_length=self.max_input_length)
     metrics = evaluation.evaluate_policies(
         policy, self.baseline, self.vocabulary, self.prompts, self.judge, sampling=self.sampling,
         policy_seed=1000 * self.seed + 1, baseline_seed=1000 * self.seed + 2,
-        max_input_length=self.max_input_length, resamples=1000)
+        max_input_length=self.max_input_length, resamples=1000,
+        baseline_samples=self.baseline_samples)
     return {f"eval/{key}": float(value) for key, value in metrics.items()
             if isinstance(value, (int, float))}

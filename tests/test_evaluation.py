@@ -140,6 +140,17 @@ def test_a_checkpoint_against_itself(loaded):
   assert all(row["policy_response"] == row["baseline_response"] for row in rows)
   assert same["policy_length"] == same["baseline_length"]
   assert 0.0 <= same["policy_truncated"] <= 1.0
+  # The baseline's answers sampled once and passed back give the same evaluation.
+  kept = evaluation.sample_baseline(policy.policy, vocabulary, prompts, sampling=SAMPLING,
+                                    baseline_seed=1, batch_size=BATCH)
+  again = evaluation.evaluate_policies(
+      policy.policy, policy.policy, vocabulary, prompts, TextHashJudge(), sampling=SAMPLING,
+      policy_seed=0, baseline_seed=1, batch_size=BATCH, baseline_samples=kept)
+  assert again == independent
+  with pytest.raises(ValueError, match="baseline_samples has 48 answers"):
+    evaluation.evaluate_policies(
+        policy.policy, policy.policy, vocabulary, prompts[:10], TextHashJudge(),
+        sampling=SAMPLING, batch_size=BATCH, baseline_samples=kept)
   # Samples depend on (seed, prompt index) only, not on the batch they were drawn in.
   encoded = decoding.encode_prompts(vocabulary, prompts)
   shifted = evaluation.sample_policy(policy.policy, encoded[:BATCH + 3], vocabulary, SAMPLING, 7,
