@@ -21,7 +21,8 @@ from dro_jax import decoding, evaluation, judges
 class JudgedEvaluation:
   """Callable `(policy_params) -> {"eval/...": value}` against a fixed baseline and prompts."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model_config: Any):
+  def __init__(self, config: ml_collections.ConfigDict, model_config: Any, mesh: Any = None):
+    """`mesh`: the run's; sampling and scoring then run over it, as the policy's shards do."""
     from dro_jax import evaluate
     settings = config.evaluation
     baseline = settings.baseline or config.init_checkpoint
@@ -41,6 +42,7 @@ class JudgedEvaluation:
         max_decode_length=settings.max_decode_length or config.max_target_length,
         temperature=settings.temperature, num_samples=settings.samples)
     self.seed, self.max_input_length = config.seed, config.max_input_length
+    self.mesh = mesh
     self.baseline_samples = None  # The baseline's answers: the same at every evaluation.
 
   def __call__(self, policy_params: Any) -> dict[str, float]:
@@ -49,11 +51,12 @@ class JudgedEvaluation:
     if self.baseline_samples is None:
       self.baseline_samples = evaluation.sample_baseline(
           self.baseline, self.vocabulary, self.prompts, sampling=self.sampling,
-          baseline_seed=1000 * self.seed + 2, max_input_length=self.max_input_length)
+          baseline_seed=1000 * self.seed + 2, max_input_length=self.max_input_length,
+          mesh=self.mesh)
     metrics = evaluation.evaluate_policies(
         policy, self.baseline, self.vocabulary, self.prompts, self.judge, sampling=self.sampling,
         policy_seed=1000 * self.seed + 1, baseline_seed=1000 * self.seed + 2,
         max_input_length=self.max_input_length, resamples=1000,
-        baseline_samples=self.baseline_samples)
+        baseline_samples=self.baseline_samples, mesh=self.mesh)
     return {f"eval/{key}": float(value) for key, value in metrics.items()
             if isinstance(value, (int, float))}

@@ -505,7 +505,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   judged = None
   if config.evaluation.judge and config.eval_every:  # win rate against a baseline, judged
     from dro_jax import periodic_evaluation
-    judged = periodic_evaluation.JudgedEvaluation(config, model_config)
+    judged = periodic_evaluation.JudgedEvaluation(config, model_config, mesh)
   log = MetricsLog(workdir, latest)
   progress = _progress(config.total_steps, start)
   monitor, preemption = FiniteMonitor(config), Preemption()
@@ -531,11 +531,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       pending = None
       eval_metrics = {}
       if evaluate_now:
-        with partitioning.activate(mesh, rules):
-          if held_out:
+        if held_out:
+          with partitioning.activate(mesh, rules):
             eval_metrics = evaluate(eval_step, state, held_out, batch_layout)
-          if judged:
-            eval_metrics.update(judged(state.policy))
+        if judged:  # It places its own arrays on the mesh.
+          eval_metrics.update(judged(state.policy))
         log.write(step, eval_metrics)
       if save_now or preempted:
         checkpointer.save(state, batches.position(), eval_metrics)

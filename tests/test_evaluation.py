@@ -209,3 +209,37 @@ def test_cli_errors(sft_workdir, tmp_path):
   prompts.write_text('{"text": "sort: 1 2"}\n')
   with pytest.raises(ValueError, match=r"prompts.jsonl:1: expected a JSON object"):
     evaluate.read_prompts(str(prompts))
+
+
+def test_keep_best_checkpoint_by_win_rate(sft_workdir, tmp_path, demo_cache, monkeypatch):
+  """The periodic judged evaluation's win rate picks the checkpoint kept as best (max), next to
+  the latest; the evaluation itself runs for real, its win rates are then scripted."""
+  from dro_jax import checkpoint_manager, periodic_evaluation
+  from run_helpers import read_metrics, shrink
+  scripted = iter([0.3, 0.9, 0.2])
+  real = periodic_evaluation.JudgedEvaluation.__call__
+
+  def scripted_call(self, params):
+    metrics = real(self, params)
+    assert 0.0 <= metrics["eval/win_rate"] <= 1.0 and "eval/kl" in metrics
+    return {**metrics, "eval/win_rate": next(scripted)}
+
+  monkeypatch.setattr(periodic_evaluation.JudgedEvaluation, "__call__", scripted_call)
+  config = shrink(configs.load("sft", "size=tiny"), demo_cache, steps=6)
+  config.init_checkpoint = sft_workdir
+  config.eval_every = config.checkpoint_every = 2
+  config.keep_last, config.keep_best = 1, 1
+  config.best_metric, config.best_mode = "eval/win_rate", "max"
+  config.evaluation.judge = "demo"
+  config.evaluation.prompts = 8
+  config.evaluation.max_decode_length = 6
+  workdir = str(tmp_path / "run")
+  train.run(config, workdir)
+  logged = {row["step"]: row["eval/win_rate"] for row in read_metrics(workdir)
+            if "eval/win_rate" in row}
+  assert logged == {2: 0.3, 4: 0.9, 6: 0.2}
+  manager = checkpoint_manager.Checkpointer(workdir)
+  try:
+    assert sorted(manager.all_steps()) == [4, 6]  # the best by win rate, and the latest
+  finally:
+    manager.close()
