@@ -6,6 +6,11 @@ Unrolled (t5x's layout, what checkpoints and exports hold): `encoder/layers_0/..
 (logical axis "layers"). Everything else (embedder, relpos_bias, norms, logits_dense) is
 unchanged. A tree with only an encoder (a value network's) converts too.
 
+Optimizers whose statistics are per leaf (Adafactor's factored moments, parameter scale and
+update clipping) see one stacked leaf where the unrolled model has one per layer; `per_layer`
+runs such an optimizer on each layer of the stacked leaves, so a scanned run takes the unrolled
+run's steps (elementwise optimizers such as AdamW need nothing).
+
 Leaves may be numpy arrays (stacked on the host), jax arrays or tracers (stacked with jnp, so
 `jax.jit(stack_layers, out_shardings=...)` writes the stacked tree straight into its shards),
 ShapeDtypeStructs (shapes only) or NamedShardings (their specs gain / lose the leading axis,
@@ -20,6 +25,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dro_jax.models import t5 as t5_lib
@@ -139,3 +145,36 @@ def read_in_layout(read: Callable[[PyTree | None], PyTree], shardings: PyTree | 
   params = read(unstack_layers(shardings, config))
   stack = jax.jit(functools.partial(stack_layers, config=config), out_shardings=shardings)
   return stack(params)
+
+
+STACKED, UNSTACKED = "stacked", "unstacked"
+
+
+def stacked_labels(params: PyTree) -> PyTree:
+  """STACKED for leaves under `encoder/layers` or `decoder/layers` (found anywhere on the path, so
+  a value network's encoder counts), UNSTACKED for the rest: labels for optax.multi_transform."""
+
+  def label(path: tuple[Any, ...], _: Any) -> str:
+    names = [getattr(key, "key", None) for key in path]
+    for parent, child in zip(names, names[1:]):
+      if parent in ("encoder", "decoder") and child == LAYERS:
+        return STACKED
+    return UNSTACKED
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` applied to each layer of stacked leaves independently (vmapped over the leading
+  axis): its state gains that axis too. Use it on the STACKED labels only, e.g.
+  `optax.multi_transform({STACKED: per_layer(tx), UNSTACKED: tx}, stacked_labels)`."""
+
+  def init(params):
+    return jax.vmap(inner.init)(params)
+
+  def update(updates, state, params=None):
+    if params is None:
+      return jax.vmap(lambda u, s: inner.update(u, s))(updates, state)
+    return jax.vmap(inner.update)(updates, state, params)
+
+  return optax.GradientTransformation(init, update)

@@ -19,8 +19,10 @@ Three optional paths, all off by default and numerically equivalent to the defau
   "layers" axis (`encoder/layers/...`, `decoder/layers/...`); `dro_jax.models.scan` converts
   between that tree and the unrolled t5x tree (`layers_0`, `layers_1`, ...). Decoding caches stack
   on axis 1 ([batch, layers, ...]) so the batch stays the leading axis.
-- `attention`: "xla" is the einsum path; "cudnn" and "auto" call `jax.nn.dot_product_attention`
-  (see `T5Config.attention`).
+- `attention`: "xla" is the einsum path; "cudnn" (and "auto" where cuDNN applies) calls
+  `jax.nn.dot_product_attention` with scale 1, the relative-position bias [1, heads, q, k],
+  `is_causal` for the decoder and the encoder padding as lengths (right padding assumed);
+  "fused_xla" is that same call computed by XLA (see `T5Config.attention`).
 """
 
 from __future__ import annotations
@@ -689,7 +691,8 @@ class T5(nn.Module):
 def init_params(config: T5Config, rng: Array, encoder_length: int = 8,
                 decoder_length: int = 8) -> dict:
   """Unboxed float32 parameters (plain arrays). For sharded init use partitioning.py."""
-  model = T5(config)
+  # The attention path does not change the parameters; the einsum one initialises anywhere.
+  model = T5(config.replace(attention="xla"))
   variables = model.init(rng, jnp.ones((1, encoder_length), jnp.int32),
                          jnp.ones((1, decoder_length), jnp.int32))
   return nn.unbox(variables["params"])
@@ -697,7 +700,7 @@ def init_params(config: T5Config, rng: Array, encoder_length: int = 8,
 
 def abstract_params(config: T5Config) -> dict:
   """Boxed ShapeDtypeStructs with logical axis metadata, without allocating anything."""
-  model = T5(config)
+  model = T5(config.replace(attention="xla"))
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 2), jnp.int32),
                              jnp.ones((1, 2), jnp.int32))
   return variables["params"]
