@@ -6,6 +6,7 @@ JAX when several processes run, and hands the config to `RUNNERS[config.runner]`
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 
@@ -43,8 +44,17 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+class _QuietCheckpointing:
+  """Drops orbax's INFO records (several per save and restore); its warnings still show."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv) -> None:
   del argv
+  if flags.FLAGS.verbosity <= 0:  # --verbosity=1 shows everything
+    logging.get_absl_handler().addFilter(_QuietCheckpointing())
   config = _CONFIG.value
   if config.runner not in RUNNERS:
     raise app.UsageError(f"config.runner={config.runner!r}: choose from {sorted(RUNNERS)}")
