@@ -186,6 +186,19 @@ def test_unrolled_checkpoints_read_straight_into_scanned_shards(fixtures_dir):
   expected = scan_lib.stack_layers(params, config)
   for a, b in zip(jax.tree.leaves(read), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The other way: a scanned run's tree into an unrolled config's shards; abstract trees keep
+  # their shardings through the converter.
+  unrolled_shardings = partitioning.params_shardings(t5_lib.abstract_params(config), mesh)
+  back = scan_lib.read_in_layout(lambda s: read, unrolled_shardings, config, source_scanned=True)
+  wo = back["decoder"]["layers_1"]["mlp"]["wo"]["kernel"]
+  assert tuple(wo.sharding.spec) == ("model", "fsdp")
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.unbox(t5_lib.abstract_params(config)), unrolled_shardings)
+  assert scan_lib.stack_layers(like, config)["encoder"]["layers"]["mlp"]["wo"]["kernel"] == \
+      jax.ShapeDtypeStruct((2, 64, 32), jnp.float32, sharding=read["encoder"]["layers"]["mlp"][
+          "wo"]["kernel"].sharding)
 
 
 def test_per_layer_adafactor_on_stacked_leaves_takes_the_unrolled_steps(plain):

@@ -42,12 +42,25 @@ def _is_leaf(x: Any) -> bool:
   return isinstance(x, (jax.ShapeDtypeStruct, NamedSharding))
 
 
+def _stacked_sharding(sharding: Any) -> Any:
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+  return sharding
+
+
+def _layer_sharding(sharding: Any) -> Any:
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+  return sharding
+
+
 def _stack_leaves(*leaves: Any) -> Any:
   first = leaves[0]
   if isinstance(first, NamedSharding):
-    return NamedSharding(first.mesh, PartitionSpec(None, *first.spec))
+    return _stacked_sharding(first)
   if isinstance(first, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct((len(leaves),) + tuple(first.shape), first.dtype)
+    return jax.ShapeDtypeStruct((len(leaves),) + tuple(first.shape), first.dtype,
+                                sharding=_stacked_sharding(first.sharding))
   if all(isinstance(leaf, np.ndarray) for leaf in leaves):
     return np.stack(leaves)
   return jnp.stack(leaves)
@@ -55,9 +68,10 @@ def _stack_leaves(*leaves: Any) -> Any:
 
 def _layer_of(leaf: Any, index: int) -> Any:
   if isinstance(leaf, NamedSharding):
-    return NamedSharding(leaf.mesh, PartitionSpec(*tuple(leaf.spec)[1:]))
+    return _layer_sharding(leaf)
   if isinstance(leaf, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(tuple(leaf.shape)[1:], leaf.dtype)
+    return jax.ShapeDtypeStruct(tuple(leaf.shape)[1:], leaf.dtype,
+                                sharding=_layer_sharding(leaf.sharding))
   return leaf[index]
 
 
@@ -130,21 +144,23 @@ def to_config_layout(params: PyTree, config: t5_lib.T5Config) -> PyTree:
 
 
 def read_in_layout(read: Callable[[PyTree | None], PyTree], shardings: PyTree | None,
-                   config: t5_lib.T5Config) -> PyTree:
-  """Parameters from a reader of unrolled trees (`load_t5x` / `load_hf_t5`:
-  `read(unrolled_shardings or None) -> params`) in the layout `config` runs.
+                   config: t5_lib.T5Config, *, source_scanned: bool = False) -> PyTree:
+  """Parameters from a reader of trees in the source layout (unrolled for `load_t5x` /
+  `load_hf_t5`; `source_scanned` for a scanned run's checkpoint), in the layout `config` runs.
+  `read(shardings of the source layout, or None) -> params`.
 
-  With `shardings` (of the config's layout), the unrolled arrays are read straight into the
-  matching per-layer shards and stacked by one jit into the scanned shardings, so no host holds
-  the whole model.
+  With `shardings` (of the config's layout), the arrays are read straight into the matching
+  shards of the source layout and converted by one jit into `shardings`, so no host holds the
+  whole model.
   """
-  if not config.scan_layers:
+  if bool(source_scanned) == bool(config.scan_layers):
     return read(shardings)
+  convert, to_source = ((stack_layers, unstack_layers) if config.scan_layers
+                        else (unstack_layers, stack_layers))
   if shardings is None:
-    return stack_layers(read(None), config)
-  params = read(unstack_layers(shardings, config))
-  stack = jax.jit(functools.partial(stack_layers, config=config), out_shardings=shardings)
-  return stack(params)
+    return convert(read(None), config)
+  params = read(to_source(shardings, config))
+  return jax.jit(functools.partial(convert, config=config), out_shardings=shardings)(params)
 
 
 STACKED, UNSTACKED = "stacked", "unstacked"
