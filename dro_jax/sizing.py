@@ -39,6 +39,8 @@ CHIP_HBM_GIB: dict[str, float] = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 9
 DEFAULT_LENGTHS = (512, 256)  # (inputs, targets) assumed for every size but tiny
 HEADROOM = 0.9  # suggestions aim at 90% of HBM: XLA's runtime and fragmentation need some room
 REMAT_ACTIVATION_FACTOR = 1 / 3  # rough estimate of what full remat keeps of the activations
+_HBM_OPTION = "xla_tpu_max_hbm_size_mib"  # libtpu's compiler option: the HBM a program may use
+UNLIMITED_HBM_MIB = 1 << 22  # 4 TiB: measure a step that does not fit
 
 
 @dataclasses.dataclass
@@ -72,6 +74,8 @@ class Report:
   optimizer_state: int
   reference: int
   batch: int
+  # the TPU compiler's refusal at the chip's HBM (the numbers are then of a compile without it)
+  compiler_error: str | None = None
   suggestions: list[str] = dataclasses.field(default_factory=list)
   plan: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -81,7 +85,7 @@ class Report:
 
   @property
   def fits(self) -> bool:
-    return self.total <= self.hbm_bytes
+    return self.total <= self.hbm_bytes and self.compiler_error is None
 
   @property
   def state(self) -> int:
@@ -194,8 +198,36 @@ def prepare_config(config, *, input_length: int | None = None,
   return config
 
 
-def compile_step(config, topology: str):
-  """(compiled train step, its Report without suggestions) of `config` on `topology`."""
+def _compile(lowered, hbm_bytes: int | None):
+  """(executable, None), or where the step needs more than the chip's HBM (the TPU compiler
+  refuses it: RESOURCE_EXHAUSTED) the executable compiled without that limit, so its memory
+  can still be read, and the compiler's message."""
+  import jax
+  limit = {} if hbm_bytes is None else {_HBM_OPTION: max(int(hbm_bytes) // 2 ** 20, 1)}
+  # Executables for a described topology cannot be loaded back from the persistent cache, so
+  # it is off for these compiles (reset_cache: JAX decides once per process whether to use it).
+  from jax.experimental.compilation_cache import compilation_cache
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  try:
+    try:
+      return lowered.compile(compiler_options=limit), None
+    except jax.errors.JaxRuntimeError as error:
+      if "RESOURCE_EXHAUSTED" not in str(error):
+        raise
+      message = str(error).split("\n")[0]
+    return lowered.compile(compiler_options={_HBM_OPTION: UNLIMITED_HBM_MIB}), message
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+    compilation_cache.reset_cache()
+
+
+def compile_step(config, topology: str, hbm_bytes: int | None = None):
+  """(compiled train step, its Report without suggestions) of `config` on `topology`.
+
+  `hbm_bytes`: the HBM the compiler may use (default: the chip's). A step that needs more is
+  compiled again without the limit to measure it; `Report.compiler_error` says so."""
   import jax
 
   from dro_jax import partitioning, reference, reference_cache, train
@@ -218,13 +250,7 @@ def compile_step(config, topology: str):
   with partitioning.activate(mesh, rules):
     lowered = train_step.jitted.lower(_with_sharding(abstract, shardings),
                                       _with_sharding(batch, batch_layout))
-  # Executables for a described topology cannot be loaded back from the persistent cache.
-  cache = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
-  try:
-    compiled = lowered.compile()
-  finally:
-    jax.config.update("jax_enable_compilation_cache", cache)
+  compiled, compiler_error = _compile(lowered, hbm_bytes)
   stats = compiled.memory_analysis()
   uses_reference = abstract.reference is not None
   model_options = {key: config.model[key] for key in ("remat", "scan_layers")
@@ -247,7 +273,7 @@ def compile_step(config, topology: str):
       optimizer_state=_shard_bytes((abstract.policy_opt, abstract.value_opt),
                                    (shardings.policy_opt, shardings.value_opt)),
       reference=_shard_bytes(abstract.reference, shardings.reference) if uses_reference else 0,
-      batch=_shard_bytes(batch, batch_layout))
+      batch=_shard_bytes(batch, batch_layout), compiler_error=compiler_error)
   return compiled, report
 
 
@@ -257,9 +283,10 @@ def size(config, topology: str, *, input_length: int | None = None,
   """Compiles `config`'s train step for `topology` and reports its per-chip memory, with
   suggestions when it does not fit (`hbm_gib` overrides the chip's HBM)."""
   config = prepare_config(config, input_length=input_length, target_length=target_length)
-  _, report = compile_step(config, topology)
+  hbm_bytes = int(hbm_gib * GIB) if hbm_gib else hbm_bytes_of(topology)
+  _, report = compile_step(config, topology, hbm_bytes if hbm_gib else None)
   report.config = name
-  report.hbm_bytes = int(hbm_gib * GIB) if hbm_gib else hbm_bytes_of(topology)
+  report.hbm_bytes = hbm_bytes
   report.suggestions, report.plan = suggest(report, config)
   return report
 
@@ -284,7 +311,7 @@ def suggest(report: Report, config) -> tuple[list[str], dict[str, Any]]:
   size of the trainable parameters, inside the temporaries) scale with 1/fsdp; the rest of the
   temporaries (activations) with 1/microbatches; a bfloat16 reference halves a float32 one;
   full remat keeps about a third of the activations (rough)."""
-  if report.total <= HEADROOM * report.hbm_bytes:
+  if report.total <= HEADROOM * report.hbm_bytes and report.compiler_error is None:
     return [], {}
   from dro_jax import reference
   data, fsdp, model = report.mesh["data"], report.mesh["fsdp"], report.mesh["model"]
@@ -398,6 +425,9 @@ def format_report(report: Report) -> str:
       f"  {'fits' if report.fits else 'DOES NOT FIT'}: {100 * report.total / report.hbm_bytes:.0f}%"
       f" of {_gib(report.hbm_bytes)}",
   ]
+  if report.compiler_error:
+    rows.append(f"  the TPU compiler refused it ({report.compiler_error}); the numbers above are "
+                f"of a compile without the HBM limit")
   rows += [f"  - {line}" if i else f"  {line}" for i, line in enumerate(report.suggestions)]
   return "\n".join(rows)
 
@@ -435,15 +465,11 @@ def main(argv: Sequence[str]) -> None:
     train.write_text(_JSON.value, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
 
 
-def run() -> None:
-  from absl import app
-  app.run(main)
-
-
 if __name__ == "__main__":
   # Sizing needs no accelerator of this machine: the TPU devices come from libtpu's topology.
+  # The flags are defined here only, so importing this module (tests, notebooks) defines none.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from absl import flags
+  from absl import app, flags
   from ml_collections import config_flags
   _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:k=v,...]",
                                             lock_config=True)
@@ -455,4 +481,4 @@ if __name__ == "__main__":
   _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB (default: the chip's)")
   _JSON = flags.DEFINE_string("json", None, "write the report as JSON here")
   flags.mark_flags_as_required(["config", "topology"])
-  sys.exit(run())
+  app.run(main)

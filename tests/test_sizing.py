@@ -131,3 +131,5 @@ def test_cli_prints_and_writes_the_report(tmp_path):
   assert report["total"] == (report["arguments"] + report["outputs"] - report["aliased"]
                              + report["temporaries"] + report["code"])
   assert not report["fits"] and report["suggestions"]
+  # The compiler refused the step at that HBM; it was measured by a compile without the limit.
+  assert "RESOURCE_EXHAUSTED" in report["compiler_error"] and "compiler refused" in text
