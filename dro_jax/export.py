@@ -32,6 +32,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from dro_jax import checkpoints
+from dro_jax.models import scan as scan_lib
 from dro_jax.models import t5 as t5_lib
 
 # Our activation -> transformers' `feed_forward_proj` activation (see checkpoints._HF_ACTIVATIONS).
@@ -96,7 +97,9 @@ def _host_float32(value: Any) -> np.ndarray:
 
 
 def hf_tensors(params: Any, config: t5_lib.T5Config) -> dict[str, np.ndarray]:
-  """{HF tensor name: float32 array} of t5x-named `params` (transposed where HF is [out, in])."""
+  """{HF tensor name: float32 array} of t5x-named `params` (transposed where HF is [out, in]);
+  a scanned tree (`model.scan_layers`) is unrolled first."""
+  params = scan_lib.to_config_layout(params, config.replace(scan_layers=False))
   flat = traverse_util.flatten_dict(params, sep="/")
   names = checkpoints._hf_name_map(config)
   if not config.logits_via_embedding:

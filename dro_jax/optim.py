@@ -107,8 +107,33 @@ def learning_rate(config: Mapping[str, Any], network: str = POLICY) -> optax.Sch
 
 def _adafactor(config: Mapping[str, Any], schedule: optax.Schedule,
                parameter_scale: bool) -> optax.GradientTransformation:
-  return optax.adafactor(schedule, decay_rate=config.get("decay_rate", 0.8),
-                         multiply_by_parameter_scale=parameter_scale)
+  return layerwise_when_stacked(optax.adafactor(
+      schedule, decay_rate=config.get("decay_rate", 0.8),
+      multiply_by_parameter_scale=parameter_scale))
+
+
+def layerwise_when_stacked(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` on each layer of a scanned tree's stacked leaves (`models.scan`), as on the unrolled
+  tree; unchanged (same state) for unrolled trees.
+
+  Adafactor's factored moments, parameter scale and update clipping are per matrix, so a stacked
+  [layers, ...] leaf needs them per layer to take the unrolled model's steps.
+  """
+  from dro_jax.models import scan as scan_lib
+  split = optax.multi_transform({scan_lib.STACKED: scan_lib.per_layer(tx),
+                                 scan_lib.UNSTACKED: tx}, scan_lib.stacked_labels)
+
+  def stacked(tree: PyTree) -> bool:
+    return any(label == scan_lib.STACKED for label in jax.tree.leaves(scan_lib.stacked_labels(tree)))
+
+  def init(params):
+    return split.init(params) if stacked(params) else tx.init(params)
+
+  def update(updates, state, params=None):
+    chosen = split if stacked(updates) else tx
+    return chosen.update(updates, state, params)
+
+  return optax.GradientTransformation(init, update)
 
 
 def value_leaf_labels(value_params: PyTree) -> PyTree:

@@ -20,6 +20,7 @@ from absl import logging
 
 from dro_jax import checkpoint_manager, partitioning, reference, reference_cache
 from dro_jax import step as step_lib
+from dro_jax.models import scan as scan_lib
 from dro_jax.models import t5 as t5_lib
 from dro_jax.models import value as value_lib
 from dro_jax.state import TrainState
@@ -368,22 +369,37 @@ def init_checkpoint_kind(path: str) -> str:
 
 
 def load_init_policy(config, path: str, like: PyTree, shardings: PyTree) -> PyTree:
-  """The initial policy parameters from `path`, read straight into their shards."""
+  """The initial policy parameters from `path`, read straight into their shards, in the layer
+  layout this run uses (`model.scan_layers`) whatever the layout they were saved in."""
   kind = init_checkpoint_kind(path)
+  model_config = step_lib.t5_config(config)
   if kind == "workdir":
     other = checkpoint_manager.Checkpointer(path)
     step = other.latest_step()
     if step is None:
       raise ValueError(f"init_checkpoint {path}: the workdir has no complete checkpoint")
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            like, shardings)
-    policy = other.restore_item(step, "policy", abstract)
-    other.close()
+    # The other run may keep its layers in the other layout (model.scan_layers).
+    source = json.loads(read_text(os.path.join(path, "config.json")) or "{}")
+    source_scanned = bool(source.get("model", {}).get("scan_layers", False))
+    source_config = model_config.replace(scan_layers=source_scanned)
+    source_like = scan_lib.to_config_layout(like, source_config)
+
+    def read(source_shardings):
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              source_like, source_shardings)
+      return other.restore_item(step, "policy", abstract)
+
+    try:
+      policy = scan_lib.read_in_layout(read, shardings, model_config,
+                                       source_scanned=source_scanned)
+    finally:
+      other.close()
     logging.info("policy initialised from %s step %d", path, step)
     return policy
   from dro_jax import checkpoints
   loader = checkpoints.load_hf_t5 if kind == "hf" else checkpoints.load_t5x
-  _, params = loader(path, shardings)
+  # Published checkpoints are unrolled; a scanned run stacks them into its own shards.
+  params = scan_lib.read_in_layout(lambda s: loader(path, s)[1], shardings, model_config)
   logging.info("policy initialised from the %s checkpoint %s", kind, path)
   return params
 

@@ -314,3 +314,75 @@ def test_cudnn_attention_matches_the_einsum_path_on_gpu():
     for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(grads)):
       assert _relative_error(a, b) <= 5e-2
     assert abs(float(fused_loss) - float(loss)) <= 2e-2 * abs(float(loss))
+
+
+# -------------------------------------------------------------------------- through the engine
+
+
+def test_a_scanned_run_takes_the_unrolled_runs_steps_from_a_t5x_checkpoint(fixtures_dir, tmp_path):
+  """DRO-V with Adafactor (the optimizer's per-matrix statistics per stacked layer), started from
+  a real T5X checkpoint read into the scanned layout: the same losses and parameters as the
+  unrolled run; the exported HF tensors are the same too."""
+  from dro_jax import configs, export, partitioning, step as step_lib, train
+  from test_engine import make_batch
+
+  def two_steps(scan_layers: bool):
+    config = configs.load("dro", "size=tiny")
+    config.batch_size = 16
+    config.optimizer.warmup_steps = 0
+    config.optimizer.learning_rate = 1e-2
+    config.model.scan_layers = scan_layers
+    config.model.remat = "minimal" if scan_layers else "none"
+    config.init_checkpoint = str(fixtures_dir / "t5x" / "t5_1_1_tiny" / "checkpoint_1000")
+    config.mesh_shape = (2, 2, 1)
+    mesh = partitioning.mesh_from_config(config, devices=jax.devices()[:4])
+    rules = partitioning.rules_from_config(config)
+    model_config = step_lib.t5_config(config)
+    abstract, shardings = train.state_layout(config, model_config, mesh, rules)
+    state = train.build_state(config, model_config, mesh, rules, abstract, shardings)
+    batch = make_batch()
+    train_step, layout = train.compile_step(config, mesh, rules, shardings, batch)
+    losses = []
+    for _ in range(2):
+      state, metrics = train_step(state, train.device_batch(batch, layout))
+      losses.append(float(metrics["loss"]))
+    return model_config, jax.device_get(state.policy), losses
+
+  unrolled_config, unrolled, unrolled_losses = two_steps(False)
+  scanned_config, scanned, scanned_losses = two_steps(True)
+  assert scan_lib.is_scanned(scanned) and not scan_lib.is_scanned(unrolled)
+  np.testing.assert_allclose(scanned_losses, unrolled_losses, rtol=1e-5)
+  _assert_trees_close(scan_lib.unstack_layers(scanned, scanned_config), unrolled, 2e-5)
+  exported = export.hf_tensors(scanned, scanned_config)
+  for name, tensor in export.hf_tensors(unrolled, unrolled_config).items():
+    np.testing.assert_allclose(exported[name], tensor, rtol=2e-5, atol=1e-6, err_msg=name)
+
+
+def test_init_from_a_workdir_of_the_other_layout(tmp_path, demo_cache):
+  """A run reads a workdir's policy whichever layer layout either run uses."""
+  from dro_jax import checkpoint_manager, configs, partitioning, step as step_lib, train
+  from run_helpers import shrink
+
+  def config_for(scan_layers: bool):
+    config = shrink(configs.load("sft", "size=tiny"), demo_cache, steps=2)
+    config.model.num_encoder_layers = config.model.num_decoder_layers = 2
+    config.model.scan_layers = scan_layers
+    config.mesh_shape = (1, 1, 1)
+    return config
+
+  source = str(tmp_path / "scanned")
+  train.run(config_for(True), source)
+  manager = checkpoint_manager.Checkpointer(source)
+  try:
+    saved = manager.restore_item(manager.latest_step(), "policy")
+  finally:
+    manager.close()
+  assert scan_lib.is_scanned(saved)
+  config = config_for(False)
+  mesh = partitioning.mesh_from_config(config, devices=jax.devices()[:1])
+  rules = partitioning.rules_from_config(config)
+  model_config = step_lib.t5_config(config)
+  abstract, shardings = train.state_layout(config, model_config, mesh, rules)
+  loaded = train.load_init_policy(config, source, abstract.policy, shardings.policy)
+  assert not scan_lib.is_scanned(loaded)
+  _assert_trees_close(loaded, scan_lib.unstack_layers(saved, model_config), 0.0)
