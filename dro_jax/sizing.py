@@ -223,6 +223,23 @@ def _compile(lowered, hbm_bytes: int | None):
     compilation_cache.reset_cache()
 
 
+def state_bytes(config, topology: str) -> dict[str, int]:
+  """Per-chip bytes of the train state's parameters, optimizer state and reference copy on
+  `topology`, from the shardings alone (no compile: seconds even for T5-XXL). The gradients, in
+  the temporaries, are at least as large as the parameters."""
+  from dro_jax import partitioning, reference_cache, train
+  from dro_jax import step as step_lib
+  mesh = partitioning.make_mesh(tuple(config.mesh_shape), devices=topology_devices(topology))
+  rules = partitioning.rules_from_config(config)
+  abstract, shardings = train.state_layout(config, step_lib.t5_config(config), mesh, rules,
+                                           with_reference=not reference_cache.enabled(config))
+  return {"parameters": _shard_bytes((abstract.policy, abstract.value),
+                                     (shardings.policy, shardings.value)),
+          "optimizer_state": _shard_bytes((abstract.policy_opt, abstract.value_opt),
+                                          (shardings.policy_opt, shardings.value_opt)),
+          "reference": _shard_bytes(abstract.reference, shardings.reference)}
+
+
 def compile_step(config, topology: str, hbm_bytes: int | None = None):
   """(compiled train step, its Report without suggestions) of `config` on `topology`.
 

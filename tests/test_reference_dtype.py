@@ -1,4 +1,4 @@
-"""A bfloat16 reference copy (`config.reference.dtype`): frozen or hard-synced only, checkpointed."""
+"""A bfloat16 reference copy (`config.reference.dtype`): frozen or hard-synced, checkpointed."""
 
 import jax
 import jax.numpy as jnp
