@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
       results[f"dro_jax:{loss}"] = ours
       print(f"dro_jax {loss:<6} step {ours['step_ms']:9.1f} ms  compile {ours['compile_s']:6.1f} s"
             f"  temp {ours.get('compiled_temp_gb', 0) * 1024:8.1f} MB"
+            f"  XLA {ours.get('xla_tflop', 0) * 1e3:8.1f} GFLOP"
             f"  logps/policy {ours['first_policy_logps']:.4f}", flush=True)
       if args.torch:
         import suite_torch

@@ -48,6 +48,18 @@ def compiled_memory(compiled) -> dict[str, float]:
           "arguments_gb": analysis.argument_size_in_bytes / 2**30}
 
 
+def compiled_flops(compiled) -> dict[str, float]:
+  """XLA's own FLOP count of a compiled program (what it executes, fusions included)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # not every backend offers it
+    return {}
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get("flops")
+  return {"xla_tflop": float(flops) / 1e12} if flops else {}
+
+
 # -------------------------------------------------------------------------------------- matmul
 
 
@@ -193,7 +205,7 @@ def train_step(loss: str, size: str, tiny: bool, *, dtype: str, attention: str =
       start = time.perf_counter()
       compiled = jitted.jitted.lower(state, batch).compile()
       compile_s = time.perf_counter() - start
-    memory = compiled_memory(compiled)
+    memory = {**compiled_memory(compiled), **compiled_flops(compiled)}
     fits = not limit or memory.get("compiled_peak_gb", 0) <= 0.97 * limit
     if fits or choice == choices[-1]:
       break
