@@ -209,8 +209,9 @@ def train_step(loss: str, size: str, tiny: bool, *, dtype: str, attention: str =
     fits = not limit or memory.get("compiled_peak_gb", 0) <= 0.97 * limit
     if fits or choice == choices[-1]:
       break
-    if deadline is not None and time.perf_counter() > deadline:
-      break
+    if deadline is not None and time.time() + 30 > deadline:
+      raise RuntimeError(f"budget: remat {choice!r} needs {memory['compiled_peak_gb']:.1f} GB of "
+                         f"{limit:.1f}; no time left to compile with more rematerialisation")
   implementation = "einsum"
   if hasattr(t5_lib, "attention_implementation"):
     implementation = t5_lib.attention_implementation(model_config, sh.source, sh.source)
