@@ -208,8 +208,9 @@ def _compile(lowered, hbm_bytes: int | None):
   # it is off for these compiles (reset_cache: JAX decides once per process whether to use it).
   from jax.experimental.compilation_cache import compilation_cache
   cache = jax.config.jax_enable_compilation_cache
+  reset = compilation_cache.reset_cache if jax.config.jax_compilation_cache_dir else lambda: None
   jax.config.update("jax_enable_compilation_cache", False)
-  compilation_cache.reset_cache()
+  reset()
   try:
     try:
       return lowered.compile(compiler_options=limit), None
@@ -220,7 +221,7 @@ def _compile(lowered, hbm_bytes: int | None):
     return lowered.compile(compiler_options={_HBM_OPTION: UNLIMITED_HBM_MIB}), message
   finally:
     jax.config.update("jax_enable_compilation_cache", cache)
-    compilation_cache.reset_cache()
+    reset()
 
 
 def state_bytes(config, topology: str) -> dict[str, int]:

@@ -52,6 +52,9 @@ def test_report_is_the_compiles_memory_analysis(tiny_dro):
   assert report.reference_cached and report.reference == 0 and report.reference_dtype is None
   assert report.hbm_bytes == 0  # compile_step leaves the chip to `size`
   assert report.batch_size == config.batch_size
+  # The state's share, from the shardings alone, agrees without a compile.
+  assert sizing.state_bytes(config, "v5e:2x2") == {
+      "parameters": report.parameters, "optimizer_state": report.optimizer_state, "reference": 0}
 
 
 def test_batch_spec_has_the_keys_each_loss_reads():
