@@ -29,14 +29,15 @@ worker processes grouped by framework and size (JAX and PyTorch never share the 
 under a deadline; a row starts only if its estimated time fits, else it is recorded as skipped.
 The JSON is rewritten after every row, so a timeout keeps what finished.
 
-On the device machine, in one call (after `bash benchmarks/fetch_gpu_wheels.sh` here):
+On a GPU host with jax (CUDA), torch and transformers installed, from a copy of the repository
+that includes .gpu_wheels/ (made by `bash benchmarks/fetch_gpu_wheels.sh` where a package index
+is reachable), one command:
 
-  run(command="bash benchmarks/run_gpu_suite.sh", carry=[".gpu_wheels"], timeout_s=420)
+  OUT=/tmp/gpu_suite bash benchmarks/run_gpu_suite.sh
 
 which writes $OUT/gpu_suite.json and $OUT/gpu_suite.log. Rows left out by the budget:
 
-  run(command="bash benchmarks/run_gpu_suite.sh --only dro_jax:dro_v:xl", carry=[".gpu_wheels"],
-      timeout_s=420)
+  OUT=/tmp/gpu_suite bash benchmarks/run_gpu_suite.sh --only dro_jax:dro_v:xl
 
 Locally: `python benchmarks/gpu_suite.py --tiny --out /tmp/suite.json` (about a minute on CPU).
 """

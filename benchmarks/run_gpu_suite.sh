@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU suite in one device call, five minutes at most (setup included):
+# The GPU suite in one command on a GPU host, five minutes at most (setup included), from a copy
+# of this repository that includes .gpu_wheels/ (benchmarks/fetch_gpu_wheels.sh):
 #
-#   run(command="bash benchmarks/run_gpu_suite.sh", carry=[".gpu_wheels"], timeout_s=420)
+#   OUT=/tmp/gpu_suite bash benchmarks/run_gpu_suite.sh
 #
 # Installs the carried wheels (benchmarks/fetch_gpu_wheels.sh) into /tmp/dro_jax_site, runs
 # benchmarks/gpu_suite.py from the source tree on the machine's own jax and torch, and writes
