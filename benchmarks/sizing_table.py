@@ -10,8 +10,9 @@ topology on this CPU; libtpu needed), each compile in its own process, at 512 / 
 "after": fsdp over the whole slice (`mesh_shape=(1,-1,1)`), scanned layer stacks with full remat,
 the microbatches doubled until the step needs at most 90% of a 16 GiB v5e chip. "before"
 (`--before`): the recipe as it is (data parallelism over every chip, unrolled layers, no remat,
-one microbatch); an unrolled T5-L / XL step takes 10-30 minutes to compile on 2 CPU cores. T5-XXL
-DRO-V tries the standard slices from the smallest up. Results are added to `--out` as they come
+one microbatch); an unrolled T5-L / XL step takes 10-30 minutes to compile on 2 CPU cores. Rows
+without it show a lower bound of the defaults instead ("≥"): the state plus gradients per chip,
+from the shardings alone (`sizing.state_bytes`, no compile). T5-XXL DRO-V tries the standard slices from the smallest up. Results are added to `--out` as they come
 (a rerun skips what is there), and the markdown table is printed at the end.
 """
 
@@ -132,7 +133,8 @@ def table(results: dict) -> str:
     if before is None and row.get("bound"):
       bound = row["bound"]
       mark = " ✗" if bound["bound"] > bound["hbm_bytes"] else ""
-      earlier = ("defaults (not compiled: state + gradients)",
+      mesh = bound["mesh"]
+      earlier = (f"mesh {mesh['data']}x{mesh['fsdp']}x{mesh['model']}",
                  f"≥ {bound['bound'] / GIB:.1f}{mark}")
     elif before is None:
       earlier = "not compiled", "—"
