@@ -345,7 +345,8 @@ def suggest(report: Report, config) -> tuple[list[str], dict[str, Any]]:
   state_scale = 1.0
   wide = report.devices // model
   emb_dim = _emb_dim(config)
-  if wide > fsdp and (emb_dim is None or emb_dim % wide == 0):
+  if (wide > fsdp and report.batch_size % wide == 0
+      and (emb_dim is None or emb_dim % wide == 0)):
     state_scale = fsdp / wide
     saved = (report.state + gradients) * (1 - state_scale)
     lines.append(f"fsdp over all {wide} data-parallel chips (--config.mesh_shape='(1,{wide},"
