@@ -9,7 +9,8 @@ samples; each is judged side by side against SFT on held-out prompts. Stages liv
 <workdir>/{sft,samples,dro,kto,dpo,tr_dpo} and resume; <workdir>/results.md has the table and
 plot. Args (comma-separated k=v): seed, scale (a factor on every step count, e.g. 0.25 for a
 quick run), negate (1: the judge's rewards negated, a control that must make DRO-V worse),
-methods (joined by "+", e.g. methods=dro+kto).
+methods (joined by "+", e.g. methods=dro+kto), workers (alignment stages trained at once in
+worker processes; default 2, 1 trains them one after another in this process).
 """
 
 import ml_collections
@@ -18,7 +19,8 @@ from dro_jax import configs
 
 
 def get_config(arg=None):
-  args = configs.parse_arg(arg, "demo", seed=0, scale=1.0, negate=0, methods="dro+kto+dpo+tr_dpo")
+  args = configs.parse_arg(arg, "demo", seed=0, scale=1.0, negate=0, methods="dro+kto+dpo+tr_dpo",
+                           workers=2)
   methods = tuple(args.methods.split("+"))
   unknown = sorted(set(methods) - {"dro", "kto", "dpo", "tr_dpo"})
   if unknown:
@@ -48,6 +50,8 @@ def get_config(arg=None):
       "methods": methods,
       "negate_rewards": bool(args.negate),
       "max_decode_length": 12,
+      # Alignment stages trained at once, each in its own process (1: one after another here).
+      "workers": max(int(args.workers), 1),
   })
   config.lock()
   return config

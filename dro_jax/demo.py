@@ -273,6 +273,57 @@ def synthetic_tasks(demo: ml_collections.ConfigDict) -> dict[str, str]:
   return synthetic.register_demo_tasks(demo.data.cache_dir, sft_examples=demo.demo.sft_examples)
 
 
+def _feedback_task(feedback: Mapping[str, str], method: str) -> str:
+  return feedback["pairs"] if method in ("dpo", "tr_dpo") else feedback["triples"]
+
+
+def _stop_with_parent() -> None:
+  """A worker gets SIGTERM when the demo's process dies (Linux), so a killed demo leaves no stage
+  running on: the worker saves its step and exits, and a restart resumes it."""
+  try:
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+
+
+def _stage_in_worker(demo: ml_collections.ConfigDict, method: str, paths: Mapping[str, str],
+                     workdir: str) -> None:
+  """One alignment stage in a worker process; its console output goes to <stage>/stage.log."""
+  from dro_jax.data import synthetic
+  stage = os.path.join(workdir, method)
+  os.makedirs(stage, exist_ok=True)
+  log = os.open(os.path.join(stage, "stage.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+  os.dup2(log, 1)
+  os.dup2(log, 2)
+  os.close(log)
+  synthetic_tasks(demo)
+  feedback = register_feedback(paths, synthetic.demo_vocabulary(demo.data.cache_dir), demo)
+  sft = os.path.join(workdir, "sft")
+  train.run(stage_config(demo, method, _feedback_task(feedback, method), init=sft, baseline=sft),
+            stage)
+
+
+def run_stages_in_workers(demo: ml_collections.ConfigDict, methods: list[str],
+                          paths: Mapping[str, str], workdir: str) -> None:
+  """The alignment stages `methods`, `demo.demo.workers` at a time in worker processes (each
+  stage is the same `train.run` as in-process; they only share the SFT policy and the samples)."""
+  import concurrent.futures
+  import multiprocessing
+  workers = min(demo.demo.workers, len(methods))
+  print(f"[demo] {', '.join(methods)}: {demo.demo.align_steps} steps each, {workers} at a time "
+        f"in worker processes (logs: <stage>/stage.log)", flush=True)
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn"),
+      initializer=_stop_with_parent) as pool:
+    futures = {pool.submit(_stage_in_worker, demo, method, dict(paths), workdir): method
+               for method in methods}
+    for future in concurrent.futures.as_completed(futures):
+      future.result()  # a stage's error is raised here
+      print(f"[demo] {futures[future]}: trained", flush=True)
+
+
 def run(demo: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
   """Runs (or finishes) every stage; returns {method: evaluation metrics against SFT}."""
   import seqio
@@ -285,13 +336,17 @@ def run(demo: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, An
   run_stage("sft", stage_config(demo, "sft", names["sft"], init=None, baseline=None),
             stage_dir("sft"))
   sft = load_policy(stage_dir("sft"), demo)
-  feedback = register_feedback(sample_feedback(demo, sft, vocabulary, stage_dir("samples")),
-                               vocabulary_path, demo)
+  paths = sample_feedback(demo, sft, vocabulary, stage_dir("samples"))
+  feedback = register_feedback(paths, vocabulary_path, demo)
   results, results_curves = {}, {}
   final_evaluation = FinalEvaluation(demo, sft, vocabulary)
-  for method in demo.demo.methods:
-    task = feedback["pairs"] if method in ("dpo", "tr_dpo") else feedback["triples"]
-    config = stage_config(demo, method, task, init=stage_dir("sft"), baseline=stage_dir("sft"))
+  methods = demo.demo.methods
+  pending = [m for m in methods if not finished(stage_dir(m), demo.demo.align_steps)]
+  if demo.demo.workers > 1 and len(pending) > 1:
+    run_stages_in_workers(demo, pending, paths, workdir)
+  for method in methods:
+    config = stage_config(demo, method, _feedback_task(feedback, method), init=stage_dir("sft"),
+                          baseline=stage_dir("sft"))
     run_stage(method, config, stage_dir(method))
     policy = load_policy(stage_dir(method), demo)
     results[method] = final_evaluation(policy, stage_dir(method))

@@ -134,3 +134,22 @@ def test_the_notebook_executes(tmp_path, demo_results, demo_cache):
   outputs = "".join(str(output) for cell in notebook.cells for output in cell.get("outputs", []))
   assert "DRO-V" in outputs and "image/png" in outputs
   assert "done already" in outputs  # it reused the finished stages
+
+
+def test_stages_in_worker_processes_give_the_in_process_results(tmp_path, demo_cache):
+  """workers=2 trains the alignment stages at once in spawned processes: the same results as one
+  after another in this process (a miniature demo: 30 SFT steps, 8 steps per method)."""
+  def miniature(workers: int):
+    config = demo_config(demo_cache, f"scale=0.02,methods=dro+kto,workers={workers}")
+    config.demo.eval_prompts, config.demo.evaluations = 24, 1
+    return config
+
+  parallel = tmp_path / "parallel"
+  results = demo.run(miniature(2), str(parallel))
+  assert (parallel / "dro" / "stage.log").stat().st_size > 0  # trained in a worker
+  assert (parallel / "kto" / "stage.log").stat().st_size > 0
+  sequential = tmp_path / "sequential"
+  for stage in ("sft", "samples"):
+    shutil.copytree(parallel / stage, sequential / stage)
+  assert demo.run(miniature(1), str(sequential)) == results
+  assert not (sequential / "dro" / "stage.log").exists()
