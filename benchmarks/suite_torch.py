@@ -116,59 +116,51 @@ def _build_step(loss: str, policy, reference, value, batch: dict[str, torch.Tens
   prompt_mask = (prompts > 0).long()
   autocast = dict(device_type=device(), dtype=dtype, enabled=dtype != torch.float32)
 
-  if loss == "dpo":
-    prompts2, mask2 = torch.cat([prompts, prompts]), torch.cat([prompt_mask, prompt_mask])
-    decoder_inputs = torch.cat([batch["chosen_decoder_input_tokens"],
-                                batch["rejected_decoder_input_tokens"]]).long()
-    targets = torch.cat([batch["chosen_decoder_target_tokens"],
-                         batch["rejected_decoder_target_tokens"]])
-    weights = torch.cat([batch["chosen_decoder_loss_weights"],
-                         batch["rejected_decoder_loss_weights"]])
+  def scored(input_ids, mask, decoder_inputs, targets, weights):
+    """(policy log-probs, reference log-probs, values or None) under autocast."""
+    with torch.autocast(**autocast):
+      with torch.no_grad():
+        ref_logits = reference(input_ids=input_ids, attention_mask=mask,
+                               decoder_input_ids=decoder_inputs).logits
+      logits = policy(input_ids=input_ids, attention_mask=mask,
+                      decoder_input_ids=decoder_inputs).logits
+      values = value(input_ids, mask) if value is not None else None
+    return (sequence_logps(logits, targets, weights),
+            sequence_logps(ref_logits, targets, weights), values)
 
+  def step(objective):
+    """One optimizer step on `objective() -> (loss, policy log-probs)`."""
     def run():
       for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
-      with torch.autocast(**autocast):
-        with torch.no_grad():
-          ref_logits = reference(input_ids=prompts2, attention_mask=mask2,
-                                 decoder_input_ids=decoder_inputs).logits
-        logits = policy(input_ids=prompts2, attention_mask=mask2,
-                        decoder_input_ids=decoder_inputs).logits
-      ref_logps = sequence_logps(ref_logits, targets, weights)
-      logps = sequence_logps(logits, targets, weights)
-      chosen, rejected = logps.chunk(2)
-      ref_chosen, ref_rejected = ref_logps.chunk(2)
-      margin = 0.1 * ((chosen - ref_chosen) - (rejected - ref_rejected))
-      value_ = -F.logsigmoid(margin).mean()
+      value_, logps = objective()
       value_.backward()
       for optimizer in optimizers:
         optimizer.step()
       return value_.detach(), logps.detach().mean()
     return run
 
-  decoder_inputs = batch["decoder_input_tokens"].long()
-  targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-  rewards = batch["reward"]
+  if loss == "dpo":
+    both = lambda key: torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
 
-  def run():
-    for optimizer in optimizers:
-      optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(**autocast):
-      with torch.no_grad():
-        ref_logits = reference(input_ids=prompts, attention_mask=prompt_mask,
-                               decoder_input_ids=decoder_inputs).logits
-      logits = policy(input_ids=prompts, attention_mask=prompt_mask,
-                      decoder_input_ids=decoder_inputs).logits
-      values = value(prompts, prompt_mask)
-    ref_logps = sequence_logps(ref_logits, targets, weights)
-    logps = sequence_logps(logits, targets, weights)
-    residual = rewards - values - 1.0 * (logps - ref_logps)  # τ = 1: no policy-update scale
-    value_ = (0.5 * residual.square()).mean()
-    value_.backward()
-    for optimizer in optimizers:
-      optimizer.step()
-    return value_.detach(), logps.detach().mean()
-  return run
+    def dpo():
+      logps, ref_logps, _ = scored(
+          torch.cat([prompts, prompts]), torch.cat([prompt_mask, prompt_mask]),
+          both("decoder_input_tokens").long(), both("decoder_target_tokens"),
+          both("decoder_loss_weights"))
+      chosen, rejected = logps.chunk(2)
+      ref_chosen, ref_rejected = ref_logps.chunk(2)
+      margin = 0.1 * ((chosen - ref_chosen) - (rejected - ref_rejected))
+      return -F.logsigmoid(margin).mean(), logps
+    return step(dpo)
+
+  def dro_v():
+    logps, ref_logps, values = scored(
+        prompts, prompt_mask, batch["decoder_input_tokens"].long(),
+        batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+    residual = batch["reward"] - values - 1.0 * (logps - ref_logps)  # τ = 1: no update scale
+    return (0.5 * residual.square()).mean(), logps
+  return step(dro_v)
 
 
 def train_step(loss: str, size: str, tiny: bool, *, weights_dir: str, dtype: str,
