@@ -25,6 +25,9 @@ RECIPES = ("sft", "dro", "dro_p", "kto", "dpo", "ipo", "reward_model", "preferen
 def test_every_recipe_runs_three_steps_at_size_tiny(recipe, demo_cache, tmp_path):
   config = shrink(configs.load(recipe, "size=tiny"), demo_cache)
   config.checkpoint_every, config.eval_every, config.log_every = 3, 3, 1
+  if recipe == "dro":  # DRO-V's policy and value network, layers scanned and rematerialised
+    config.model.num_encoder_layers = config.model.num_decoder_layers = 2
+    config.model.scan_layers, config.model.remat = True, "full"
   state = train.run(config, str(tmp_path))
   assert int(state.step) == 3
   rows = [row for row in read_metrics(tmp_path) if "loss" in row]
@@ -36,6 +39,17 @@ def test_every_recipe_runs_three_steps_at_size_tiny(recipe, demo_cache, tmp_path
   assert saved["loss"] == recipe and saved["total_steps"] == 3
   if recipe == "dro":
     assert os.path.isdir(tmp_path / "checkpoints" / "3" / "value_opt")
+    assert saved["model"]["scan_layers"] is True
+    from dro_jax import checkpoint_manager
+    from dro_jax.models import scan as scan_lib
+    checkpointer = checkpoint_manager.Checkpointer(str(tmp_path))
+    try:
+      for item in ("policy", "value"):
+        layers = checkpointer.restore_item(3, item)["encoder"]["layers"]
+        assert np.shape(layers["mlp"]["wo"]["kernel"])[0] == 2, item  # [layers, ...]
+      assert scan_lib.is_scanned(checkpointer.restore_item(3, "policy"))
+    finally:
+      checkpointer.close()
 
 
 def test_tensorboard_loss_equals_the_jsonl(demo_cache, tmp_path):

@@ -71,10 +71,8 @@ def test_the_levers_are_config_keys_and_validated():
     t5_lib.get_config("tiny", scan_layers="yes")
 
 
-@pytest.mark.parametrize("levers", [
-    dict(remat="minimal"), dict(remat="full"), dict(scan_layers=True),
-    dict(scan_layers=True, remat="full"),
-])
+# Full remat without scan runs in the dropout test, scan with minimal remat in the engine test.
+@pytest.mark.parametrize("levers", [dict(remat="minimal"), dict(scan_layers=True, remat="full")])
 def test_remat_and_scan_give_the_plain_loss_and_gradients(plain, levers):
   config, params, loss, logps, grads = plain
   lever_config = config.replace(**levers)
@@ -111,8 +109,7 @@ def test_remat_keeps_dropout_identical(plain):
   # One layer per stack halves the compile time: the plain params without their layers_1.
   params = {name: ({key: value for key, value in tree.items() if key != "layers_1"}
                    if name in ("encoder", "decoder") else tree) for name, tree in params.items()}
-  config = config.replace(num_encoder_layers=1, num_decoder_layers=1)
-  dropout = config.replace(dropout_rate=0.25)
+  dropout = config.replace(num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.25)
 
   @functools.partial(jax.jit, static_argnums=0)
   def logps(model_config, rng):
@@ -122,7 +119,8 @@ def test_remat_keeps_dropout_identical(plain):
   rng = jax.random.key(7, impl="rbg")  # compiles far faster than threefry on CPU
   expected = logps(dropout, rng)
   assert _relative_error(logps(dropout.replace(remat="full"), rng), expected) <= 1e-6
-  assert _relative_error(logps(config, rng), expected) > 1e-3  # dropout did act
+  # Dropout did act: another rng, another mask (the same executable).
+  assert _relative_error(logps(dropout, jax.random.key(8, impl="rbg")), expected) > 1e-3
 
 
 def test_scanned_parameter_tree_is_stack_layers_of_the_unrolled_one():
@@ -358,31 +356,39 @@ def test_a_scanned_run_takes_the_unrolled_runs_steps_from_a_t5x_checkpoint(fixtu
     np.testing.assert_allclose(exported[name], tensor, rtol=2e-5, atol=1e-6, err_msg=name)
 
 
-def test_init_from_a_workdir_of_the_other_layout(tmp_path, demo_cache):
-  """A run reads a workdir's policy whichever layer layout either run uses."""
+def test_init_from_a_workdir_of_the_other_layout(tmp_path):
+  """A run reads a workdir's policy whichever layer layout either run uses. (The driver test
+  runs a scanned recipe through the whole loop and checks its checkpoint is scanned.)"""
   from dro_jax import checkpoint_manager, configs, partitioning, step as step_lib, train
-  from run_helpers import shrink
 
-  def config_for(scan_layers: bool):
-    config = shrink(configs.load("sft", "size=tiny"), demo_cache, steps=2)
-    config.model.num_encoder_layers = config.model.num_decoder_layers = 2
+  def layout(scan_layers: bool):
+    config = configs.load("sft", "size=tiny")
     config.model.scan_layers = scan_layers
     config.mesh_shape = (1, 1, 1)
-    return config
+    mesh = partitioning.mesh_from_config(config, devices=jax.devices()[:1])
+    rules = partitioning.rules_from_config(config)
+    model_config = step_lib.t5_config(config)
+    abstract, shardings = train.state_layout(config, model_config, mesh, rules)
+    return config, mesh, rules, model_config, abstract, shardings
 
-  source = str(tmp_path / "scanned")
-  train.run(config_for(True), source)
-  manager = checkpoint_manager.Checkpointer(source)
-  try:
-    saved = manager.restore_item(manager.latest_step(), "policy")
-  finally:
-    manager.close()
-  assert scan_lib.is_scanned(saved)
-  config = config_for(False)
-  mesh = partitioning.mesh_from_config(config, devices=jax.devices()[:1])
-  rules = partitioning.rules_from_config(config)
-  model_config = step_lib.t5_config(config)
-  abstract, shardings = train.state_layout(config, model_config, mesh, rules)
-  loaded = train.load_init_policy(config, source, abstract.policy, shardings.policy)
-  assert not scan_lib.is_scanned(loaded)
-  _assert_trees_close(loaded, scan_lib.unstack_layers(saved, model_config), 0.0)
+  # Each layout's workdir (a saved state and its config.json), read by a run of the other.
+  for source_scanned in (True, False):
+    config, mesh, rules, model_config, abstract, shardings = layout(source_scanned)
+    rng = np.random.default_rng(int(source_scanned))  # random values, placed without a compile
+    state = jax.tree.map(
+        lambda x, s: jax.device_put(rng.standard_normal(x.shape).astype(x.dtype) if
+                                    jnp.issubdtype(x.dtype, jnp.floating)
+                                    else np.zeros(x.shape, x.dtype), s), abstract, shardings)
+    source = str(tmp_path / f"scanned_{source_scanned}")
+    checkpointer = checkpoint_manager.Checkpointer(source, async_save=False)
+    checkpointer.save(state, {"epoch": 0})
+    checkpointer.close()
+    train.write_text(f"{source}/config.json", config.to_json_best_effort())
+    saved = jax.device_get(state.policy)
+    assert scan_lib.is_scanned(saved) == source_scanned
+    config, _, _, model_config, abstract, shardings = layout(not source_scanned)
+    loaded = train.load_init_policy(config, source, abstract.policy, shardings.policy)
+    assert scan_lib.is_scanned(loaded) == (not source_scanned)
+    expected = (scan_lib.unstack_layers(saved, model_config) if source_scanned
+                else scan_lib.stack_layers(saved, model_config))
+    _assert_trees_close(loaded, expected, 0.0)

@@ -18,11 +18,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
 
 
+ONE_LAYER = ("model.num_encoder_layers", "model.num_decoder_layers")  # compile time
+
+
 @pytest.fixture(scope="module")
 def tiny_dro():
-  """The tiny DRO-V recipe compiled for v5e:2x2 through the sizing module."""
+  """The tiny DRO-V recipe (one layer per stack, two microbatches) compiled for v5e:2x2 through
+  the sizing module, with 1 MiB of HBM: the compiler refuses it and the step is measured by a
+  compile without the limit, the executable returned."""
   config = configs.load("dro", "size=tiny")
-  compiled, report = sizing.compile_step(sizing.prepare_config(config), "v5e:2x2")
+  config.model.num_encoder_layers = config.model.num_decoder_layers = 1
+  config.num_microbatches = 2
+  compiled, report = sizing.compile_step(sizing.prepare_config(config), "v5e:2x2",
+                                         hbm_bytes=2 ** 20)
   return config, compiled, report
 
 
@@ -51,7 +59,10 @@ def test_report_is_the_compiles_memory_analysis(tiny_dro):
   assert (report.input_length, report.target_length) == (16, 12)
   assert report.reference_cached and report.reference == 0 and report.reference_dtype is None
   assert report.hbm_bytes == 0  # compile_step leaves the chip to `size`
-  assert report.batch_size == config.batch_size
+  assert report.batch_size == config.batch_size and report.num_microbatches == 2
+  # The compiler refused the step at 1 MiB; the numbers are of the compile without the limit.
+  assert "RESOURCE_EXHAUSTED" in report.compiler_error
+  assert report.total > 2 ** 20
   # The state's share, from the shardings alone, agrees without a compile.
   assert sizing.state_bytes(config, "v5e:2x2") == {
       "parameters": report.parameters, "optimizer_state": report.optimizer_state, "reference": 0}
@@ -80,10 +91,10 @@ def test_lengths_default_to_512_256_except_for_tiny():
 
 def test_suggestions_when_it_does_not_fit(tiny_dro):
   config, _, report = tiny_dro
-  fits = dataclasses.replace(report, hbm_bytes=16 * GIB)
+  fits = dataclasses.replace(report, hbm_bytes=16 * GIB, compiler_error=None)
   assert sizing.suggest(fits, config) == ([], {})
   # A fake chip too small for the compiled step: each remedy says by how much.
-  small = dataclasses.replace(report, hbm_bytes=int(report.total * 0.5))
+  small = dataclasses.replace(report, hbm_bytes=int(report.total * 0.5), compiler_error=None)
   lines, plan = sizing.suggest(small, config)
   text = "\n".join(lines)
   assert "does not fit" in text and "estimate" in text
@@ -117,22 +128,35 @@ def test_suggestions_scale_state_with_fsdp_and_activations_with_microbatches():
   assert "reference.dtype" not in soft_plan["flags"]
 
 
+def test_the_printed_report_of_a_refused_step(tiny_dro):
+  config, _, report = tiny_dro
+  report = dataclasses.replace(report, hbm_bytes=2 ** 20)
+  report.suggestions, report.plan = sizing.suggest(report, config)
+  assert report.suggestions and not report.fits
+  text = sizing.format_report(report)
+  assert "DOES NOT FIT" in text and "per chip" in text and "2 microbatch(es)" in text
+  assert "compiler refused" in text and "RESOURCE_EXHAUSTED" in text
+  data = report.to_dict()
+  assert data["total"] == report.total and data["fits"] is False
+  assert json.loads(json.dumps(data, default=str))["compiler_error"] == report.compiler_error
+
+
 def test_cli_prints_and_writes_the_report(tmp_path):
   out, report_path = tmp_path / "stdout.txt", tmp_path / "report.json"
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
   with open(out, "w") as stdout:
     result = subprocess.run(
-        [sys.executable, "-m", "dro_jax.sizing", f"--config={ROOT}/configs/dro.py:size=tiny",
-         "--topology=v5e:2x2", "--config.num_microbatches=2", "--hbm_gib=0.001",
-         f"--json={report_path}"], stdout=stdout, stderr=subprocess.STDOUT, env=env,
-        timeout=300)
+        [sys.executable, "-m", "dro_jax.sizing", f"--config={ROOT}/configs/sft.py:size=tiny",
+         "--topology=v5e:2x2", "--config.num_microbatches=2",
+         *(f"--config.{key}=1" for key in ONE_LAYER), f"--json={report_path}"],
+        stdout=stdout, stderr=subprocess.STDOUT, env=env, timeout=300)
   text = out.read_text()
   assert result.returncode == 0, text[-3000:]
-  assert "DOES NOT FIT" in text and "per chip" in text and "microbatch" in text
+  assert "fits:" in text and "per chip" in text and "2 microbatch(es)" in text
   report = json.loads(report_path.read_text())
   assert report["num_microbatches"] == 2 and report["topology"] == "v5e:2x2"
+  assert report["loss"] == "sft" and report["reference_dtype"] is None
+  assert report["hbm_bytes"] == 16 * GIB  # v5e's HBM
   assert report["total"] == (report["arguments"] + report["outputs"] - report["aliased"]
                              + report["temporaries"] + report["code"])
-  assert not report["fits"] and report["suggestions"]
-  # The compiler refused the step at that HBM; it was measured by a compile without the limit.
-  assert "RESOURCE_EXHAUSTED" in report["compiler_error"] and "compiler refused" in text
+  assert report["fits"] and not report["suggestions"] and report["compiler_error"] is None
