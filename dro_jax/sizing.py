@@ -469,35 +469,56 @@ def lengths_for(config, argv: Sequence[str], input_length: int | None,
   return chosen[0], chosen[1]
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
-  config = _CONFIG.value
-  input_length, target_length = lengths_for(config, sys.argv, _INPUT_LENGTH.value,
-                                            _TARGET_LENGTH.value)
-  name = next((arg.split("=", 1)[1] if "=" in arg else "" for arg in sys.argv
-               if arg.startswith("--config=")), "")
-  report = size(config, _TOPOLOGY.value, input_length=input_length,
-                target_length=target_length, hbm_gib=_HBM_GIB.value, name=name)
+def _define_flags(values, argv: Sequence[str]) -> None:
+  from absl import flags
+  from ml_collections import config_flags
+  # The config's --config.KEY=VALUE overrides are read from `argv` (not sys.argv).
+  config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:k=v,...]", flag_values=values,
+                                  lock_config=True, sys_argv=list(argv))
+  flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:4x8, v4:2x2x2", flag_values=values)
+  flags.DEFINE_integer("input_length", None, "encoder tokens (default 512; the config's for tiny)",
+                       flag_values=values)
+  flags.DEFINE_integer("target_length", None, "target tokens (default 256; the config's for "
+                       "tiny)", flag_values=values)
+  flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB (default: the chip's)",
+                     flag_values=values)
+  flags.DEFINE_string("json", None, "write the report as JSON here", flag_values=values)
+  flags.mark_flags_as_required(["config", "topology"], flag_values=values)
+
+
+def cli(argv: Sequence[str]) -> Report | None:
+  """The command line (`argv` as sys.argv, the program's name first) run in this process: prints
+  the report, writes `--json`, returns the report (None for --help). The flags live in their own
+  FlagValues, so importing or calling this defines nothing in absl's global flags."""
+  from absl import flags
+  values = flags.FlagValues()
+  _define_flags(values, argv)
+  if any(arg in ("--help", "-h", "--helpfull") for arg in argv[1:]):
+    print(__doc__ + "\n" + values.get_help(), flush=True)
+    return None
+  try:
+    values(list(argv))
+    values.validate_all_flags()
+  except flags.Error as error:
+    raise SystemExit(f"{argv[0]}: {error}\nTry --help.") from None
+  except (AttributeError, KeyError) as error:  # a --config.KEY=... naming no key of the config
+    overrides = [arg for arg in argv[1:] if arg.startswith("--config.")]
+    raise SystemExit(f"{argv[0]}: an override names no key of the config ({error}); the "
+                     f"overrides given: {' '.join(overrides)}") from None
+  config = values.config
+  input_length, target_length = lengths_for(config, argv, values.input_length,
+                                            values.target_length)
+  name = values["config"].config_filename  # as given, with its :args
+  report = size(config, values.topology, input_length=input_length,
+                target_length=target_length, hbm_gib=values.hbm_gib, name=name)
   print(format_report(report), flush=True)
-  if _JSON.value:
+  if values.json:
     from dro_jax import train
-    train.write_text(_JSON.value, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    train.write_text(values.json, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+  return report
 
 
 if __name__ == "__main__":
   # Sizing needs no accelerator of this machine: the TPU devices come from libtpu's topology.
-  # The flags are defined here only, so importing this module (tests, notebooks) defines none.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from absl import app, flags
-  from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:k=v,...]",
-                                            lock_config=True)
-  _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:4x8, v4:2x2x2")
-  _INPUT_LENGTH = flags.DEFINE_integer("input_length", None, "encoder tokens (default 512; "
-                                       "the config's for tiny)")
-  _TARGET_LENGTH = flags.DEFINE_integer("target_length", None, "target tokens (default 256; "
-                                        "the config's for tiny)")
-  _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB (default: the chip's)")
-  _JSON = flags.DEFINE_string("json", None, "write the report as JSON here")
-  flags.mark_flags_as_required(["config", "topology"])
-  app.run(main)
+  cli(sys.argv)

@@ -119,6 +119,35 @@ def test_four_microbatches_give_the_same_update(one_device_runs, name, arg):
   assert_same_run(run, one_device_runs[(name, arg)], name)
 
 
+def test_a_bfloat16_frozen_reference_runs_as_the_float32_one(one_device_runs, tmp_path):
+  """config.reference.dtype=bfloat16: the copy is bfloat16 from the first step through donation,
+  the losses are the float32 reference's to bfloat16 precision, and it checkpoints as bfloat16.
+  (A hard sync's cast back to bfloat16 is tested on `reference.update`.)"""
+  import jax.numpy as jnp
+
+  from dro_jax import checkpoint_manager
+  state, metrics, shardings = run_steps(tiny_config("dro", **{"reference.dtype": "bfloat16"}),
+                                        (1, 1, 1), devices=jax.devices()[:1])
+  state32, metrics32, _ = one_device_runs[("dro", "")]
+  assert {str(leaf.dtype) for leaf in jax.tree.leaves(state.reference)} == {"bfloat16"}
+  assert {str(leaf.dtype) for leaf in jax.tree.leaves(state.policy)} == {"float32"}
+  for ref, ref32 in zip(jax.tree.leaves(state.reference), jax.tree.leaves(state32.reference)):
+    np.testing.assert_array_equal(np.asarray(ref), np.asarray(ref32.astype(jnp.bfloat16)))
+  assert np.isfinite(metrics["loss"])
+  np.testing.assert_allclose(metrics["loss"], metrics32["loss"], rtol=2e-2, atol=1e-3)
+  np.testing.assert_allclose(metrics["logps/policy"], metrics32["logps/policy"], rtol=2e-2)
+  checkpointer = checkpoint_manager.Checkpointer(str(tmp_path), async_save=False)
+  checkpointer.save(state, {"epoch": 0})
+  like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, shardings)
+  restored, position = checkpointer.restore(checkpointer.latest_step(), like)
+  checkpointer.close()
+  assert position == {"epoch": 0}
+  for got, want in zip(jax.tree.leaves(restored.reference), jax.tree.leaves(state.reference)):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_microbatch_split_is_rows_modulo_m_and_merges_back():
   x = np.arange(12)
   split = np.asarray(step_lib.split_microbatches(x, 4))

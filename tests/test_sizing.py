@@ -141,22 +141,38 @@ def test_the_printed_report_of_a_refused_step(tiny_dro):
   assert json.loads(json.dumps(data, default=str))["compiler_error"] == report.compiler_error
 
 
-def test_cli_prints_and_writes_the_report(tmp_path):
-  out, report_path = tmp_path / "stdout.txt", tmp_path / "report.json"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-  with open(out, "w") as stdout:
-    result = subprocess.run(
-        [sys.executable, "-m", "dro_jax.sizing", f"--config={ROOT}/configs/sft.py:size=tiny",
-         "--topology=v5e:2x2", "--config.num_microbatches=2",
-         *(f"--config.{key}=1" for key in ONE_LAYER), f"--json={report_path}"],
-        stdout=stdout, stderr=subprocess.STDOUT, env=env, timeout=300)
-  text = out.read_text()
-  assert result.returncode == 0, text[-3000:]
+def test_cli_prints_and_writes_the_report(tmp_path, capsys):
+  """The command line, run in this process (`python -m dro_jax.sizing` calls the same `cli`)."""
+  report_path = tmp_path / "report.json"
+  returned = sizing.cli(
+      ["sizing", f"--config={ROOT}/configs/sft.py:size=tiny", "--topology=v5e:2x2",
+       "--config.num_microbatches=2", *(f"--config.{key}=1" for key in ONE_LAYER),
+       f"--json={report_path}"])
+  text = capsys.readouterr().out
   assert "fits:" in text and "per chip" in text and "2 microbatch(es)" in text
+  assert "configs/sft.py:size=tiny" in text  # the report names the config it sized
   report = json.loads(report_path.read_text())
+  assert report == json.loads(json.dumps(returned.to_dict(), default=str))
   assert report["num_microbatches"] == 2 and report["topology"] == "v5e:2x2"
   assert report["loss"] == "sft" and report["reference_dtype"] is None
   assert report["hbm_bytes"] == 16 * GIB  # v5e's HBM
   assert report["total"] == (report["arguments"] + report["outputs"] - report["aliased"]
                              + report["temporaries"] + report["code"])
   assert report["fits"] and not report["suggestions"] and report["compiler_error"] is None
+
+
+def test_the_module_entry_point_and_its_errors(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+
+  def run(*args):
+    return subprocess.run([sys.executable, "-m", "dro_jax.sizing", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+  helped = run("--help")
+  assert helped.returncode == 0 and "--topology" in helped.stdout and "per chip" in helped.stdout
+  missing = run(f"--config={ROOT}/configs/sft.py:size=tiny")
+  assert missing.returncode != 0 and "--topology" in missing.stderr
+  mistyped = run(f"--config={ROOT}/configs/sft.py:size=tiny", "--topology=v5e:2x2",
+                 "--config.optimizer.learnig_rate=0.1")
+  assert mistyped.returncode != 0 and "learnig_rate" in mistyped.stderr
+  assert "Traceback" not in mistyped.stderr
