@@ -36,6 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 GIB = 2 ** 30
 # HBM per chip, GiB (Cloud TPU system architecture pages).
 CHIP_HBM_GIB: dict[str, float] = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+MEGACORE_CHIPS = frozenset({"v4", "v5p"})  # two TensorCores per chip, one JAX device
 DEFAULT_LENGTHS = (512, 256)  # (inputs, targets) assumed for every size but tiny
 HEADROOM = 0.9  # suggestions aim at 90% of HBM: XLA's runtime and fragmentation need some room
 REMAT_ACTIVATION_FACTOR = 1 / 3  # rough estimate of what full remat keeps of the activations
@@ -128,7 +129,11 @@ def topology_devices(topology: str) -> tuple[Any, ...]:
   except ImportError as error:
     raise RuntimeError("sizing for a TPU topology needs libtpu: pip install -e '.[tpu]'") from error
   from jax.experimental import topologies
-  return tuple(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+  # v4 and v5p chips hold two TensorCores that JAX drives as one device ("megacore"): one
+  # device per chip, as on the real slice (libtpu's default description has one per core).
+  options = {"chip_config_name": "megacore"} if chip_of(topology) in MEGACORE_CHIPS else {}
+  return tuple(topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                            **options).devices)
 
 
 # ---------------------------------------------------------------------------------------- batch
@@ -189,6 +194,12 @@ def prepare_config(config, *, input_length: int | None = None,
                    target_length: int | None = None, num_microbatches: int | None = None):
   """A copy of `config` with the given lengths / microbatches (None: the config's own)."""
   config = config.copy_and_resolve_references()
+  if config.loss == "preference_model":
+    # The answer tokens' ids come from the task's vocabulary at run time; any ids give the same
+    # program and memory, so sizing needs no vocabulary.
+    for key, token in (("a_token", 3), ("b_token", 4)):
+      if config.preference[key] is None:
+        config.preference[key] = token
   if input_length is not None:
     config.max_input_length = int(input_length)
   if target_length is not None:

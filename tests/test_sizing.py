@@ -37,6 +37,11 @@ def tiny_dro():
 def test_libtpu_is_installed():
   import libtpu  # noqa: F401  (the tpu extra: .ci/run installs it)
   assert len(sizing.topology_devices("v5e:2x2")) == 4
+  # One device per chip, as JAX sees a real slice: v4 and v5p chips run as megacore.
+  for topology in ("v4:2x2x2", "v5p:2x2x2"):
+    devices = sizing.topology_devices(topology)
+    assert len(devices) == 8, topology
+    assert len({tuple(device.coords) for device in devices}) == 8, topology
 
 
 def test_report_is_the_compiles_memory_analysis(tiny_dro):
@@ -79,6 +84,18 @@ def test_batch_spec_has_the_keys_each_loss_reads():
   assert {"kl_decoder_target_tokens", "ref_kl_logps", "reward"} <= set(kto)
   assert "ref_logps" not in sizing.batch_spec(configs.load("dro", "size=tiny"),
                                               reference_cached=False)
+
+
+def test_a_preference_model_is_sized_without_its_vocabulary():
+  config = configs.load("preference_model", "size=tiny")
+  assert config.preference.a_token is None  # resolved from the task's vocabulary at run time
+  prepared = sizing.prepare_config(config)
+  assert isinstance(prepared.preference.a_token, int)
+  assert prepared.preference.a_token != prepared.preference.b_token
+  config.preference.a_token, config.preference.b_token = 71, 205
+  prepared = sizing.prepare_config(config)
+  assert (prepared.preference.a_token, prepared.preference.b_token) == (71, 205)
+  assert configs.load("preference_model", "size=tiny").preference.a_token is None  # a copy
 
 
 def test_lengths_default_to_512_256_except_for_tiny():
