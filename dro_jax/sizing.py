@@ -132,8 +132,12 @@ def topology_devices(topology: str) -> tuple[Any, ...]:
   # v4 and v5p chips hold two TensorCores that JAX drives as one device ("megacore"): one
   # device per chip, as on the real slice (libtpu's default description has one per core).
   options = {"chip_config_name": "megacore"} if chip_of(topology) in MEGACORE_CHIPS else {}
-  return tuple(topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                            **options).devices)
+  try:
+    description = topologies.get_topology_desc(platform="tpu", topology_name=topology, **options)
+  except Exception as error:  # libtpu's INVALID_ARGUMENT for a slice it does not know
+    raise ValueError(f"topology {topology!r}: libtpu cannot describe it: "
+                     f"{str(error).splitlines()[0]}") from error
+  return tuple(description.devices)
 
 
 # ---------------------------------------------------------------------------------------- batch
@@ -520,8 +524,11 @@ def cli(argv: Sequence[str]) -> Report | None:
   input_length, target_length = lengths_for(config, argv, values.input_length,
                                             values.target_length)
   name = values["config"].config_filename  # as given, with its :args
-  report = size(config, values.topology, input_length=input_length,
-                target_length=target_length, hbm_gib=values.hbm_gib, name=name)
+  try:
+    report = size(config, values.topology, input_length=input_length,
+                  target_length=target_length, hbm_gib=values.hbm_gib, name=name)
+  except ValueError as error:  # a topology, mesh, batch or key the run cannot have
+    raise SystemExit(f"{argv[0]}: {error}") from None
   print(format_report(report), flush=True)
   if values.json:
     from dro_jax import train

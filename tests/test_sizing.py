@@ -193,3 +193,15 @@ def test_the_module_entry_point_and_its_errors(tmp_path):
                  "--config.optimizer.learnig_rate=0.1")
   assert mistyped.returncode != 0 and "learnig_rate" in mistyped.stderr
   assert "Traceback" not in mistyped.stderr
+  unknown = run(f"--config={ROOT}/configs/sft.py:size=tiny", "--topology=v9:2x2")
+  assert unknown.returncode != 0 and "unknown chip 'v9'" in unknown.stderr
+  assert "Traceback" not in unknown.stderr
+
+
+def test_a_slice_or_mesh_that_cannot_be_is_named():
+  with pytest.raises(ValueError, match=r"topology 'v5e:3x3': libtpu cannot describe it"):
+    sizing.topology_devices("v5e:3x3")
+  config = configs.load("dro", "size=tiny")
+  config.num_microbatches = 3
+  with pytest.raises(ValueError, match=rf"batch_size {config.batch_size} does not split.*4 x 1 x 3"):
+    sizing.compile_step(sizing.prepare_config(config), "v5e:2x2")
