@@ -229,11 +229,22 @@ def sample_keys(rng: Array, batch_size: int, num_samples: int) -> Array:
   return keys_BxN.reshape(-1)
 
 
+def cache_axes(ndim: int) -> tuple[str, ...] | None:
+  """Logical axes of a cached key/value array: [batch, heads, length, kv], or with scanned layers
+  (T5Config.scan_layers) [batch, layers, heads, length, kv]; None for other cache leaves."""
+  if ndim == len(CACHE_AXES):
+    return CACHE_AXES
+  if ndim == len(CACHE_AXES) + 1:
+    return (CACHE_AXES[0], "layers", *CACHE_AXES[1:])
+  return None
+
+
 def _constrain_cache(cache: Any) -> Any:
   """Batch over data/fsdp, heads over model, as the training activations."""
-  return jax.tree.map(
-      lambda x: nn.with_logical_constraint(x, CACHE_AXES) if x.ndim == len(CACHE_AXES) else x,
-      cache)
+  def constrain(x):
+    axes = cache_axes(x.ndim)
+    return x if axes is None else nn.with_logical_constraint(x, axes)
+  return jax.tree.map(constrain, cache)
 
 
 def create_cache(model: t5_lib.T5, params: Any, encoded_BxSxE: Array,

@@ -394,6 +394,14 @@ def test_sharded_sampling_equals_one_device(model, prompts):
   np.testing.assert_allclose(sharded.sampling_logps, single.sampling_logps, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="does not split"):
     decoding.make_sampler(config, SAMPLED, mesh)(params, prompts[:6], key)
+  # Scanned layers: the caches are [batch, layers, heads, length, kv], laid out the same way.
+  from dro_jax.models import scan as scan_lib
+  assert decoding.cache_axes(5) == ("batch", "layers", "heads", "length", "kv")
+  assert decoding.cache_axes(4) == decoding.CACHE_AXES and decoding.cache_axes(0) is None
+  scanned = decoding.make_sampler(config.replace(scan_layers=True), SAMPLED, mesh)(
+      scan_lib.stack_layers(params, config), prompts, key)
+  np.testing.assert_array_equal(scanned.tokens, single.tokens)
+  np.testing.assert_allclose(scanned.logps, single.logps, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
