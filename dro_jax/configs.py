@@ -123,7 +123,10 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
       {"a_token": placeholder(int), "b_token": placeholder(int)})
   # Judged evaluation every eval_every steps (periodic_evaluation.py); off without a judge.
   config.evaluation = ml_collections.ConfigDict({
-      "judge": placeholder(str),  # a name in dro_jax.judges.JUDGES, e.g. "demo"
+      # A judge spec (dro_jax.judges): demo, reward_model:DIR, preference_model:DIR,
+      # noisy:P:SPEC, a registered name, or module:factory.
+      "judge": placeholder(str),
+      "debias": True,  # ask a non-symmetric judge in both orders and average
       "baseline": placeholder(str),  # workdir / HF / T5X folder; default: init_checkpoint
       "prompts": 200, "samples": 1, "temperature": 1.0,
       "max_decode_length": placeholder(int),  # default: max_target_length

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dro_jax import checkpoint_manager, configs, decoding, evaluation, judges, train
+from dro_jax import checkpoint_manager, configs, decoding, evaluation, files, judges, train
 from dro_jax import step as step_lib
 
 PyTree = Any
@@ -64,7 +64,8 @@ def stage_config(demo: ml_collections.ConfigDict, method: str, task: str, *,
     if method == "tr_dpo":
       config.reference.alpha, config.reference.sync_every = settings.tr_alpha, 1
     config.eval_every = max(settings.align_steps // settings.evaluations, 1)
-    config.evaluation.judge = "demo"
+    config.evaluation.judge = demo.evaluation.judge or "demo"
+    config.evaluation.debias = demo.evaluation.debias
     config.evaluation.baseline = baseline
     config.evaluation.prompts = settings.eval_prompts
     config.evaluation.max_decode_length = settings.max_decode_length
@@ -103,7 +104,7 @@ def load_policy(workdir: str, demo: ml_collections.ConfigDict) -> evaluation.Pol
 
 
 def write_jsonl(path: str, rows: list[Mapping[str, Any]]) -> None:
-  train.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+  files.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def sample_feedback(demo: ml_collections.ConfigDict, sft: evaluation.Policy, vocabulary,
@@ -141,7 +142,7 @@ def sample_feedback(demo: ml_collections.ConfigDict, sft: evaluation.Policy, voc
       pairs.append({"prompt": prompt, "chosen": best["response"], "rejected": worst["response"]})
   write_jsonl(paths["triples"], triples)
   write_jsonl(paths["pairs"], pairs)
-  train.write_text(marker, json.dumps({"triples": len(triples), "pairs": len(pairs),
+  files.write_text(marker, json.dumps({"triples": len(triples), "pairs": len(pairs),
                                        "mean_reward": float(rewards.mean())}))
   return paths
 
@@ -155,7 +156,7 @@ def register_feedback(paths: Mapping[str, str], vocabulary_path: str, demo) -> d
   # Named by content: the same samples give the same Task, hence the same shuffled stream.
   digest = hashlib.sha256()
   for kind in ("triples", "pairs"):
-    digest.update(train.read_text(paths[kind]).encode())
+    digest.update(files.read_text(paths[kind]).encode())
   suffix = digest.hexdigest()[:16]
   names = {"triples": f"dro_jax_demo_samples_{suffix}", "pairs": f"dro_jax_demo_pairs_{suffix}"}
   tasks.register_single_trajectory_task(names["triples"], {"train": paths["triples"]},
@@ -178,22 +179,30 @@ class FinalEvaluation:
                                             temperature=1.0, num_samples=settings.final_samples)
     self.seeds = {"policy_seed": 2 * demo.seed + 11, "baseline_seed": 2 * demo.seed + 12}
     self.baseline_samples = None
+    self.judge_spec = demo.evaluation.judge or "demo"
+    self.judge = judges.judge_from_spec(self.judge_spec)
+    self.debias = bool(demo.evaluation.debias)
 
   def __call__(self, policy: evaluation.Policy, workdir: str) -> dict[str, Any]:
     path = os.path.join(workdir, "evaluation.json")
     if os.path.exists(path):
       with open(path) as f:
-        return json.load(f)
+        cached = json.load(f)
+      # Judged again when the judge or its debiasing changed (or by an older version).
+      if (cached.get("judge") == self.judge_spec and cached.get("debias") == self.debias
+          and "samples_per_prompt" in cached):
+        return cached
     if self.baseline_samples is None:
       self.baseline_samples = evaluation.sample_baseline(
           self.sft, self.vocabulary, self.prompts, sampling=self.sampling,
           baseline_seed=self.seeds["baseline_seed"], max_input_length=self.demo.max_input_length)
     metrics = evaluation.evaluate_policies(
-        policy, self.sft, self.vocabulary, self.prompts, judges.get_judge("demo"),
+        policy, self.sft, self.vocabulary, self.prompts, self.judge,
         sampling=self.sampling, max_input_length=self.demo.max_input_length,
-        baseline_samples=self.baseline_samples, **self.seeds)
+        baseline_samples=self.baseline_samples, debias=self.debias, **self.seeds)
     metrics = {key: value for key, value in metrics.items() if key != "samples"}
-    train.write_text(path, json.dumps(metrics, indent=2))
+    metrics.update(judge=self.judge_spec, debias=self.debias)
+    files.write_text(path, json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -209,7 +218,7 @@ def curves(workdir: str) -> dict[str, np.ndarray]:
 
 
 def train_rows(workdir: str) -> list[dict[str, Any]]:
-  text = train.read_text(os.path.join(workdir, "metrics.jsonl")) or ""
+  text = files.read_text(os.path.join(workdir, "metrics.jsonl")) or ""
   return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -244,7 +253,7 @@ def plot(results_curves: Mapping[str, Mapping[str, np.ndarray]], path: str) -> N
                       color=line.get_color())
     right.plot(curve["step"], curve["reward"], marker="o", label=LABELS[method])
   left.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
-  left.set(xlabel="step", ylabel="win rate vs SFT (95% Wilson)", ylim=(0, 1))
+  left.set(xlabel="step", ylabel="win rate vs SFT (95% interval)", ylim=(0, 1))
   right.set(xlabel="step", ylabel="mean judge reward")
   left.legend()
   figure.tight_layout()
@@ -258,11 +267,12 @@ def write_results(workdir: str, demo, results, results_curves) -> str:
           f"SFT {settings.sft_steps} steps; {settings.feedback_prompts} feedback prompts x "
           f"{settings.samples_per_prompt} SFT samples judged; each method {settings.align_steps} "
           f"steps from SFT; {settings.eval_prompts} held-out prompts x {settings.final_samples} "
-          f"samples per side at temperature 1, judged side by side (ties half)"
+          f"samples per side at temperature 1, judged side by side (ties half; 95% intervals "
+          f"clustered by prompt)"
           + (" — CONTROL: rewards negated" if settings.negate_rewards else "") + ".\n\n"
           f"{table}\n\n![win rate and judge reward over training](results.png)\n")
-  train.write_text(os.path.join(workdir, "results.md"), text)
-  train.write_text(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
+  files.write_text(os.path.join(workdir, "results.md"), text)
+  files.write_text(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
   plot(results_curves, os.path.join(workdir, "results.png"))
   return table
 

@@ -4,10 +4,15 @@ Both policies answer the same held-out prompts, each side with its own seed (so 
 evaluated against itself is a fair coin, not a guaranteed tie); a judge compares the two answers
 to each prompt side by side. Reported (`evaluate_policies`):
 
-- win rate: the mean of P(policy's answer better), ties counting half; a 95% Wilson interval over
-  all comparisons, a percentile bootstrap interval over prompts (resampling prompts keeps the
-  samples of one prompt together), and the DRO paper's spread: mean ± std of the win rate over 5
-  folds of the prompts;
+- win rate: the mean of P(policy's answer better), ties counting half. A judge that is not
+  `symmetric` is asked in both orders and the verdicts averaged (position debiasing, see
+  judges.compare). The headline 95% interval is prompt-clustered: the samples of one prompt are
+  not independent, so the interval is a Wilson interval at the effective number of comparisons
+  n_eff = p̂(1 − p̂) / v, where v is the cluster-robust variance of p̂ (the variance of the
+  per-prompt means over the number of prompts), n_eff at most n, and Student's t quantile with
+  prompts − 1 degrees of freedom in place of z. Also reported: the plain Wilson interval over all
+  comparisons (too narrow when samples of a prompt agree), a percentile bootstrap over prompts,
+  and the DRO paper's spread (mean ± std over 5 folds of the prompts);
 - the judge's mean reward of each side (judges with a reward);
 - KL(policy || baseline) from the policy's own samples: the mean of log π(y|x) − log π_base(y|x)
   with y ~ π, raw model log-probs. Under trust-region training the saved reference moves, so KL
@@ -18,8 +23,8 @@ to each prompt side by side. Reported (`evaluate_policies`):
   decode length without EOS: a judge sees those as unfinished answers, and a policy that learns
   to ramble shows up here first.
 
-The statistics are pure functions of arrays (`wilson_interval`, `bootstrap_interval`,
-`fold_spread`, `win_rate`), so periodic evaluation in training reuses them.
+The statistics are pure functions of arrays (`wilson_interval`, `clustered_interval`,
+`bootstrap_interval`, `fold_spread`, `win_rate`), so periodic evaluation in training reuses them.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from jax.sharding import Mesh
 from dro_jax import decoding, partitioning, scoring
 from dro_jax import judges as judges_lib
 from dro_jax.models import t5 as t5_lib
+from dro_jax.policies import Policy  # noqa: F401  (evaluation.Policy, as before)
 
 PyTree = Any
 
@@ -52,7 +58,28 @@ def normal_quantile(level: float) -> float:
   return statistics.NormalDist().inv_cdf(0.5 + level / 2.0)
 
 
-def wilson_interval(successes: float, n: int, level: float = 0.95) -> tuple[float, float]:
+def student_t_quantile(level: float, dof: float) -> float:
+  """t with P(|T_dof| <= t) = level: the normal quantile with its Cornish-Fisher expansion in
+  1/dof (Abramowitz & Stegun 26.7.5; within 1e-3 of the exact value for dof >= 3 at 95%). For
+  dof < 3 the expansion is not used: the exact closed forms for 1 and 2 degrees of freedom."""
+  z = normal_quantile(level)
+  if not math.isfinite(dof) or dof > 1e6:
+    return z
+  tail = (1.0 - level) / 2.0
+  if dof <= 1:
+    return math.tan(math.pi * (0.5 - tail))
+  if dof < 3:  # dof = 2: t = (2p - 1) / sqrt(2p(1 - p)) at p = 1 - tail
+    p = 1.0 - tail
+    return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+  g1 = (z ** 3 + z) / 4
+  g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+  g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+  g4 = (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160
+  return z + g1 / dof + g2 / dof ** 2 + g3 / dof ** 3 + g4 / dof ** 4
+
+
+def wilson_interval(successes: float, n: int, level: float = 0.95, *,
+                    z: float | None = None) -> tuple[float, float]:
   """Wilson score interval of a proportion: the p whose score test does not reject successes / n.
 
   `successes` may be fractional (ties counted half). Unlike the normal interval p̂ ± z·se it stays
@@ -62,7 +89,7 @@ def wilson_interval(successes: float, n: int, level: float = 0.95) -> tuple[floa
     return (math.nan, math.nan)
   if not 0.0 <= successes <= n:
     raise ValueError(f"successes must be in [0, n={n}], got {successes}")
-  z = normal_quantile(level)
+  z = normal_quantile(level) if z is None else z
   p = successes / n
   center = (p + z * z / (2 * n)) / (1 + z * z / n)
   half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
@@ -70,6 +97,33 @@ def wilson_interval(successes: float, n: int, level: float = 0.95) -> tuple[floa
   low = 0.0 if successes == 0 else max(0.0, center - half)
   high = 1.0 if successes == n else min(1.0, center + half)
   return (low, high)
+
+
+def clustered_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+  """(low, high, n_eff): the prompt-clustered interval of the mean of `values` [prompts, samples].
+
+  Every prompt has the same number of samples, so p̂ is the mean of the per-prompt means m_i and
+  its cluster-robust variance is v = var(m_i) / prompts (ddof 1). The interval is Wilson's at
+  n_eff = p̂(1 − p̂) / v comparisons (at most prompts × samples; all of them when v = 0), with
+  Student's t quantile at prompts − 1 degrees of freedom: it stays in [0, 1], keeps a width at
+  p̂ = 0 or 1, and widens as the samples of one prompt agree.
+  """
+  values = np.asarray(values, np.float64)
+  if values.ndim == 1:
+    values = values[:, None]
+  prompts, n = values.shape[0], values.size
+  if n == 0:
+    return (math.nan, math.nan, math.nan)
+  rate = float(values.mean())
+  per_prompt = values.mean(axis=1)
+  variance = float(per_prompt.var(ddof=1)) / prompts if prompts > 1 else math.nan
+  if prompts > 1 and variance > 0 and 0.0 < rate < 1.0:
+    n_eff = min(float(n), rate * (1.0 - rate) / variance)
+  else:
+    n_eff = float(n)
+  z = student_t_quantile(level, max(prompts - 1, 1))
+  low, high = wilson_interval(min(max(rate * n_eff, 0.0), n_eff), n_eff, level, z=z)
+  return (low, high, n_eff)
 
 
 def bootstrap_interval(values: np.ndarray, *, level: float = 0.95, resamples: int = 4000,
@@ -104,48 +158,69 @@ def fold_spread(values: np.ndarray, folds: int = 5) -> tuple[float, float]:
   return float(means.mean()), float(means.std(ddof=1)) if folds > 1 else math.nan
 
 
+INTERVAL_METHOD = "prompt-clustered Wilson (t, n_eff)"
+
+
 @dataclasses.dataclass(frozen=True)
 class WinRate:
-  """Win rate with ties half, and its intervals."""
+  """Win rate with ties half, and its intervals (the headline: prompt-clustered)."""
 
   rate: float
-  low: float  # Wilson interval over all comparisons
+  low: float  # the headline: prompt-clustered Wilson (`clustered_interval`)
   high: float
   n: int  # comparisons (prompts x samples)
   prompts: int
+  samples_per_prompt: int
+  effective_n: float  # comparisons worth of independent information (n_eff)
   wins: int
   ties: int
   losses: int
+  wilson_low: float  # plain Wilson over all comparisons (treats samples as independent)
+  wilson_high: float
   bootstrap_low: float  # percentile bootstrap over prompts
   bootstrap_high: float
   folds_mean: float  # the DRO paper's 5-fold spread
   folds_std: float
+  level: float = 0.95
 
   def line(self) -> str:
     return win_rate_line(self.metrics())
 
-  def metrics(self, prefix: str = "win_rate") -> dict[str, float]:
+  def metrics(self, prefix: str = "win_rate") -> dict[str, Any]:
     return {prefix: self.rate, f"{prefix}_low": self.low, f"{prefix}_high": self.high,
+            f"{prefix}_wilson_low": self.wilson_low, f"{prefix}_wilson_high": self.wilson_high,
             f"{prefix}_bootstrap_low": self.bootstrap_low,
             f"{prefix}_bootstrap_high": self.bootstrap_high,
             f"{prefix}_folds_mean": self.folds_mean, f"{prefix}_folds_std": self.folds_std,
-            "n": self.n, "prompts": self.prompts, "wins": self.wins, "ties": self.ties,
-            "losses": self.losses}
+            "n": self.n, "prompts": self.prompts, "samples_per_prompt": self.samples_per_prompt,
+            "effective_n": self.effective_n, "wins": self.wins, "ties": self.ties,
+            "losses": self.losses, "interval": f"{self.level:.0%} {INTERVAL_METHOD}"}
 
 
 def win_rate_line(metrics: dict[str, Any]) -> str:
-  """`win_rate 0.53 [0.47, 0.59] (n=400, ties=12)` from `WinRate.metrics()` keys (Wilson)."""
+  """`win_rate 0.53 [0.47, 0.59] (n=400, ties=12, ...)`: the headline (prompt-clustered)
+  interval, then the comparisons, ties, prompts x samples, and whether the judge was asked both
+  orders (`debiased`, when known)."""
+  details = [f"n={metrics['n']}", f"ties={metrics['ties']}"]
+  if "prompts" in metrics and "samples_per_prompt" in metrics:
+    details.append(f"{metrics['prompts']} prompts x {metrics['samples_per_prompt']} samples")
+  if metrics.get("judge_symmetric"):
+    details.append("symmetric judge")
+  elif "debiased" in metrics:
+    details.append("both orders" if metrics["debiased"] else "one order")
   return (f"win_rate {metrics['win_rate']:.2f} [{metrics['win_rate_low']:.2f}, "
-          f"{metrics['win_rate_high']:.2f}] (n={metrics['n']}, ties={metrics['ties']})")
+          f"{metrics['win_rate_high']:.2f}] ({', '.join(details)})")
 
 
 def win_rate(preferences: np.ndarray, *, level: float = 0.95, resamples: int = 4000,
              seed: int = 0, folds: int = 5) -> WinRate:
   """The win rate of side a from P(a better than b): [prompts] or [prompts, samples].
 
-  A preference of exactly 0.5 is a tie; above it a win, below a loss (for the counts). The rate,
-  the Wilson interval and the counts are over all comparisons; the bootstrap and the folds over
-  the per-prompt means, since samples of one prompt are not independent.
+  A preference of exactly 0.5 is a tie; above it a win, below a loss (for the counts). The rate
+  and the counts are over all comparisons; the headline interval (`clustered_interval`), the
+  bootstrap and the folds treat a prompt's samples as one cluster, since they are not
+  independent; the plain Wilson interval (over all comparisons as if independent) is kept for
+  reference.
   """
   preferences = np.asarray(preferences, np.float64)
   if preferences.ndim == 1:
@@ -157,25 +232,20 @@ def win_rate(preferences: np.ndarray, *, level: float = 0.95, resamples: int = 4
     raise ValueError("preferences must be probabilities in [0, 1]")
   n = preferences.size
   per_prompt = preferences.mean(axis=1)
-  low, high = wilson_interval(float(preferences.sum()), n, level)
+  wilson_low, wilson_high = wilson_interval(float(preferences.sum()), n, level)
+  low, high, n_eff = clustered_interval(preferences, level)
   boot_low, boot_high = bootstrap_interval(per_prompt, level=level, resamples=resamples, seed=seed)
   folds_mean, folds_std = fold_spread(per_prompt, folds)
   return WinRate(rate=float(preferences.mean()) if n else math.nan, low=low, high=high, n=n,
-                 prompts=preferences.shape[0], wins=int(np.sum(preferences > 0.5)),
+                 prompts=preferences.shape[0], samples_per_prompt=preferences.shape[1],
+                 effective_n=n_eff, wins=int(np.sum(preferences > 0.5)),
                  ties=int(np.sum(preferences == 0.5)), losses=int(np.sum(preferences < 0.5)),
-                 bootstrap_low=boot_low, bootstrap_high=boot_high, folds_mean=folds_mean,
-                 folds_std=folds_std)
+                 wilson_low=wilson_low, wilson_high=wilson_high, bootstrap_low=boot_low,
+                 bootstrap_high=boot_high, folds_mean=folds_mean, folds_std=folds_std,
+                 level=level)
 
 
 # -------------------------------------------------------------------------------------- sampling
-
-
-@dataclasses.dataclass(frozen=True)
-class Policy:
-  """A T5 to sample from and score with."""
-
-  params: PyTree
-  config: t5_lib.T5Config
 
 
 @dataclasses.dataclass
@@ -295,7 +365,8 @@ def evaluate_policies(policy: Policy, baseline: Policy, vocabulary: decoding.Voc
                       max_input_length: int | None = None, batch_size: int = 64,
                       mesh: Mesh | None = None, level: float = 0.95, folds: int = 5,
                       resamples: int = 4000, return_samples: bool = False,
-                      baseline_samples: Samples | None = None) -> dict[str, Any]:
+                      baseline_samples: Samples | None = None,
+                      debias: bool = True) -> dict[str, Any]:
   """Policy against baseline on `prompts`; a flat dict of metrics (see the module docstring).
 
   Both sides share `vocabulary` (KL scores the policy's tokens under the baseline). Keys:
@@ -305,7 +376,9 @@ def evaluate_policies(policy: Policy, baseline: Policy, vocabulary: decoding.Voc
   prompt, policy and baseline response, preference, rewards, truncation) with return_samples.
   `baseline_samples`: the baseline's answers to these prompts with these sampling settings and
   `baseline_seed`, from an earlier call (`sample_baseline`), so repeated evaluations against the
-  same baseline sample it once.
+  same baseline sample it once. `debias`: a judge that is not `symmetric` is asked in both orders
+  (policy first, then baseline first) and the verdicts averaged; `debiased` and `judge_calls`
+  say what was done.
   """
   prompts = list(prompts)
   if not prompts:
@@ -333,12 +406,17 @@ def evaluate_policies(policy: Policy, baseline: Policy, vocabulary: decoding.Voc
   if rewards and type(judge).prefer is judges_lib.ScoringJudge.prefer:
     # Its preference is the comparison of the rewards: judge each response once, not twice.
     preferences = judges_lib.preference_from_rewards(rewards["policy"], rewards["baseline"])
+    calls, debiased = len(prompt_rows), False
   else:
-    preferences = np.asarray(judge.prefer(prompt_rows, sides["policy"].responses,
-                                          sides["baseline"].responses), np.float64)
+    preferences, calls, debiased = judges_lib.compare(
+        judge, prompt_rows, sides["policy"].responses, sides["baseline"].responses,
+        debias=debias)
   rate = win_rate(preferences.reshape(shape), level=level, resamples=resamples,
                   seed=policy_seed, folds=folds)
   metrics: dict[str, Any] = rate.metrics()
+  metrics["debiased"] = debiased
+  metrics["judge_symmetric"] = judges_lib.is_symmetric(judge)
+  metrics["judge_calls"] = calls
 
   rows = batch_size * repeats
   logratios = (sequence_logps(policy, encoder_rows, sides["policy"].tokens, batch_size=rows,

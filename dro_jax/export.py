@@ -141,9 +141,9 @@ def save_hf_t5(params: Any, config: t5_lib.T5Config, directory: str, *,
 def export_workdir(workdir: str, output: str, *, step: int | None = None,
                    vocabulary: str | None = None) -> str:
   """A training workdir's policy (the latest step, or `step`) as an HF folder at `output`."""
-  from dro_jax import evaluate
+  from dro_jax import policies
   path = workdir if step is None else os.path.join(workdir, "checkpoints", str(step))
-  loaded = evaluate.load_policy(path)
+  loaded = policies.load_policy(path)
   if loaded.kind != "workdir":
     raise ValueError(f"{workdir} is not a training workdir (no checkpoints/ beside config.json)")
   save_hf_t5(loaded.policy.params, loaded.policy.config, output,

@@ -1,17 +1,36 @@
 """Judges: who decides which of two responses to a prompt is better.
 
-Every judge answers `prefer(prompts, responses_a, responses_b)` with P(a better than b) per prompt
-(1 a wins, 0 b wins, 0.5 a tie; a learned judge may answer anything in between), which is all a
-win rate needs. A judge with a reward also answers `score(prompts, responses)`, so evaluation can
-report the mean reward of each side. Judges are found by name in `JUDGES`; a learned judge (a
-reward model or a preference model) registers itself there under the same protocol.
+Every judge answers `prefer(prompts, responses_a, responses_b)` with P(a better than b) per row
+(1 a wins, 0 b wins, 0.5 a tie; a learned judge answers anything in between). A judge with a
+reward also answers `score(prompts, responses)`, so evaluation can report each side's mean reward.
+
+A judge whose verdict cannot depend on which response is shown first declares `symmetric = True`
+(the reward-based ones: the demo judge and `RewardModelJudge`). Any other judge is asked in both
+orders and the verdicts are averaged (`compare`): p(a, b) = (q(a, b) + 1 − q(b, a)) / 2, which
+removes a position bias. One *call* is one comparison of one pair in one order.
+
+Judges are chosen everywhere by one spec string (`judge_from_spec`; the evaluate command's
+`--judge`, `config.evaluation.judge`, the online loop's oracle). Reserved forms first:
+
+    demo                      the demo task's programmatic judge (`DemoJudge`)
+    reward_model:DIR          a `reward_model` workdir (or step folder): σ(r_a − r_b), and score
+    preference_model:DIR      a `preference_model` workdir (or step folder): P(A ≻ B)
+    noisy:P:SPEC              SPEC's verdict flipped with probability P, the same rows every run
+    NAME                      a judge added with `register_judge(NAME, factory)`
+    module:factory            anything else: `module` imported from the Python path, `factory()`
+
+`tournament(prompts, candidates, judge)` runs a knock-out per prompt (the online enhancer's
+best-of-n, and the worst-of-n), counting the calls it spends.
 """
 
 from __future__ import annotations
 
 import abc
-
-from typing import Callable, Protocol, Sequence, runtime_checkable
+import functools
+import hashlib
+import importlib
+import math
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -41,6 +60,15 @@ def has_reward(judge: Judge) -> bool:
   return callable(getattr(judge, "score", None))
 
 
+def is_symmetric(judge: Judge) -> bool:
+  """Whether the judge declares that swapping A and B swaps its verdict (asked once)."""
+  return bool(getattr(judge, "symmetric", False))
+
+
+def describe(judge: Judge) -> str:
+  return getattr(judge, "spec", None) or getattr(judge, "name", None) or type(judge).__name__
+
+
 def _check_lengths(prompts: Sequence[str], *columns: Sequence[str]) -> None:
   for column in columns:
     if len(column) != len(prompts):
@@ -52,10 +80,40 @@ def preference_from_rewards(rewards_a: np.ndarray, rewards_b: np.ndarray) -> np.
   return 0.5 + 0.5 * np.sign(np.asarray(rewards_a, np.float64) - np.asarray(rewards_b, np.float64))
 
 
+def _verdicts(judge: Judge, prompts, responses_a, responses_b) -> np.ndarray:
+  values = np.asarray(judge.prefer(list(prompts), list(responses_a), list(responses_b)),
+                      np.float64).reshape(-1)
+  if values.shape[0] != len(prompts):
+    raise ValueError(f"judge {describe(judge)} answered {values.shape[0]} verdicts for "
+                     f"{len(prompts)} comparisons")
+  if not np.all(np.isfinite(values)) or np.any((values < 0) | (values > 1)):
+    raise ValueError(f"judge {describe(judge)} answered values outside [0, 1]")
+  return values
+
+
+def compare(judge: Judge, prompts: Sequence[str], responses_a: Sequence[str],
+            responses_b: Sequence[str], *, debias: bool = True) -> tuple[np.ndarray, int, bool]:
+  """(P(a better than b) [N], judge calls spent, whether both orders were asked).
+
+  With `debias` a judge that is not `symmetric` is asked in both orders, in one batched call,
+  and the verdicts averaged: p = (q(a, b) + 1 − q(b, a)) / 2.
+  """
+  _check_lengths(prompts, responses_a, responses_b)
+  count = len(prompts)
+  if count == 0:
+    return np.zeros((0,), np.float64), 0, False
+  if not debias or is_symmetric(judge):
+    return _verdicts(judge, prompts, responses_a, responses_b), count, False
+  both = _verdicts(judge, list(prompts) * 2, list(responses_a) + list(responses_b),
+                   list(responses_b) + list(responses_a))
+  return 0.5 * (both[:count] + 1.0 - both[count:]), 2 * count, True
+
+
 class ScoringJudge(abc.ABC):
   """Base of the judges that have a reward: `prefer` compares the two rewards."""
 
   name = "scoring"
+  symmetric = True
 
   @abc.abstractmethod
   def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
@@ -84,8 +142,191 @@ class DemoJudge(ScoringJudge):
     return np.asarray(rewards, np.float64)
 
 
+# ------------------------------------------------------------------------------------- noise
+
+
+def _unit_interval(seed: int, *parts: str) -> float:
+  """A uniform number in [0, 1) from a hash of the seed and the texts (no state, no order)."""
+  digest = hashlib.sha256(repr((int(seed),) + tuple(parts)).encode()).digest()
+  return int.from_bytes(digest[:8], "little") / 2.0 ** 64
+
+
+class NoisyJudge:
+  """`judge`'s verdict flipped (p -> 1 − p) with probability `flip`.
+
+  Whether a comparison is flipped is a pure function of (seed, prompt, the unordered pair of
+  responses): a rerun, a resumed run or another batching flips the same rows, and (b, a) is
+  flipped exactly when (a, b) is, so the wrapped judge's symmetry is kept.
+  """
+
+  def __init__(self, judge: Judge, flip: float, seed: int = 0, spec: str | None = None):
+    if not 0.0 <= flip <= 1.0:
+      raise ValueError(f"noisy judge: the flip probability must be in [0, 1], got {flip}")
+    self.judge, self.flip, self.seed = judge, float(flip), int(seed)
+    self.symmetric = is_symmetric(judge)
+    self.spec = spec or f"noisy:{flip}:{describe(judge)}"
+    if has_reward(judge):
+      self.score = judge.score  # The clean reward: what the evaluation reports as reward.
+
+  def flipped(self, prompts: Sequence[str], responses_a: Sequence[str],
+              responses_b: Sequence[str]) -> np.ndarray:
+    return np.asarray([_unit_interval(self.seed, p, *sorted((a, b))) < self.flip
+                       for p, a, b in zip(prompts, responses_a, responses_b)], bool)
+
+  def prefer(self, prompts: Sequence[str], responses_a: Sequence[str],
+             responses_b: Sequence[str]) -> np.ndarray:
+    values = _verdicts(self.judge, prompts, responses_a, responses_b)
+    flips = self.flipped(prompts, responses_a, responses_b)
+    return np.where(flips, 1.0 - values, values)
+
+
+# --------------------------------------------------------------------------- learned judges
+
+
+class _LearnedJudge:
+  """A network trained by this library's `reward_model` / `preference_model` recipe, read from
+  its workdir (latest checkpoint) or one step folder of it, judging in jit-compiled batches."""
+
+  loss = ""  # the recipe it must come from
+
+  def __init__(self, path: str, *, batch_size: int = 64):
+    from dro_jax import datasets, policies
+    from dro_jax import step as step_lib
+    found = policies.workdir_and_step(path)
+    if found is None:
+      raise ValueError(f"{path}: not a dro_jax {self.loss} workdir (no checkpoints/ beside "
+                       f"config.json) or a step folder of one")
+    self.workdir, step = found
+    self.run_config = policies.read_run_config(self.workdir)
+    if self.run_config.loss != self.loss:
+      raise ValueError(f"{path}: a {self.run_config.loss} workdir, not a {self.loss} one "
+                       f"(train it with configs/{self.loss}.py)")
+    self.model_config = step_lib.t5_config(self.run_config)
+    self.params, self.step = policies.restore_network(self.workdir, step, self._abstract())
+    self.vocabulary = datasets.task_vocabulary(self.run_config)
+    self.max_input_length = int(self.run_config.max_input_length)
+    self.max_target_length = int(self.run_config.max_target_length)
+    self.batch_size = int(batch_size)
+    self.path = path
+
+  def _abstract(self) -> Any:
+    raise NotImplementedError
+
+  def _encode(self, prompts: Sequence[str], *responses: Sequence[str]) -> list[np.ndarray]:
+    from dro_jax import judge_inputs
+    arrays = [judge_inputs.encode_texts(self.vocabulary, prompts, "inputs",
+                                        self.max_input_length)]
+    arrays += [judge_inputs.encode_texts(self.vocabulary, column, "targets",
+                                         self.max_target_length) for column in responses]
+    return arrays
+
+  def _batched(self, function: Callable[..., Any], arrays: list[np.ndarray]) -> np.ndarray:
+    """`function(params, *arrays)` over rows in fixed-size batches (one compiled shape)."""
+    rows = arrays[0].shape[0]
+    if rows == 0:
+      return np.zeros((0,), np.float64)
+    size = min(self.batch_size, rows)
+    outputs = []
+    for start in range(0, rows, size):
+      chunk = [array[start:start + size] for array in arrays]
+      count = chunk[0].shape[0]
+      if count < size:  # padded with copies of the first row, dropped below
+        chunk = [np.concatenate([c, np.repeat(c[:1], size - count, axis=0)]) for c in chunk]
+      outputs.append(np.asarray(function(self.params, *chunk), np.float64)[:count])
+    return np.concatenate(outputs)
+
+
+class RewardModelJudge(_LearnedJudge):
+  """A Bradley-Terry reward model: `score` is r(x, y); `prefer` is σ(r_a − r_b). Symmetric."""
+
+  loss = "reward_model"
+  symmetric = True
+
+  def __init__(self, path: str, *, batch_size: int = 64):
+    super().__init__(path, batch_size=batch_size)
+    self.spec = f"reward_model:{path}"
+    self._rewards = _reward_function(self.model_config)
+
+  def _abstract(self) -> Any:
+    from dro_jax.models import value as value_lib
+    return value_lib.DoubleNetMultipleValues(self.model_config).abstract_params()
+
+  def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    _check_lengths(prompts, responses)
+    return self._batched(self._rewards, self._encode(prompts, responses))
+
+  def prefer(self, prompts: Sequence[str], responses_a: Sequence[str],
+             responses_b: Sequence[str]) -> np.ndarray:
+    _check_lengths(prompts, responses_a, responses_b)
+    count = len(prompts)
+    rewards = self.score(list(prompts) * 2, list(responses_a) + list(responses_b))
+    return 1.0 / (1.0 + np.exp(-(rewards[:count] - rewards[count:])))
+
+
+class PreferenceModelJudge(_LearnedJudge):
+  """A pairwise preference model: P(A better than B) from its "A" / "B" label logits, in the
+  order asked (not symmetric: `compare` asks both orders and averages)."""
+
+  loss = "preference_model"
+  symmetric = False
+
+  def __init__(self, path: str, *, batch_size: int = 64):
+    super().__init__(path, batch_size=batch_size)
+    self.spec = f"preference_model:{path}"
+    tokens = self.run_config.preference
+    if tokens.get("a_token") is None or tokens.get("b_token") is None:
+      raise ValueError(f"{path}: config.json has no preference.a_token / b_token")
+    self._probability = _preference_function(self.model_config, int(tokens.a_token),
+                                             int(tokens.b_token))
+
+  def _abstract(self) -> Any:
+    from dro_jax.models import t5 as t5_lib
+    return t5_lib.abstract_params(self.model_config)
+
+  def prefer(self, prompts: Sequence[str], responses_a: Sequence[str],
+             responses_b: Sequence[str]) -> np.ndarray:
+    _check_lengths(prompts, responses_a, responses_b)
+    return self._batched(self._probability, self._encode(prompts, responses_a, responses_b))
+
+
+@functools.lru_cache(maxsize=8)
+def _reward_function(model_config: Any) -> Callable[..., Any]:
+  import jax
+  from dro_jax import judge_inputs
+  from dro_jax.models import value as value_lib
+  network = value_lib.EncoderValueNetwork(model_config)
+
+  @jax.jit
+  def rewards(params, prompt_BxS, response_BxT):
+    return network.apply({"params": params},
+                         judge_inputs.reward_model_inputs(prompt_BxS, response_BxT))
+
+  return rewards
+
+
+@functools.lru_cache(maxsize=8)
+def _preference_function(model_config: Any, a_token: int, b_token: int) -> Callable[..., Any]:
+  import jax
+  from dro_jax import judge_inputs
+  from dro_jax.models import t5 as t5_lib
+  model = t5_lib.T5(model_config)
+
+  @jax.jit
+  def probability(params, prompt_BxS, first_BxT, second_BxT):
+    inputs = judge_inputs.preference_model_inputs(prompt_BxS, first_BxT, second_BxT)
+    return judge_inputs.first_wins(judge_inputs.label_logps(model, params, inputs, a_token,
+                                                            b_token))
+
+  return probability
+
+
+# ----------------------------------------------------------------------------------- by spec
+
+
 # name -> a factory of the judge (called with no arguments).
 JUDGES: dict[str, Callable[[], Judge]] = {"demo": DemoJudge}
+SPEC_FORMS = ("demo", "reward_model:DIR", "preference_model:DIR", "noisy:P:SPEC",
+              "module:factory")
 
 
 def register_judge(name: str, factory: Callable[[], Judge], *, overwrite: bool = False) -> None:
@@ -94,7 +335,80 @@ def register_judge(name: str, factory: Callable[[], Judge], *, overwrite: bool =
   JUDGES[name] = factory
 
 
-def get_judge(name: str) -> Judge:
-  if name not in JUDGES:
-    raise ValueError(f"unknown judge {name!r}; registered judges: {sorted(JUDGES)}")
-  return JUDGES[name]()
+def judge_from_spec(spec: str) -> Judge:
+  """The judge a spec string names (the module docstring lists the forms)."""
+  if not isinstance(spec, str) or not spec.strip():
+    raise ValueError(f"judge spec must be a non-empty string, one of {', '.join(SPEC_FORMS)}")
+  spec = spec.strip()
+  head, _, rest = spec.partition(":")
+  if head == "reward_model" and rest:
+    return RewardModelJudge(rest)
+  if head == "preference_model" and rest:
+    return PreferenceModelJudge(rest)
+  if head == "noisy" and rest:
+    probability, _, inner = rest.partition(":")
+    try:
+      flip = float(probability)
+    except ValueError:
+      flip = math.nan
+    if not inner or not 0.0 <= flip <= 1.0:
+      raise ValueError(f"judge spec {spec!r}: expected noisy:P:SPEC with P in [0, 1], e.g. "
+                       f"noisy:0.2:demo")
+    return NoisyJudge(judge_from_spec(inner), flip, spec=spec)
+  if spec in JUDGES:
+    return JUDGES[spec]()
+  if rest:
+    try:
+      module = importlib.import_module(head)
+    except ImportError as error:
+      raise ValueError(f"judge spec {spec!r}: cannot import module {head!r} ({error}); the "
+                       f"forms are {', '.join(SPEC_FORMS)}") from error
+    factory = getattr(module, rest, None)
+    if not callable(factory):
+      raise ValueError(f"judge spec {spec!r}: module {head!r} has no callable {rest!r}")
+    judge = factory()
+    if not callable(getattr(judge, "prefer", None)):
+      raise ValueError(f"judge spec {spec!r}: {head}.{rest}() returned {type(judge).__name__}, "
+                       f"which has no prefer(prompts, responses_a, responses_b)")
+    return judge
+  raise ValueError(f"unknown judge {spec!r}; registered judges: {sorted(JUDGES)}; other forms: "
+                   f"{', '.join(SPEC_FORMS[1:])}")
+
+
+get_judge = judge_from_spec
+
+
+# ------------------------------------------------------------------------------------ tournament
+
+
+def tournament(prompts: Sequence[str], candidates: Sequence[Sequence[str]], judge: Judge, *,
+               debias: bool = True, worst: bool = False) -> tuple[list[int], int]:
+  """A knock-out per prompt: ([index of the winner among candidates[i]], judge calls spent).
+
+  Each round pairs the survivors in order (an odd one out goes through), all prompts' matches
+  of a round in one batched call; the one preferred (P > 0.5; on a tie the earlier) survives.
+  `worst=True` keeps the loser of each match instead: the worst-of-n. n candidates take n − 1
+  comparisons per prompt (2(n − 1) calls when a non-symmetric judge is asked both orders).
+  Whenever a candidate beats every other (a Condorcet winner) it wins the knock-out.
+  """
+  if len(candidates) != len(prompts):
+    raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
+  alive = [list(range(len(row))) for row in candidates]
+  for index, row in enumerate(candidates):
+    if not row:
+      raise ValueError(f"prompt {index} has no candidates")
+  calls = 0
+  while any(len(row) > 1 for row in alive):
+    matches = [(i, row[k], row[k + 1]) for i, row in enumerate(alive)
+               for k in range(0, len(row) - 1, 2)]
+    p, spent, _ = compare(judge, [prompts[i] for i, _, _ in matches],
+                          [candidates[i][a] for i, a, _ in matches],
+                          [candidates[i][b] for i, _, b in matches], debias=debias)
+    calls += spent
+    winners: dict[int, list[int]] = {}
+    for (i, a, b), value in zip(matches, p):
+      a_wins = value >= 0.5 if not worst else value < 0.5
+      winners.setdefault(i, []).append(a if a_wins else b)
+    alive = [winners.get(i, []) + (row[-1:] if len(row) % 2 else []) if len(row) > 1 else row
+             for i, row in enumerate(alive)]
+  return [row[0] for row in alive], calls

@@ -1,9 +1,12 @@
 """Judged evaluation during training: every `eval_every` steps, the policy against a baseline.
 
-Set `config.evaluation.judge` (a name of `judges.JUDGES`, e.g. "demo") and the train runner
+Set `config.evaluation.judge` (a judge spec of dro_jax.judges, e.g. "demo" or
+"preference_model:DIR") and the train runner
 samples the current policy and the baseline (`config.evaluation.baseline`: a workdir, step
 directory, HF or T5X folder; default `init_checkpoint`, the policy the run started from) on
-held-out prompts, judges them side by side and logs `eval/win_rate` with its interval,
+held-out prompts, judges them side by side (both orders for a judge that is not symmetric,
+unless `config.evaluation.debias` is off) and logs `eval/win_rate` with its prompt-clustered
+interval,
 `eval/policy_reward`, `eval/kl` (from the policy's own samples), lengths and the truncated share
 into the JSONL and TensorBoard. With `best_metric="eval/win_rate"` the checkpoint manager keeps
 the best step by win rate.
@@ -15,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from dro_jax import decoding, evaluation, judges
+from dro_jax import datasets, decoding, evaluation, judges, policies
 
 
 class JudgedEvaluation:
@@ -23,21 +26,18 @@ class JudgedEvaluation:
 
   def __init__(self, config: ml_collections.ConfigDict, model_config: Any, mesh: Any = None):
     """`mesh`: the run's; sampling and scoring then run over it, as the policy's shards do."""
-    from dro_jax import evaluate
     settings = config.evaluation
     baseline = settings.baseline or config.init_checkpoint
     if not baseline:
       raise ValueError("config.evaluation.judge needs config.evaluation.baseline or "
                        "config.init_checkpoint: the policy to compare against")
     self.model_config = model_config
-    self.baseline = evaluate.load_policy(baseline).policy
-    self.judge = judges.get_judge(settings.judge)
-    if settings.judge == "demo":
-      from dro_jax.data import synthetic
-      self.prompts = synthetic.eval_prompts(settings.prompts, config.seed)
-    else:
-      self.prompts = evaluate.held_out_prompts(config, settings.prompts)
-    self.vocabulary = evaluate.task_vocabulary(config)
+    self.baseline = policies.load_policy(baseline).policy
+    self.judge = judges.judge_from_spec(settings.judge)
+    self.debias = bool(settings.get("debias", True))
+    # The demo's held-out prompts for the run's seed, or the eval split's prompts.
+    self.prompts = datasets.held_out_prompts(config, settings.prompts, seed=config.seed)
+    self.vocabulary = datasets.task_vocabulary(config)
     self.sampling = decoding.SamplingParams(
         max_decode_length=settings.max_decode_length or config.max_target_length,
         temperature=settings.temperature, num_samples=settings.samples)
@@ -57,6 +57,6 @@ class JudgedEvaluation:
         policy, self.baseline, self.vocabulary, self.prompts, self.judge, sampling=self.sampling,
         policy_seed=1000 * self.seed + 1, baseline_seed=1000 * self.seed + 2,
         max_input_length=self.max_input_length, resamples=1000,
-        baseline_samples=self.baseline_samples, mesh=self.mesh)
+        baseline_samples=self.baseline_samples, mesh=self.mesh, debias=self.debias)
     return {f"eval/{key}": float(value) for key, value in metrics.items()
             if isinstance(value, (int, float))}

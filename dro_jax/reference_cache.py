@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dro_jax import partitioning, reference, scoring
+from dro_jax import datasets, files, initialization, partitioning, reference, scoring
 from dro_jax import step as step_lib
 
 PyTree = Any
@@ -232,8 +232,7 @@ def init_fingerprint(config: ml_collections.ConfigDict, model_config) -> dict[st
   path = config.init_checkpoint
   if not path:
     return {"init": f"scratch:{config.seed}", "model": model}
-  from dro_jax import train
-  kind = train.init_checkpoint_kind(path)
+  kind = initialization.init_checkpoint_kind(path)
   gfile = _gfile()
   if kind == "workdir":
     steps = _checkpoint_steps(path)
@@ -303,9 +302,8 @@ class _Split:
 
 def _split(config, role: str, task: str, split: str, workdir: str, partners: bool,
            rows: int, max_examples: int | None) -> _Split:
-  from dro_jax import train
   from dro_jax.data import pipeline, tasks
-  lengths = train.feature_lengths(config)
+  lengths = datasets.feature_lengths(config)
   iterators, statistics = [], {}
   for component, _ in tasks.component_tasks(task):
     iterator = pipeline.input_pipeline(
@@ -351,14 +349,13 @@ def _score_fn(config, kind: str, mesh, chunks: int):
 
 
 def initial_policy(config, model_config, mesh, rules) -> PyTree:
-  """The policy a new run starts from (= the frozen reference), as `train.build_state` makes it."""
-  from dro_jax import train
-  abstract, shardings = train.state_layout(config, model_config, mesh, rules,
+  """The policy a new run starts from (= the frozen reference), as `initialization.build_state` makes it."""
+  abstract, shardings = initialization.state_layout(config, model_config, mesh, rules,
                                            with_reference=False)
   if config.init_checkpoint:
-    return train.load_init_policy(config, config.init_checkpoint, abstract.policy,
+    return initialization.load_init_policy(config, config.init_checkpoint, abstract.policy,
                                   shardings.policy)
-  init = train.make_init_fn(config, model_config, with_reference=False)
+  init = initialization.make_init_fn(config, model_config, with_reference=False)
   with partitioning.activate(mesh, rules):  # Only the policy is kept: the rest is compiled away.
     return jax.jit(lambda rng: init(rng, None).policy, out_shardings=shardings.policy)(
         jax.random.PRNGKey(config.seed))
@@ -388,7 +385,6 @@ def compute_table(kind: str, spec: _Split, score, policy: PyTree, mesh, rules,
   """One unshuffled pass over `spec`'s iterators, sharded over `mesh` as training is; every
   process gets the whole table (process_allgather)."""
   from jax.experimental import multihost_utils
-  from dro_jax import train
   from dro_jax.data import pipeline
   rows = spec.iterators[0].global_batch_size
   row_sharding = partitioning.batch_sharding(mesh, 1)
@@ -401,7 +397,7 @@ def compute_table(kind: str, spec: _Split, score, policy: PyTree, mesh, rules,
       layout = partitioning.batch_shardings(
           {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in model_batch.items()}, mesh)
       with partitioning.activate(mesh, rules):
-        values = score(policy, train.device_batch(model_batch, layout))
+        values = score(policy, datasets.device_batch(model_batch, layout))
       entry = {"values": values, "ids": _ids_on_mesh(ids, row_sharding)}
       if kind == "kto":
         entry["partners"] = _ids_on_mesh(pipeline.task_ids(batch["kl_example_id"], index),
@@ -464,7 +460,6 @@ def prepare(config: ml_collections.ConfigDict, task: str, eval_task: str | None,
   if not enabled(config):
     _check_state_has_reference(config, workdir)
     return None
-  from dro_jax import train
   kind = KINDS[config.loss]
   partners = kind == "kto"
   rows = config.batch_size * max(1, -(-PASS_ROWS // config.batch_size))
@@ -481,12 +476,12 @@ def prepare(config: ml_collections.ConfigDict, task: str, eval_task: str | None,
     try:
       specs.append(_split(config, "eval", eval_task, config.data.eval_split, workdir, partners,
                           rows, limit))
-    except Exception as error:  # As train.eval_batches: no eval split, no evaluation.
+    except Exception as error:  # As datasets.eval_batches: no eval split, no evaluation.
       logging.warning("reference cache: no evaluation examples (%s:%s: %s)", eval_task,
                       config.data.eval_split, error)
   recorded = {}
   if _checkpoint_steps(workdir):  # A resumed run keeps the tables it started with.
-    recorded = json.loads(train.read_text(os.path.join(folder, "run.json")) or "{}")
+    recorded = json.loads(files.read_text(os.path.join(folder, "run.json")) or "{}")
   for spec in specs:
     spec.name = cache_name(spec.role, kind, spec.data, init)
     kept = recorded.get(spec.role, "")
@@ -521,6 +516,6 @@ def prepare(config: ml_collections.ConfigDict, task: str, eval_task: str | None,
     for iterator in spec.iterators:
       iterator.close()
   if jax.process_index() == 0:
-    train.write_text(os.path.join(folder, "run.json"),
+    files.write_text(os.path.join(folder, "run.json"),
                      json.dumps({spec.role: spec.name for spec in specs}, indent=2))
   return ReferenceCache(kind, tables["train"], tables.get("eval"))

@@ -4,7 +4,7 @@
       --config.mesh_shape='(1,32,1)' [--config.num_microbatches=4] [--json sizing.json]
 
 Nothing is allocated: the train state and the batch are ShapeDtypeStructs with the run's
-shardings (`train.state_layout`, `partitioning.batch_shardings`), the step is the engine's own
+shardings (`initialization.state_layout`, `partitioning.batch_shardings`), the step is the engine's own
 (`step.make_train_step` through `partitioning.jit_step`: the same shardings and donation), and the
 mesh (`config.mesh_shape`, one entry may be -1) is laid over the devices of a TPU topology that
 libtpu describes without any TPU present (`pip install -e '.[tpu]'`). XLA's `memory_analysis()`
@@ -154,19 +154,19 @@ def batch_spec(config, *, reference_cached: bool) -> dict[str, Any]:
   import jax
   import numpy as np
 
-  from dro_jax import reference_cache, train
+  from dro_jax import datasets, reference_cache
   from dro_jax.data import converters
-  pairwise = train.loss_kind(config) == "pairs"
+  pairwise = datasets.loss_kind(config) == "pairs"
   cache_kind = reference_cache.KINDS.get(config.loss) if reference_cached else None
   converter = converters.feature_converter("pairwise" if pairwise else "single_trajectory",
                                            with_partners=cache_kind == "kto")
   lengths = converter.get_model_feature_lengths(
-      converter.complete_lengths(train.feature_lengths(config)))
+      converter.complete_lengths(datasets.feature_lengths(config)))
   rows = int(config.batch_size)
   batch = {}
   for key, spec in converter.MODEL_FEATURES.items():
     dtype = np.dtype(spec.dtype.as_numpy_dtype)
-    if key in train.HOST_KEYS or dtype.kind not in "biuf":
+    if key in datasets.HOST_KEYS or dtype.kind not in "biuf":
       continue
     shape = (rows,) if spec.rank == 0 else (rows, lengths[key])
     batch[key] = jax.ShapeDtypeStruct(shape, dtype)
@@ -243,11 +243,12 @@ def state_bytes(config, topology: str) -> dict[str, int]:
   """Per-chip bytes of the train state's parameters, optimizer state and reference copy on
   `topology`, from the shardings alone (no compile: seconds even for T5-XXL). The gradients, in
   the temporaries, are at least as large as the parameters."""
-  from dro_jax import partitioning, reference_cache, train
+  from dro_jax import initialization, partitioning, reference_cache
   from dro_jax import step as step_lib
   mesh = partitioning.make_mesh(tuple(config.mesh_shape), devices=topology_devices(topology))
   rules = partitioning.rules_from_config(config)
-  abstract, shardings = train.state_layout(config, step_lib.t5_config(config), mesh, rules,
+  abstract, shardings = initialization.state_layout(config, step_lib.t5_config(config), mesh,
+                                                    rules,
                                            with_reference=not reference_cache.enabled(config))
   return {"parameters": _shard_bytes((abstract.policy, abstract.value),
                                      (shardings.policy, shardings.value)),
@@ -263,7 +264,7 @@ def compile_step(config, topology: str, hbm_bytes: int | None = None):
   compiled again without the limit to measure it; `Report.compiler_error` says so."""
   import jax
 
-  from dro_jax import partitioning, reference, reference_cache, train
+  from dro_jax import initialization, partitioning, reference, reference_cache
   from dro_jax import step as step_lib
   devices = topology_devices(topology)
   mesh = partitioning.make_mesh(tuple(config.mesh_shape), devices=devices)
@@ -273,7 +274,7 @@ def compile_step(config, topology: str, hbm_bytes: int | None = None):
                         num_microbatches=config.num_microbatches,
                         num_heads=model_config.num_heads)
   cached = reference_cache.enabled(config)
-  abstract, shardings = train.state_layout(config, model_config, mesh, rules,
+  abstract, shardings = initialization.state_layout(config, model_config, mesh, rules,
                                            with_reference=not cached)
   batch = batch_spec(config, reference_cached=cached)
   batch_layout = partitioning.batch_shardings(batch, mesh)
@@ -531,8 +532,8 @@ def cli(argv: Sequence[str]) -> Report | None:
     raise SystemExit(f"{argv[0]}: {error}") from None
   print(format_report(report), flush=True)
   if values.json:
-    from dro_jax import train
-    train.write_text(values.json, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    from dro_jax import files
+    files.write_text(values.json, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
   return report
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dro_jax import losses, optim, reference, scoring
+from dro_jax import judge_inputs, losses, optim, reference, scoring
 from dro_jax.models import t5 as t5_lib
 from dro_jax.models import value as value_lib
 from dro_jax.state import TrainState
@@ -285,8 +285,8 @@ class RewardModel(Objective):
     del ref_params
     prompt = batch["encoder_input_tokens"]
     both = jnp.concatenate([
-        jnp.concatenate([prompt, batch["chosen_decoder_target_tokens"]], axis=1),
-        jnp.concatenate([prompt, batch["rejected_decoder_target_tokens"]], axis=1)])
+        judge_inputs.reward_model_inputs(prompt, batch["chosen_decoder_target_tokens"]),
+        judge_inputs.reward_model_inputs(prompt, batch["rejected_decoder_target_tokens"])])
     chosen, rejected = jnp.split(self.network.apply({"params": trainable["policy"]}, both), 2)
     return {"chosen_rewards": chosen, "rejected_rewards": rejected}
 
@@ -305,12 +305,11 @@ class PreferenceModel(Objective):
     prompt = batch["encoder_input_tokens"]
     chosen, rejected = (batch["chosen_decoder_target_tokens"],
                         batch["rejected_decoder_target_tokens"])
-    inputs = jnp.concatenate([jnp.concatenate([prompt, chosen, rejected], axis=1),
-                              jnp.concatenate([prompt, rejected, chosen], axis=1)])
-    start = jnp.zeros((inputs.shape[0], 1), jnp.int32)
-    logits = self.model.apply({"params": trainable["policy"]}, inputs, start)[:, 0]
-    tokens = jnp.asarray([self.config.preference.a_token, self.config.preference.b_token])
-    label_logps = jnp.take(jax.nn.log_softmax(logits.astype(jnp.float32)), tokens, axis=-1)
+    inputs = jnp.concatenate([judge_inputs.preference_model_inputs(prompt, chosen, rejected),
+                              judge_inputs.preference_model_inputs(prompt, rejected, chosen)])
+    label_logps = judge_inputs.label_logps(self.model, trainable["policy"], inputs,
+                                           self.config.preference.a_token,
+                                           self.config.preference.b_token)
     first, swapped = jnp.split(label_logps, 2)
     return {"label_logps": first, "swapped_label_logps": swapped}
 

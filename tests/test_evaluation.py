@@ -92,16 +92,44 @@ def test_win_rate_counts_ties_half_and_folds():
   rate = evaluation.win_rate(preferences)
   assert rate.rate == pytest.approx(0.625)
   assert (rate.n, rate.prompts, rate.wins, rate.ties, rate.losses) == (10, 10, 5, 2, 3)
-  assert (rate.low, rate.high) == evaluation.wilson_interval(6.25, 10)
+  assert (rate.wilson_low, rate.wilson_high) == evaluation.wilson_interval(6.25, 10)
+  assert (rate.low, rate.high) == evaluation.clustered_interval(preferences)[:2]
   folds = [preferences[i:i + 2].mean() for i in range(0, 10, 2)]
   assert rate.folds_mean == pytest.approx(np.mean(folds))
   assert rate.folds_std == pytest.approx(np.std(folds, ddof=1))
-  assert rate.line() == "win_rate 0.62 [0.33, 0.85] (n=10, ties=2)"
+  assert rate.line() == "win_rate 0.62 [0.30, 0.87] (n=10, ties=2, 10 prompts x 1 samples)"
   # Several samples per prompt: the bootstrap resamples prompts, the Wilson interval comparisons.
   per_sample = evaluation.win_rate(np.array([[1, 0], [1, 1], [0.5, 0.5]]))
   assert (per_sample.n, per_sample.prompts, per_sample.ties) == (6, 3, 2)
   with pytest.raises(ValueError, match="probabilities"):
     evaluation.win_rate(np.array([1.5]))
+
+
+def test_clustered_interval_covers_the_truth_when_samples_share_a_prompt():
+  """1000 simulated evaluations, 4 samples per prompt that agree within a prompt (each prompt has
+  its own win probability, Beta around the truth), some ties: the headline 95% interval covers the
+  true win rate at least 92% of the time; the plain Wilson interval, which treats the samples as
+  independent, does not."""
+  rng = np.random.default_rng(0)
+  mean_probability, covered, covered_wilson = 0.6, 0, 0
+  truth = 0.9 * mean_probability + 0.1 * 0.5  # a tenth of the comparisons are ties
+  for _ in range(1000):
+    probability = rng.beta(mean_probability * 1.5, (1 - mean_probability) * 1.5, size=60)
+    draws = rng.random((60, 4))
+    outcomes = (draws < probability[:, None]).astype(np.float64)
+    outcomes[rng.random((60, 4)) < 0.1] = 0.5  # a tie counts half
+    rate = evaluation.win_rate(outcomes, resamples=10)
+    covered += rate.low <= truth <= rate.high
+    covered_wilson += rate.wilson_low <= truth <= rate.wilson_high
+  assert covered / 1000 >= 0.92, covered
+  assert covered_wilson / 1000 < 0.9, covered_wilson
+  assert rate.samples_per_prompt == 4 and rate.prompts == 60 and rate.effective_n < rate.n
+
+
+def test_student_t_quantile():
+  for dof in (1, 2, 3, 5, 10, 30, 200):
+    assert evaluation.student_t_quantile(0.95, dof) == pytest.approx(
+        scipy.stats.t.ppf(0.975, dof), rel=2e-3)
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -187,8 +215,9 @@ def test_cli_end_to_end(sft_workdir, tmp_path, capsys):
                           "--max_decode_length", "8", "--batch_size", str(BATCH),
                           "--output", str(output)])
   printed = capsys.readouterr().out
-  assert re.search(r"^win_rate \d\.\d\d \[\d\.\d\d, \d\.\d\d\] \(n=24, ties=\d+\)$", printed,
-                   re.MULTILINE), printed
+  assert re.search(r"^win_rate \d\.\d\d \[\d\.\d\d, \d\.\d\d\] \(n=24, ties=\d+, 24 prompts x 1 "
+                   r"samples, symmetric judge\)$", printed, re.MULTILINE), printed
+  assert printed.splitlines()[0].startswith("win_rate ")
   saved = json.loads((output / "evaluation.json").read_text())
   assert saved["line"] in printed and saved == json.loads(json.dumps(report))
   assert saved["judge"] == "demo" and saved["policy"]["step"] == saved["baseline"]["step"] == 3
@@ -200,6 +229,39 @@ def test_cli_end_to_end(sft_workdir, tmp_path, capsys):
   assert {"policy_response", "baseline_response", "preference", "policy_reward",
           "baseline_reward"} <= set(rows[0])
   assert all(math.isfinite(saved[key]) for key in ("win_rate", "kl", "policy_length"))
+
+
+def test_a_first_position_biased_judge_is_debiased(sft_workdir, tmp_path, capsys):
+  """A judge plugged as module:factory that prefers whichever response comes first: the policy
+  against itself scores 0.5 +- 0.03 asked in both orders, and far from it in one order."""
+  args = ["--policy", sft_workdir, "--baseline", sft_workdir, "--num_prompts", "400",
+          "--num_samples", "2", "--max_decode_length", "8", "--batch_size", "64",
+          "--judge", "fake_judges:first_position_biased"]
+  debiased = evaluate.main(args + ["--output", str(tmp_path / "both")])
+  assert abs(debiased["win_rate"] - 0.5) <= 0.03, debiased["win_rate"]
+  assert debiased["debiased"] and debiased["judge_calls"] == 2 * 800
+  assert "both orders" in capsys.readouterr().out.splitlines()[0]
+  biased = evaluate.main(args + ["--no_debias", "--output", str(tmp_path / "one")])
+  assert biased["win_rate"] > 0.6 and not biased["debiased"] and biased["judge_calls"] == 800
+  assert "one order" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_demo_derived_workdirs_take_the_demo_prompts_and_judge(sft_workdir, tmp_path, capsys):
+  """The demo's alignment stages train on `dro_jax_demo_samples_*` Tasks (no held-out split):
+  evaluate still resolves the demo task's held-out prompts and the demo judge."""
+  import shutil
+  derived = tmp_path / "dro"
+  shutil.copytree(sft_workdir, derived)
+  config = json.loads((derived / "config.json").read_text())
+  config["loss"], config["data"]["task"] = "dro", "dro_jax_demo_samples_0123456789abcdef"
+  (derived / "config.json").write_text(json.dumps(config))
+  evaluate.main(["--policy", str(derived), "--baseline", sft_workdir, "--num_prompts", "16",
+                 "--max_decode_length", "8", "--batch_size", str(BATCH)])
+  assert capsys.readouterr().out.startswith("win_rate ")
+  saved = json.loads((derived / "evaluation" / "step_3" / "evaluation.json").read_text())
+  assert saved["judge"] == "demo" and saved["n"] == 16
+  rows = (derived / "evaluation" / "step_3" / "samples.jsonl").read_text().splitlines()
+  assert [json.loads(row)["prompt"] for row in rows] == synthetic.eval_prompts(16)
 
 
 def test_cli_errors(sft_workdir, tmp_path):

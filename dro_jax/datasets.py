@@ -1,0 +1,220 @@
+"""A run's data, resolved from its config: Tasks, vocabulary, input pipelines, held-out prompts.
+
+Shared by every runner (train, the demo, evaluate, the judges, periodic evaluation, the reference
+cache). Heavy imports (seqio, TensorFlow) happen inside the functions, so importing this module
+stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+Batch = dict[str, Any]
+
+# The demo task each recipe trains on when no data is given.
+DEMO_TASK_ROLE = {"sft": "sft", "dro": "feedback", "dro_v": "feedback", "dro_p": "feedback",
+                  "kto": "feedback", "dpo": "pairs", "ipo": "pairs", "reward_model": "pairs",
+                  "preference_model": "pairs"}
+# Tasks over the demo's judged samples (demo.py: its alignment stages train on them).
+DEMO_DERIVED_PREFIXES = ("dro_jax_demo_samples_", "dro_jax_demo_pairs_")
+
+HOST_KEYS = ("example_id", "kl_example_id")  # for host-side lookups; the step never sees them
+
+
+def _synthetic_task_names() -> set[str]:
+  from dro_jax.data import synthetic
+  names = set(synthetic.TASK_NAMES.values())
+  names.update(getattr(synthetic, "INTRANSITIVE_TASK_NAMES", {}).values())
+  return names
+
+
+def _register_synthetic(task: str, cache_dir: str | None) -> None:
+  """Registers the embedded Task `task` if it is one (the demo's or the intransitive ones)."""
+  from dro_jax.data import synthetic
+  if task in getattr(synthetic, "INTRANSITIVE_TASK_NAMES", {}).values():
+    synthetic.register_intransitive_tasks(cache_dir)
+  elif task in synthetic.TASK_NAMES.values():
+    synthetic.register_demo_tasks(cache_dir)
+
+
+def resolve_data(config: ml_collections.ConfigDict) -> tuple[str, str | None]:
+  """(train Task, eval Task): the configured ones, Tasks made from files, or the demo's."""
+  data = config.data
+  if data.register_module:
+    import importlib
+    importlib.import_module(data.register_module)
+  if data.train_files:
+    return _register_files(config), (data.eval_task or None)
+  if data.task:
+    if data.task in _synthetic_task_names():
+      _register_synthetic(data.task, data.cache_dir)
+    return data.task, data.eval_task or data.task
+  from dro_jax.data import synthetic
+  names = synthetic.register_demo_tasks(data.cache_dir)
+  name = names[DEMO_TASK_ROLE[config.loss]]
+  return name, name
+
+
+def loss_kind(config: ml_collections.ConfigDict) -> str:
+  """"pairs" for the pairwise losses, else the single-trajectory role of the demo data."""
+  return DEMO_TASK_ROLE[config.loss]
+
+
+def _register_files(config: ml_collections.ConfigDict) -> str:
+  from dro_jax.data import adapters, tasks
+  data = config.data
+  if not data.vocabulary:
+    raise ValueError("config.data.train_files needs config.data.vocabulary (a sentencepiece model)")
+  adapter = None
+  if data.adapter:
+    if not hasattr(adapters, data.adapter):
+      raise ValueError(f"config.data.adapter: no adapter {data.adapter!r} in dro_jax.data.adapters")
+    adapter = getattr(adapters, data.adapter)()
+  source = {"train": data.train_files.split(",")}
+  if data.eval_files:
+    source[data.eval_split] = data.eval_files.split(",")
+  pairwise = loss_kind(config) == "pairs"
+  register = tasks.register_pairwise_task if pairwise else tasks.register_single_trajectory_task
+  # A stable name (not Python's per-process hash): the data position records it for resume.
+  key = json.dumps([data.train_files, data.eval_files, data.adapter, loss_kind(config)])
+  name = f"dro_jax_files_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+  import seqio
+  seqio.TaskRegistry.remove(name)
+  register(name, source, data.vocabulary, adapter=adapter,
+           max_prompt_length=config.max_input_length,
+           max_response_length=config.max_target_length)
+  return name
+
+
+def feature_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:
+  return {"inputs": config.max_input_length, "targets": config.max_target_length}
+
+
+def train_iterator(config, task: str, workdir: str, position: Mapping[str, Any] | None,
+                   with_partners: bool = False):
+  from dro_jax.data import pipeline
+  return pipeline.input_pipeline(
+      task, global_batch_size=config.batch_size, seed=config.seed,
+      feature_lengths=feature_lengths(config), shuffle=config.data.shuffle,
+      reward_mode=config.data.reward_mode, cache_dir=workdir, position=position or None,
+      with_partners=with_partners)
+
+
+def eval_batches(config, task: str | None, workdir: str,
+                 with_partners: bool = False) -> list[Batch]:
+  """The first `eval_batches` batches of the eval split, kept on the host for every evaluation."""
+  if not task or not config.eval_every or not config.eval_batches:
+    return []
+  from dro_jax.data import pipeline
+  try:
+    iterator = pipeline.input_pipeline(
+        task, split=config.data.eval_split, global_batch_size=config.batch_size,
+        seed=config.seed, feature_lengths=feature_lengths(config), shuffle=False, num_epochs=1,
+        reward_mode=config.data.reward_mode, cache_dir=workdir, with_partners=with_partners)
+  except Exception as error:  # A Task without an eval split trains without evaluation.
+    logging.warning("no evaluation: task %s split %s: %s", task, config.data.eval_split, error)
+    return []
+  batches = []
+  for batch in iterator:
+    batches.append(batch)
+    if len(batches) == config.eval_batches:
+      break
+  return batches
+
+
+def vocabulary_of(task: str):
+  from dro_jax.data import tasks
+  first, _ = tasks.component_tasks(task)[0]
+  return tasks.feedback_source(first).vocabulary
+
+
+def device_batch(batch: Batch, shardings: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """This host's rows -> global arrays laid out over the mesh."""
+  return {key: jax.make_array_from_process_local_data(shardings[key], np.asarray(batch[key]))
+          for key in shardings}
+
+
+def numeric(batch: Batch) -> Batch:
+  return {key: value for key, value in batch.items()
+          if isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
+          and key not in HOST_KEYS}
+
+
+# --------------------------------------------------------------- a finished run's task, by config
+
+
+def is_demo(run_config: ml_collections.ConfigDict) -> bool:
+  """Whether the run trained on the embedded demo task (the default when no data is given), its
+  judged samples included (the demo's alignment stages train on `dro_jax_demo_samples_*`)."""
+  from dro_jax.data import synthetic
+  data = run_config.data
+  if data.get("train_files"):
+    return False
+  task = data.get("task")
+  return (not task or task in synthetic.TASK_NAMES.values()
+          or str(task).startswith(DEMO_DERIVED_PREFIXES))
+
+
+def run_vocabulary(run_config: ml_collections.ConfigDict) -> str | None:
+  """The sentencepiece model of the run's data when a path is known without registering Tasks."""
+  from dro_jax.data import synthetic
+  if is_demo(run_config) or run_config.data.get("task") in _synthetic_task_names():
+    return synthetic.demo_vocabulary(run_config.data.get("cache_dir"))
+  return run_config.data.get("vocabulary") or None
+
+
+def task_vocabulary(run_config: ml_collections.ConfigDict) -> Any:
+  """The vocabulary of the run's data: a known sentencepiece path, else its registered Task's."""
+  path = run_vocabulary(run_config)
+  if path:
+    from dro_jax.data import tasks
+    return tasks.load_vocabulary(path)
+  task, _ = resolve_data(run_config)
+  return vocabulary_of(task)
+
+
+def held_out_prompts(run_config: ml_collections.ConfigDict, count: int,
+                     seed: int = 0) -> list[str]:
+  """`count` held-out prompts of the run's task: the demo's evaluation prompts, or the distinct
+  prompts of the eval split of its eval Task, in file order."""
+  from dro_jax.data import synthetic
+  if is_demo(run_config):
+    return synthetic.eval_prompts(count, seed)
+  from dro_jax.data import tasks
+  task, eval_task = resolve_data(run_config)
+  split = run_config.data.get("eval_split", "validation")
+  prompts: dict[str, None] = {}
+  for component, _ in tasks.component_tasks(eval_task or task):
+    for example in tasks.feedback_source(component).examples(split):
+      prompts.setdefault(example["inputs"])
+      if len(prompts) == count:
+        return list(prompts)
+  if not prompts:
+    raise ValueError(f"Task {eval_task or task} has no {split} prompts; pass --prompts FILE")
+  return list(prompts)
+
+
+def read_prompts(path: str) -> list[str]:
+  """Prompts from a file: JSON lines with a "prompt" field (.jsonl), or one prompt per line."""
+  from etils import epath
+  text = epath.Path(path).read_text()
+  if path.endswith(".jsonl"):
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+      if line.strip():
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as error:
+          raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+          raise ValueError(f"{path}:{number}: expected a JSON object with a \"prompt\" string")
+        prompts.append(row["prompt"])
+    return prompts
+  return [line for line in text.splitlines() if line.strip()]

@@ -1,0 +1,45 @@
+"""Small file helpers every runner shares: local paths and gs:// alike, written atomically.
+
+The lowest layer of the package: it imports nothing of dro_jax, so anything may stand on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def gfile():
+  """tf.io.gfile (local paths and gs:// alike), imported on first use."""
+  import tensorflow as tf
+  return tf.io.gfile
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename: never half a file."""
+  files = gfile()
+  files.makedirs(os.path.dirname(path) or ".")
+  with files.GFile(path + ".tmp", "w") as f:
+    f.write(text)
+  files.rename(path + ".tmp", path, overwrite=True)
+
+
+def read_text(path: str) -> str | None:
+  """The file's text, or None when it does not exist."""
+  files = gfile()
+  if not files.exists(path):
+    return None
+  with files.GFile(path) as f:
+    return f.read()
+
+
+def read_json(path: str) -> Any:
+  """The JSON value of `path` (None when it does not exist); a clear error naming the file."""
+  text = read_text(path)
+  if text is None:
+    return None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path}: not valid JSON ({error})") from error

@@ -1,0 +1,204 @@
+"""A run's model and state, built from its config: layouts, initialisation, the init checkpoint,
+the compiled step.
+
+Below every runner (train, the demo, the reference cache, sizing, the online loop): nothing here
+imports a runner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from dro_jax import checkpoint_manager, datasets, files, partitioning, reference
+from dro_jax import step as step_lib
+from dro_jax.models import scan as scan_lib
+from dro_jax.models import t5 as t5_lib
+from dro_jax.models import value as value_lib
+from dro_jax.state import TrainState
+
+PyTree = Any
+Batch = dict[str, Any]
+
+
+def abstract_policy(config: ml_collections.ConfigDict, model_config: t5_lib.T5Config) -> PyTree:
+  """Boxed abstract parameters of the trained network (a reward model's is an encoder + head)."""
+  if config.loss == "reward_model":
+    return value_lib.DoubleNetMultipleValues(model_config).abstract_params()
+  return t5_lib.abstract_params(model_config)
+
+
+def unboxed(tree: PyTree) -> PyTree:
+  import flax.linen as nn
+  return nn.unbox(tree)
+
+
+def state_layout(config, model_config, mesh, rules,
+                 with_reference: bool = True) -> tuple[TrainState, TrainState]:
+  """(abstract state, its shardings): nothing is allocated. `with_reference=False`: no reference
+  parameters even for a loss that uses one (its log-probs come with the batch)."""
+  value_fn = step_lib.make_value_function(config)
+  optimizers = step_lib.make_optimizers(config)
+  boxed_policy = abstract_policy(config, model_config)
+  policy_shardings = partitioning.params_shardings(boxed_policy, mesh, rules)
+  policy = unboxed(boxed_policy)
+  value = value_shardings = None
+  if value_fn is not None:
+    boxed_value = value_fn.abstract_params()
+    value_shardings = partitioning.params_shardings(boxed_value, mesh, rules)
+    value = unboxed(boxed_value)
+  uses_reference = with_reference and step_lib.OBJECTIVES[config.loss].uses_reference
+  abstract = TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+      policy=policy, policy_opt=jax.eval_shape(optimizers["policy"].init, policy),
+      value=value,
+      value_opt=None if value is None else jax.eval_shape(optimizers["value"].init, value),
+      reference=reference.abstract(policy, reference.dtype_from_config(config))
+      if uses_reference else None)
+  replicated = partitioning.replicated(mesh)
+  shardings = TrainState(
+      step=replicated, rng=replicated, policy=policy_shardings,
+      policy_opt=partitioning.optimizer_state_shardings(abstract.policy_opt, policy,
+                                                        policy_shardings, mesh),
+      value=value_shardings,
+      value_opt=None if value is None else partitioning.optimizer_state_shardings(
+          abstract.value_opt, value, value_shardings, mesh),
+      reference=policy_shardings if uses_reference else None)
+  return abstract, shardings
+
+
+def make_init_fn(config, model_config, with_reference: bool = True):
+  """init(rng, policy or None) -> TrainState; jitted with the state's out_shardings."""
+  value_fn = step_lib.make_value_function(config)
+  optimizers = step_lib.make_optimizers(config)
+  uses_reference = with_reference and step_lib.OBJECTIVES[config.loss].uses_reference
+
+  def init(rng: jax.Array, policy: PyTree | None) -> TrainState:
+    policy_rng, value_rng, state_rng = jax.random.split(rng, 3)
+    if policy is None:
+      policy = init_policy(config, model_config, policy_rng)
+    elif config.loss == "reward_model" and "decoder" in policy:
+      policy = value_lib.DoubleNetMultipleValues(model_config).init(policy, policy_rng)
+    value = None if value_fn is None else value_fn.init(policy, value_rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), rng=state_rng, policy=policy,
+        policy_opt=optimizers["policy"].init(policy), value=value,
+        value_opt=None if value is None else optimizers["value"].init(value),
+        reference=reference.init(policy, reference.dtype_from_config(config))
+        if uses_reference else None)
+
+  return init
+
+
+def init_policy(config, model_config: t5_lib.T5Config, rng: jax.Array) -> PyTree:
+  import flax.linen as nn
+  if config.loss == "reward_model":
+    network = value_lib.EncoderValueNetwork(model_config)
+    return nn.unbox(network.init(rng, jnp.ones((1, 2), jnp.int32))["params"])
+  model = t5_lib.T5(model_config)
+  return nn.unbox(model.init(rng, jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32))["params"])
+
+
+def init_checkpoint_kind(path: str) -> str:
+  """"workdir", "hf" or "t5x", or a ValueError saying what was expected."""
+  gfile = files.gfile()
+  if gfile.isdir(os.path.join(path, "checkpoints")):
+    return "workdir"
+  if gfile.exists(os.path.join(path, "config.json")) and gfile.glob(
+      os.path.join(path, "*.safetensors*")):
+    return "hf"
+  if gfile.exists(os.path.join(path, "checkpoint")):
+    return "t5x"
+  raise ValueError(f"init_checkpoint {path}: not a dro_jax workdir (no checkpoints/), an HF "
+                   f"folder (config.json + *.safetensors) or a T5X checkpoint_N folder "
+                   f"(no 'checkpoint' file)")
+
+
+def load_init_policy(config, path: str, like: PyTree, shardings: PyTree) -> PyTree:
+  """The initial policy parameters from `path`, read straight into their shards, in the layer
+  layout this run uses (`model.scan_layers`) whatever the layout they were saved in."""
+  kind = init_checkpoint_kind(path)
+  model_config = step_lib.t5_config(config)
+  if kind == "workdir":
+    other = checkpoint_manager.Checkpointer(path)
+    step = other.latest_step()
+    if step is None:
+      raise ValueError(f"init_checkpoint {path}: the workdir has no complete checkpoint")
+    # The other run may keep its layers in the other layout (model.scan_layers).
+    source = json.loads(files.read_text(os.path.join(path, "config.json")) or "{}")
+    source_scanned = bool(source.get("model", {}).get("scan_layers", False))
+    source_config = model_config.replace(scan_layers=source_scanned)
+    source_like = scan_lib.to_config_layout(like, source_config)
+
+    def read(source_shardings):
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              source_like, source_shardings)
+      return other.restore_item(step, "policy", abstract)
+
+    try:
+      policy = scan_lib.read_in_layout(read, shardings, model_config,
+                                       source_scanned=source_scanned)
+    finally:
+      other.close()
+    logging.info("policy initialised from %s step %d", path, step)
+    return policy
+  from dro_jax import checkpoints
+  loader = checkpoints.load_hf_t5 if kind == "hf" else checkpoints.load_t5x
+  # Published checkpoints are unrolled; a scanned run stacks them into its own shards.
+  params = scan_lib.read_in_layout(lambda s: loader(path, s)[1], shardings, model_config)
+  logging.info("policy initialised from the %s checkpoint %s", kind, path)
+  return params
+
+
+def build_state(config, model_config, mesh, rules, abstract, shardings,
+                policy: PyTree | None = None) -> TrainState:
+  """A new state straight into its shards: the policy given (already in its shards), else from
+  `init_checkpoint`, else from scratch."""
+  init = make_init_fn(config, model_config, with_reference=shardings.reference is not None)
+  rng = jax.random.PRNGKey(config.seed)
+  if policy is None and config.init_checkpoint:
+    # A reward model starts from a T5's encoder: read the T5, then build its own tree.
+    if config.loss == "reward_model":
+      boxed = t5_lib.abstract_params(model_config)
+      like, policy_shardings = unboxed(boxed), partitioning.params_shardings(boxed, mesh, rules)
+    else:
+      like, policy_shardings = abstract.policy, shardings.policy
+    policy = load_init_policy(config, config.init_checkpoint, like, policy_shardings)
+  with partitioning.activate(mesh, rules):
+    return jax.jit(init, out_shardings=shardings)(rng, policy)
+
+
+def compile_step(config, mesh, rules, shardings: TrainState, example_batch: Batch):
+  """(the jitted train step, the batch's shardings) for batches shaped like `example_batch`."""
+  batch_layout = partitioning.batch_shardings(
+      {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype)
+       for k, v in example_batch.items()}, mesh)
+  train_step = partitioning.jit_step(
+      step_lib.make_train_step(config, partitioning.microbatch_constraint(mesh)), mesh,
+      shardings, batch_layout, rules)
+  return train_step, batch_layout
+
+
+def resolve_model_config(config: ml_collections.ConfigDict, task: str) -> t5_lib.T5Config:
+  """The policy's T5Config; refuses a vocabulary larger than the model's embedding."""
+  from dro_jax.data import tasks
+  model_config = step_lib.t5_config(config)
+  tasks.check_vocabulary_fits(task, model_config.vocab_size)
+  return model_config
+
+
+def resolve_preference_tokens(config: ml_collections.ConfigDict, task: str) -> None:
+  if config.loss != "preference_model":
+    return
+  vocabulary = datasets.vocabulary_of(task)
+  if config.preference.a_token is None:
+    config.preference.a_token = int(vocabulary.encode("A")[-1])
+  if config.preference.b_token is None:
+    config.preference.b_token = int(vocabulary.encode("B")[-1])
