@@ -32,6 +32,10 @@ ITEM_NAMES = ("policy", "policy_opt", "value", "value_opt", "reference", "rng_st
               "data_position")
 
 
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose files read back intact but do not fit the run's state."""
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, "checkpoints")
 
@@ -105,35 +109,100 @@ class Checkpointer:
 
   def restore_latest_valid(self, like: TrainState
                            ) -> tuple[TrainState, dict[str, Any], int] | None:
-    """The newest step that restores, newest first; a corrupt or partial step is reported by
-    name and moved to `<workdir>/checkpoints_corrupt/<step>` (so that step number can be saved
-    again). None when no step restores."""
+    """The newest step that restores, newest first. A step whose files are unreadable or
+    missing (a kill mid-save, a truncated chunk, a damaged manifest or metadata) is reported by
+    name and moved, intact, to `<workdir>/checkpoints_corrupt/<step>` (so that step number can
+    be saved again), and the previous step is tried. A step whose files all read but do not fit
+    this run's state (other code or config) raises `CheckpointMismatchError`: nothing is moved.
+    None when no step restores."""
     while (step := self.latest_step()) is not None:
+      path = os.path.join(self.directory, str(step))
+      damaged = self.metadata_damage(step, like)
       try:
+        if damaged:
+          raise ValueError("damaged metadata")
         state, position = self.restore(step, like)
         return state, position, step
       except Exception as error:  # orbax / tensorstore raise many kinds on damaged files
-        path = os.path.join(self.directory, str(step))
-        print(f"checkpoint {path} is corrupt or incomplete ({type(error).__name__}: "
-              f"{str(error)[:300]}); moving it to checkpoints_corrupt/{step} and trying the "
-              f"previous step", flush=True)
-        self.quarantine(step)
+        damaged = damaged or self.unreadable_items(step, like)
+        if not damaged:
+          raise CheckpointMismatchError(
+              f"checkpoint {path} reads back intact but does not fit this run's state "
+              f"({type(error).__name__}: {str(error)[:300]}); was the code or the config "
+              f"changed since it was saved? Nothing was moved; resume with the code and config "
+              f"that wrote it, or start a fresh --workdir") from error
+        target = self.quarantine(step)
+        print(f"checkpoint {path} is corrupt or incomplete (unreadable: "
+              f"{'; '.join(f'{name}: {reason}' for name, reason in damaged.items())}); moved it "
+              f"to {target} and trying the previous step", flush=True)
     return None
 
-  def quarantine(self, step: int) -> None:
-    """Moves step `step` aside (process 0) and reopens the manager, which forgets it."""
+  def metadata_damage(self, step: int, like: TrainState) -> dict[str, str]:
+    """{file: why} for the metadata of `step` that is missing or not JSON: the step's
+    `_CHECKPOINT_METADATA` and each saved item's `_METADATA` (a restore into a known
+    structure may not read them, but a checkpoint without them is incomplete)."""
+    import json
+    folder = epath.Path(self.directory) / str(step)
+    damaged: dict[str, str] = {}
+    names = [name for name in like.items() if (folder / name).exists()]
+    for relative in ["_CHECKPOINT_METADATA", *(f"{name}/_METADATA" for name in names)]:
+      try:
+        json.loads((folder / relative).read_text())
+      except Exception as error:  # noqa: BLE001
+        damaged[relative] = f"{type(error).__name__}: {str(error)[:120]}"
+    return damaged
+
+  def unreadable_items(self, step: int, like: TrainState) -> dict[str, str]:
+    """{item: why} for the items of `step` whose files cannot be read back as saved (no target
+    structure: every array chunk, manifest and metadata file is read); empty when all read."""
+    import json
+
+    import numpy as np
+    damaged: dict[str, str] = {}
+    saved_items = None
+    try:  # the step's own list of the items it holds
+      metadata = json.loads((epath.Path(self.directory) / str(step) /
+                             "_CHECKPOINT_METADATA").read_text())
+      saved_items = set(metadata.get("item_handlers") or {}) or None
+    except Exception as error:  # noqa: BLE001
+      damaged["_CHECKPOINT_METADATA"] = f"{type(error).__name__}: {str(error)[:160]}"
+    for name in [*like.items(), "data_position"]:
+      if saved_items is not None and name not in saved_items:
+        continue  # never saved in this step: a different state, not damage
+      try:
+        if name == "data_position":
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              data_position=ocp.args.JsonRestore()))["data_position"]
+        else:
+          restored = self.restore_item(step, name)
+        for leaf in jax.tree.leaves(restored):  # every chunk is read, then freed
+          if isinstance(leaf, jax.Array):
+            np.asarray(leaf)
+            leaf.delete()
+      except Exception as error:  # noqa: BLE001 (any failure to read is damage)
+        damaged[name] = f"{type(error).__name__}: {str(error)[:160]}"
+    return damaged
+
+  def quarantine(self, step: int) -> str:
+    """Moves step `step` aside (process 0) to checkpoints_corrupt/<step> (or <step>.1, .2, ...
+    when that name is taken: nothing is ever deleted) and reopens the manager, which forgets
+    it. Returns the new path."""
     import jax
     from jax.experimental import multihost_utils
     self.manager.close()
+    corrupt = epath.Path(self.workdir) / "checkpoints_corrupt"
+    target = corrupt / str(step)
+    number = 0
+    while target.exists():
+      number += 1
+      target = corrupt / f"{step}.{number}"
     if jax.process_index() == 0:  # epath: local folders and gs:// alike
-      target = epath.Path(self.workdir) / "checkpoints_corrupt" / str(step)
-      if target.exists():
-        target.rmtree()
-      target.parent.mkdir(parents=True, exist_ok=True)
+      corrupt.mkdir(parents=True, exist_ok=True)
       (epath.Path(self.directory) / str(step)).rename(target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"dro_jax_quarantine_{step}")
     self._open(**self._settings)
+    return str(target)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

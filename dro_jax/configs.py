@@ -94,6 +94,9 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
   # A frozen reference's log-probs computed once, looked up by example_id (reference_cache.py):
   # "auto" whenever valid, "on" (refused when the reference moves), or "off" (in the step).
   config.reference_cache = "auto"
+  # Resuming a workdir with a config that changes what is trained is refused (dro_jax/resume.py);
+  # True accepts the change on purpose (the old config is kept as config.<n>.json).
+  config.accept_config_change = False
 
   config.model = ml_collections.ConfigDict({
       "preset": preset_name(args.family, args.size),
@@ -108,13 +111,23 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
   })
   config.optimizer = optim.default_config()
   config.optimizer.value_learning_rate = placeholder(float)
+  # A "cosine" / "linear" schedule decays over decay_steps; unset: total_steps − warmup_steps.
+  config.optimizer.decay_steps = placeholder(int)
   preset = reference.PRESETS[TRUST_REGIONS[args.tr]]
   # dtype: of the reference copy in the state; "bfloat16" halves it, frozen or hard sync only.
   config.reference = ml_collections.ConfigDict(
       {"alpha": float(preset["alpha"]), "sync_every": int(preset["sync_every"]),
        "dtype": "float32"})
+  # value_optimizer: the chain of a single-net variant's value parameters (optim.py).
+  # "value": the value chain (its own learning rate, absolute steps for the zero-initialised
+  # head / scalar, no 1/τ); single_single then trains exactly as double_single (both one scalar
+  # on the value chain; they differ only if value_loss_weight != 1). "policy": the POLICY's chain
+  # (policy learning rate, DRO's 1/τ, Adafactor's parameter-scaled step, one clip over both), as
+  # the DRO paper's single-net ablation. Double-net variants keep their own value network and
+  # value chain under either setting.
   config.dro = ml_collections.ConfigDict(
-      {"tau": 1.0, "value_function": "double_multiple", "value_loss_weight": 1.0})
+      {"tau": 1.0, "value_function": "double_multiple", "value_loss_weight": 1.0,
+       "value_optimizer": "value"})
   config.kto = ml_collections.ConfigDict(
       {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0})
   config.dpo = ml_collections.ConfigDict({"beta": 0.1, "label_smoothing": 0.0})
@@ -142,6 +155,10 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
       "register_module": placeholder(str),  # a module imported first; it registers the Tasks
       "reward_mode": "raw",
       "shuffle": True,
+      # Prompts / responses over max_input_length / max_target_length (train_files data): True
+      # cuts them (a prompt keeps its end, a response its start) and warns with the share cut;
+      # False refuses the first one (its file, line and length).
+      "truncate": True,
       "cache_dir": placeholder(str),  # demo data cache (default: dro_jax's)
   })
   return config

@@ -25,7 +25,9 @@ DEMO_TASK_ROLE = {"sft": "sft", "dro": "feedback", "dro_v": "feedback", "dro_p":
 # Tasks over the demo's judged samples (demo.py: its alignment stages train on them).
 DEMO_DERIVED_PREFIXES = ("dro_jax_demo_samples_", "dro_jax_demo_pairs_")
 
-HOST_KEYS = ("example_id", "kl_example_id")  # for host-side lookups; the step never sees them
+# For host-side lookups and counts; the step never sees them. truncated_prompt / _response: 1
+# where truncation cut the example (the data iterator counts them: `DataIterator.truncation()`).
+HOST_KEYS = ("example_id", "kl_example_id", "truncated_prompt", "truncated_response")
 
 
 def _synthetic_task_names() -> set[str]:
@@ -87,9 +89,11 @@ def _register_files(config: ml_collections.ConfigDict) -> str:
   name = f"dro_jax_files_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
   import seqio
   seqio.TaskRegistry.remove(name)
+  # data.truncate: cut over-long prompts / responses (counted, warned about); False refuses them.
   register(name, source, data.vocabulary, adapter=adapter,
            max_prompt_length=config.max_input_length,
-           max_response_length=config.max_target_length)
+           max_response_length=config.max_target_length,
+           too_long="truncate" if data.get("truncate", True) else "error")
   return name
 
 

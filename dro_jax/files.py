@@ -43,3 +43,23 @@ def read_json(path: str) -> Any:
     return json.loads(text)
   except json.JSONDecodeError as error:
     raise ValueError(f"{path}: not valid JSON ({error})") from error
+
+
+def metrics_rows(path: str) -> list[dict[str, Any]]:
+  """The rows of a `metrics.jsonl`, one per step in step order, each the merge of every row written
+  for that step in file order: a later row's value wins (a step replayed after a resume
+  supersedes the first run's), and rows of one step with different keys (training and eval)
+  combine. A partly written last line (a killed run) is skipped."""
+  text = read_text(path) or ""
+  merged: dict[int, dict[str, Any]] = {}
+  for line in text.splitlines():
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if not isinstance(row, dict) or "step" not in row:
+      continue
+    merged.setdefault(int(row["step"]), {}).update(row)
+  return [merged[step] for step in sorted(merged)]

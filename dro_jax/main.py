@@ -59,9 +59,12 @@ def main(argv) -> None:
   if config.runner not in RUNNERS:
     raise app.UsageError(f"config.runner={config.runner!r}: choose from {sorted(RUNNERS)}")
   maybe_initialize_distributed()
-  from dro_jax import train
+  from dro_jax import checkpoint_manager, resume, train
   try:
     RUNNERS[config.runner](config, _WORKDIR.value)
+  except (resume.ConfigChangeError, checkpoint_manager.CheckpointMismatchError) as error:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
   except train.NonFiniteError as error:
     print(f"stopped: {error}", file=sys.stderr, flush=True)
     sys.exit(1)

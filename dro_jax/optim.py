@@ -1,15 +1,32 @@
 """Optax optimizers from an ml_collections config, per-network learning rates, and DRO's 1/τ.
 
 Each network's chain is: clip by global norm -> Adafactor (default, decay_rate 0.8 as the DRO
-paper) or AdamW with a linear warm-up schedule -> `policy_update_scale` (policy only). The scale
-acts on the UPDATE, after the optimizer: under Adam or Adafactor a constant factor on the gradient
-would be normalised away (SPEC.md §1). Clipping acts on the raw gradient, before the scale.
+paper) or AdamW with a linear warm-up schedule, then a constant, cosine or linear decay
+(`schedule`, `decay_steps`, `end_learning_rate_factor`) -> `policy_update_scale` (policy only).
+The scale acts on the UPDATE, after the optimizer: under Adam or Adafactor a constant factor on
+the gradient would be normalised away (SPEC.md §1). Clipping acts on the raw gradient, before the
+scale. Both chains follow the same schedule shape, each from its own peak learning rate.
 
-Value parameters always get the value chain, in every DRO-V variant (models/value.py), even when
-they sit on the policy's encoder: on the policy's chain a zero-initialised head or scalar moves by
-Adafactor's parameter-relative step (~1e-3·lr) and learns nothing in a run. Within the value
-chain only the zero-initialised leaves (head, scalar) take absolute steps; the encoder that
-double_multiple copies from the policy keeps the policy's relative steps.
+Which chain the value parameters φ take (`value_chain`, from `config.dro.value_optimizer`):
+
+- "value" (the default): φ gets the value chain in every DRO-V variant (models/value.py), even
+  when it sits on the policy's encoder: on the policy's chain a zero-initialised head or scalar
+  moves by Adafactor's parameter-relative step (~1e-3·lr) and learns little in a run. Within the
+  value chain only the zero-initialised leaves (head, scalar) take absolute steps; the encoder
+  that double_multiple copies from the policy keeps the policy's relative steps. Consequence:
+  single_single and double_single are then the same algorithm (one zero-initialised scalar on
+  the value chain with exactly ∂L/∂φ; they differ only when `value_loss_weight` != 1) and train
+  bitwise identically; single_multiple still differs from double_multiple (its head reads the
+  policy's encoder, which also receives the value gradient).
+- "policy" (the DRO paper's single-net ablation, SPEC.md §1's table): a single-net variant's φ
+  (single_single's scalar, single_multiple's head on the policy encoder) is updated "with the
+  policy": the policy's chain, i.e. the policy learning rate and schedule, DRO's 1/τ
+  `policy_update_scale` and Adafactor's parameter-scaled step, with one gradient clip over θ and
+  φ together. The four variants then train four different ways.
+
+Double-net variants (double_multiple, double_single) keep their own value network and the value
+chain under either setting: the caller passes `value_chain="policy"` only for single-net ones
+(step.value_chain).
 """
 
 from __future__ import annotations
@@ -38,6 +55,12 @@ def default_config() -> ml_collections.ConfigDict:
       "learning_rate": 1e-4,
       "value_learning_rate": None,  # None: the policy's learning rate
       "warmup_steps": 150,
+      # After the warm-up: "constant" (the DRO paper), "cosine" or "linear" decay from the peak
+      # to end_learning_rate_factor·peak over decay_steps steps, then flat (t5x / T5 recipes).
+      "schedule": "constant",
+      # None: the run's total_steps − warmup_steps (the train step passes total_steps).
+      "decay_steps": None,
+      "end_learning_rate_factor": 0.0,
       "grad_clip_norm": 0.0,  # 0: no clipping
       # "inverse_tau" (1/τ, DRO's default), "none", or a number as a string ("0.5").
       "policy_update_scale": "inverse_tau",
@@ -60,6 +83,47 @@ def warmup_schedule(peak_value: float, warmup_steps: int) -> optax.Schedule:
   if warmup_steps <= 0:
     return optax.constant_schedule(peak_value)
   return optax.linear_schedule(0.0, peak_value, warmup_steps)
+
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def decay_schedule(peak_value: float, warmup_steps: int, schedule: str = "constant",
+                   decay_steps: int | None = None,
+                   end_factor: float = 0.0) -> optax.Schedule:
+  """Linear warm-up 0 -> `peak_value` over `warmup_steps`, then `schedule`:
+
+  - "constant": `peak_value`;
+  - "cosine": peak·(f + (1 − f)·½(1 + cos(π·t/D))), t = step − warmup_steps, D = `decay_steps`;
+  - "linear": peak·(1 − (1 − f)·t/D);
+
+  with f = `end_factor`; after the decay (t ≥ D) it stays at f·peak.
+  """
+  if schedule not in SCHEDULES:
+    raise ValueError(f"optimizer schedule must be one of {SCHEDULES}, got {schedule!r}")
+  if schedule == "constant":
+    return warmup_schedule(peak_value, warmup_steps)
+  if decay_steps is None or int(decay_steps) <= 0:
+    raise ValueError(f"a {schedule!r} schedule needs decay_steps > 0 (or the run's total_steps "
+                     f"to derive it from), got {decay_steps!r}")
+  decay_steps = int(decay_steps)
+  if schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak_value, decay_steps, alpha=end_factor)
+  else:
+    decay = optax.linear_schedule(peak_value, end_factor * peak_value, decay_steps)
+  if warmup_steps <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak_value, warmup_steps), decay],
+                              [warmup_steps])
+
+
+def resolve_decay_steps(config: Mapping[str, Any], total_steps: int | None) -> int | None:
+  """`decay_steps`, or by default the steps after the warm-up: total_steps − warmup_steps."""
+  if config.get("decay_steps", None) is not None:
+    return int(config["decay_steps"])
+  if total_steps is None:
+    return None
+  return max(int(total_steps) - int(config.get("warmup_steps", 0)), 1)
 
 
 def policy_update_scale(scale: float) -> optax.GradientTransformation:
@@ -97,12 +161,18 @@ def resolve_update_scale(setting: str | float | None, tau: float | None) -> floa
   return float(setting)
 
 
-def learning_rate(config: Mapping[str, Any], network: str = POLICY) -> optax.Schedule:
-  """The schedule of `network` ("policy" or "value"); the step logs it as learning_rate."""
+def learning_rate(config: Mapping[str, Any], network: str = POLICY, *,
+                  total_steps: int | None = None) -> optax.Schedule:
+  """The schedule of `network` ("policy" or "value"), before the policy's 1/τ update scale.
+
+  `total_steps` (the run's) sets the default `decay_steps` of a decaying schedule.
+  """
   peak = config.get("learning_rate", 1e-4)
   if network == VALUE and config.get("value_learning_rate", None) is not None:
     peak = config["value_learning_rate"]
-  return warmup_schedule(peak, config.get("warmup_steps", 0))
+  return decay_schedule(peak, config.get("warmup_steps", 0), config.get("schedule", "constant"),
+                        resolve_decay_steps(config, total_steps),
+                        config.get("end_learning_rate_factor", 0.0))
 
 
 def _adafactor(config: Mapping[str, Any], schedule: optax.Schedule,
@@ -171,40 +241,71 @@ def _base_optimizer(config: Mapping[str, Any], schedule: optax.Schedule,
 
 
 def make_optimizer(config: Mapping[str, Any], network: str = POLICY, *,
-                   update_scale: float = 1.0) -> optax.GradientTransformation:
-  """One network's chain: clip -> optimizer with warm-up -> update scale."""
+                   update_scale: float = 1.0,
+                   total_steps: int | None = None) -> optax.GradientTransformation:
+  """One network's chain: clip -> optimizer with warm-up and decay -> update scale."""
   parts = []
   clip = config.get("grad_clip_norm", 0.0)
   if clip:
     parts.append(optax.clip_by_global_norm(clip))
-  parts.append(_base_optimizer(config, learning_rate(config, network), network))
+  parts.append(_base_optimizer(config, learning_rate(config, network, total_steps=total_steps),
+                               network))
   if update_scale != 1.0:
     parts.append(policy_update_scale(update_scale))
   return optax.chain(*parts)
 
 
-def make_optimizers(config: Mapping[str, Any], *,
-                    tau: float | None = None) -> dict[str, optax.GradientTransformation]:
-  """{"policy": ..., "value": ...}, one per network and state; only the policy carries 1/τ.
+def is_count(path: tuple[Any, ...]) -> bool:
+  """Whether an optimizer-state leaf at `path` is a step counter (optax's `count` fields: the
+  schedule's, Adafactor's and Adam's), as opposed to a moment."""
+  return bool(path) and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "count"
 
-  The value chain serves every DRO-V variant's value tree, single-net ones included.
+
+def advance_counts(new_state: PyTree, old_state: PyTree) -> PyTree:
+  """`old_state` with the step counters of `new_state`: every moment as in `old_state`, every
+  count advanced as `new_state`'s (a skipped step keeps the schedule a function of the step)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, new, old: new if is_count(path) else old, new_state, old_state)
+
+
+def _check_value_chain(value_chain: str) -> None:
+  if value_chain not in (POLICY, VALUE):
+    raise ValueError(f"the value parameters' chain must be {VALUE!r} or {POLICY!r}, "
+                     f"got {value_chain!r}")
+
+
+def make_optimizers(config: Mapping[str, Any], *, tau: float | None = None,
+                    value_chain: str = VALUE,
+                    total_steps: int | None = None) -> dict[str, optax.GradientTransformation]:
+  """{"policy": ..., "value": ...}, one per network and state.
+
+  `value_chain="value"`: the value state gets the value chain (its learning rate, absolute steps
+  for zero-initialised leaves, no 1/τ). `value_chain="policy"`: it gets a copy of the policy's
+  chain (the policy's learning rate, 1/τ and parameter scaling), for a single-net variant's φ
+  (module docstring); the caller clips θ and φ together when clipping is on.
   """
+  _check_value_chain(value_chain)
   scale = resolve_update_scale(config.get("policy_update_scale", "inverse_tau"), tau)
-  return {POLICY: make_optimizer(config, POLICY, update_scale=scale),
-          VALUE: make_optimizer(config, VALUE)}
+  policy = make_optimizer(config, POLICY, update_scale=scale, total_steps=total_steps)
+  value = (policy if value_chain == POLICY
+           else make_optimizer(config, VALUE, total_steps=total_steps))
+  return {POLICY: policy, VALUE: value}
 
 
-def make_joint_optimizer(config: Mapping[str, Any], *,
-                         tau: float | None = None) -> optax.GradientTransformation:
+def make_joint_optimizer(config: Mapping[str, Any], *, tau: float | None = None,
+                         value_chain: str = VALUE,
+                         total_steps: int | None = None) -> optax.GradientTransformation:
   """One optimizer over the trainable tree {"policy": θ, "value": φ} (value optional).
 
-  φ always gets the value chain (its learning rate, no 1/τ), in every variant: on the policy's
-  chain a zero-initialised value barely moves. Clipping is per network.
+  `value_chain="value"` (default): φ gets the value chain (its learning rate, no 1/τ); clipping
+  is per network. `value_chain="policy"`: φ joins θ on the policy's chain (one chain over both,
+  one clip over both), as a single-net variant's value under `dro.value_optimizer="policy"`.
   """
-  optimizers = make_optimizers(config, tau=tau)
+  optimizers = make_optimizers(config, tau=tau, total_steps=total_steps)
+  _check_value_chain(value_chain)
 
   def labels(params: Mapping[str, PyTree]) -> dict[str, PyTree]:
-    return {key: jax.tree.map(lambda _, k=key: VALUE if k == VALUE else POLICY, subtree)
+    return {key: jax.tree.map(lambda _, k=key: value_chain if k == VALUE else POLICY, subtree)
             for key, subtree in params.items()}
 
   return optax.multi_transform(optimizers, labels)

@@ -14,7 +14,10 @@ and which loss of `losses.LOSSES` to apply. The step then
    reference log-probs from the first pass instead of running the reference again.
 
 Then one optimizer per network, `reference.update` (trust region), and metrics (SPEC.md §5 plus
-grad_norm, learning_rate, finite). Jit, shardings and donation are applied in partitioning.py.
+grad_norm, learning_rate — the policy's effective rate, DRO's 1/τ included —, value_learning_rate
+when there is a value, finite). Under on_nonfinite="skip" a non-finite step advances the step and
+the optimizers' counts but nothing else (`skip_nonfinite`). Jit, shardings and donation are
+applied in partitioning.py.
 """
 
 from __future__ import annotations
@@ -406,8 +409,46 @@ def loss_and_grads(objective: Objective, trainable: PyTree, ref_params: PyTree, 
 # ------------------------------------------------------------------------------------- the steps
 
 
+VALUE_OPTIMIZERS = ("value", "policy")
+
+
+def value_chain(config: ml_collections.ConfigDict) -> str:
+  """The chain of the value parameters: "policy" for a single-net DRO-V variant under
+  `config.dro.value_optimizer="policy"`, else "value" (double-net variants always keep theirs)."""
+  if config.loss not in ("dro", "dro_v"):
+    return optim.VALUE
+  setting = config.dro.get("value_optimizer", "value")
+  if setting not in VALUE_OPTIMIZERS:
+    raise ValueError(f"config.dro.value_optimizer must be one of {VALUE_OPTIMIZERS}, "
+                     f"got {setting!r}")
+  variant = value_lib.VALUE_FUNCTIONS.get(config.dro.value_function)
+  if setting == "policy" and variant is not None and variant.trained_with_policy:
+    return optim.POLICY
+  return optim.VALUE
+
+
 def make_optimizers(config: ml_collections.ConfigDict) -> dict[str, optax.GradientTransformation]:
-  return optim.make_optimizers(config.optimizer, tau=tau_of(config))
+  """{"policy", "value"} chains of the run; a decaying schedule's default length comes from
+  config.total_steps."""
+  return optim.make_optimizers(config.optimizer, tau=tau_of(config),
+                               value_chain=value_chain(config),
+                               total_steps=config.get("total_steps", None))
+
+
+def learning_rates(config: ml_collections.ConfigDict) -> dict[str, Callable[[Array], Array]]:
+  """step -> the effective learning rate of each network at that step, as logged: the policy's
+  includes DRO's 1/τ `policy_update_scale`; a value on the policy's chain takes the policy's."""
+  total_steps = config.get("total_steps", None)
+  scale = optim.resolve_update_scale(config.optimizer.get("policy_update_scale", "inverse_tau"),
+                                     tau_of(config))
+  policy = optim.learning_rate(config.optimizer, optim.POLICY, total_steps=total_steps)
+  rates = {optim.POLICY: lambda count: scale * policy(count)}
+  if value_chain(config) == optim.POLICY:
+    rates[optim.VALUE] = rates[optim.POLICY]
+  else:
+    rates[optim.VALUE] = optim.learning_rate(config.optimizer, optim.VALUE,
+                                             total_steps=total_steps)
+  return rates
 
 
 def _apply(optimizer: optax.GradientTransformation, grads: PyTree, opt_state: PyTree,
@@ -424,7 +465,10 @@ def make_train_step(config: ml_collections.ConfigDict,
   """The pure train step of `config.loss`; `constrain` pins microbatch shardings (partitioning)."""
   objective = make_objective(config)
   optimizers = make_optimizers(config)
-  schedule = optim.learning_rate(config.optimizer, optim.POLICY)
+  rates = learning_rates(config)
+  # A single-net value on the policy's chain is part of the policy's tree: one clip over both.
+  joint_clip = (value_chain(config) == optim.POLICY
+                and config.optimizer.get("grad_clip_norm", 0.0))
   alpha, sync_every = config.reference.alpha, config.reference.sync_every
   reference.validate(alpha, sync_every)
   num_microbatches = int(config.num_microbatches)
@@ -433,6 +477,11 @@ def make_train_step(config: ml_collections.ConfigDict,
     ref_params = state.reference if objective.uses_reference else None
     metrics, grads = loss_and_grads(objective, state.trainable, ref_params, batch,
                                     num_microbatches, constrain)
+    metrics = dict(metrics)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    if joint_clip and state.value is not None:
+      # The chains' own (per-network) clips are then no-ops.
+      grads, _ = optax.clip_by_global_norm(joint_clip).update(grads, optax.EmptyState())
     policy, policy_opt = _apply(optimizers["policy"], grads["policy"], state.policy_opt,
                                 state.policy)
     value, value_opt = _apply(optimizers["value"], grads["value"], state.value_opt, state.value)
@@ -442,13 +491,19 @@ def make_train_step(config: ml_collections.ConfigDict,
       new_reference = reference.update(state.reference, policy, count, alpha=alpha,
                                        sync_every=sync_every)
     rng, _ = jax.random.split(state.rng)
-    metrics = dict(metrics)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["learning_rate"] = schedule(state.step)
+    # The rates this step's update used (the optimizers' counts equal state.step, skips included).
+    metrics["learning_rate"] = rates[optim.POLICY](state.step)
+    if state.value is not None:
+      metrics["value_learning_rate"] = rates[optim.VALUE](state.step)
     metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     new_state = state.replace(step=count, rng=rng, policy=policy, policy_opt=policy_opt,
                               value=value, value_opt=value_opt, reference=new_reference)
-    return keep_if_nonfinite(metrics["finite"], new_state, state.replace(step=count)), metrics
+    # What a skipped step leaves: parameters, moments, value and reference as they were; the
+    # step, the rng and the optimizers' counts advanced as by a taken step.
+    skipped = state.replace(
+        step=count, rng=rng, policy_opt=optim.advance_counts(policy_opt, state.policy_opt),
+        value_opt=optim.advance_counts(value_opt, state.value_opt))
+    return keep_if_nonfinite(metrics["finite"], new_state, skipped), metrics
 
   if config.get("on_nonfinite", "stop") not in ("stop", "skip"):
     raise ValueError(f"config.on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
@@ -460,8 +515,14 @@ def make_train_step(config: ml_collections.ConfigDict,
 
 
 def skip_nonfinite(finite: Array, new: TrainState, old: TrainState) -> TrainState:
-  """`where(finite, new, old)` leaf by leaf: a non-finite step leaves the state as it was
-  (except the step count: the batch is consumed)."""
+  """`where(finite, new, old)` leaf by leaf, `old` being the skipped step's state.
+
+  on_nonfinite="skip": a non-finite step leaves θ, φ, the optimizer moments and the reference as
+  they were, and advances the counters as a taken step does: `step` (the batch is consumed), the
+  rng and every optimizer count. So after k steps with s of them skipped, state.step == k, every
+  optimizer count == k, the learning-rate schedule (and Adafactor's step-dependent decay) is at
+  step k and the trust-region sync (every `sync_every` steps of state.step) stays in phase with
+  the optimizer; a skipped sync step does not move the reference."""
   return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 

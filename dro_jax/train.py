@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dro_jax import checkpoint_manager, files, partitioning, reference_cache
+from dro_jax import checkpoint_manager, files, partitioning, reference_cache, resume
 from dro_jax import step as step_lib
 # The shared setup (data, state, the init checkpoint) lives below every runner; these names are
 # this loop's vocabulary and stay reachable as train.<name>.
@@ -39,10 +39,11 @@ class NonFiniteError(FloatingPointError):
 
 
 class Preempted(Exception):
-  """SIGTERM (or the pod's preemption notice): the state was saved at `step`; exit 143."""
+  """SIGTERM or Ctrl-C (or the pod's preemption notice): the state was saved at `step`; exit 143."""
 
-  def __init__(self, step: int):
-    super().__init__(f"preempted: saved a checkpoint at step {step}")
+  def __init__(self, step: int, signal_name: str = "SIGTERM"):
+    super().__init__(f"preempted ({signal_name}): saved a checkpoint at step {step}; the same "
+                     f"command resumes from it")
     self.step = step
 
 
@@ -51,23 +52,33 @@ class Preemption:
 
   With several processes, `jax.distributed` installs the preemption notifier and
   `multihost_utils.reached_preemption_sync_point` tells every host the same step; a single
-  process installs its own SIGTERM handler (never replacing JAX's).
+  process installs its own SIGTERM and SIGINT handlers (never replacing JAX's): Ctrl-C saves at
+  the current step and stops like a preemption, with no traceback.
   """
+
+  SIGNALS = ("SIGTERM", "SIGINT")
 
   def __init__(self):
     import signal
     self.requested = False
+    self.signal_name = "SIGTERM"
     self.distributed = jax.process_count() > 1
-    self._previous = None
-    if not self.distributed:
+    self._previous: dict[int, Any] = {}
+    # On pods JAX's notifier owns SIGTERM and every host must stop at the same step, so the
+    # handlers are a single process's (a multi-process Ctrl-C keeps Python's default).
+    names = () if self.distributed else self.SIGNALS
+    for name in names:
+      number = getattr(signal, name)
       try:
-        self._previous = signal.signal(signal.SIGTERM, self._request)
+        self._previous[number] = signal.signal(number, self._request)
       except ValueError:  # not the main thread (a notebook's worker thread): no handler
-        logging.warning("SIGTERM is not handled: train.run is not on the main thread")
+        logging.warning("%s is not handled: train.run is not on the main thread", name)
 
   def _request(self, signum, frame) -> None:
-    del signum, frame
+    del frame
+    import signal
     self.requested = True
+    self.signal_name = signal.Signals(signum).name
 
   def reached(self, step: int) -> bool:
     if self.distributed:
@@ -80,8 +91,9 @@ class Preemption:
 
   def close(self) -> None:
     import signal
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for number, previous in self._previous.items():
+      if previous is not None:
+        signal.signal(number, previous)
 
 
 class FiniteMonitor:
@@ -113,23 +125,21 @@ class FiniteMonitor:
 
 
 class MetricsLog:
-  """Metrics as JSONL (`<workdir>/metrics.jsonl`) and TensorBoard events; process 0 writes."""
+  """Metrics as JSONL (`<workdir>/metrics.jsonl`) and TensorBoard events; process 0 writes.
+
+  The JSONL is only ever appended to: a resumed run replays the steps after its checkpoint and
+  appends their rows again, which supersede the first ones (`files.metrics_rows` merges the rows
+  of a step, later values winning). TensorBoard gets a SessionLog START at the resumed step,
+  which makes it drop the first run's events past that step the same way.
+  """
 
   def __init__(self, workdir: str, resumed_step: int | None):
     self.active = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
-    if not self.active:
-      return
-    from clu import metric_writers
-    # TensorBoard events only: the JSONL and the progress bar already show every value.
-    self.writer = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
-    existing = read_text(self.path) or ""
-    rows = [line for line in existing.splitlines() if line.strip()]
-    if resumed_step is not None:  # Rows past the checkpoint are replayed by this run.
-      rows = [line for line in rows if json.loads(line).get("step", 0) <= resumed_step]
-    elif rows:
-      rows = []
-    write_text(self.path, "".join(line + "\n" for line in rows))
+    if self.active:
+      # The first step this segment writes: TensorBoard drops earlier events from it on.
+      first = 0 if resumed_step is None else resumed_step + 1
+      self.events = TensorBoardEvents(os.path.join(workdir, "tensorboard"), first)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.active:
@@ -137,12 +147,52 @@ class MetricsLog:
     row = {"step": int(step), **{key: float(value) for key, value in metrics.items()}}
     with files.gfile().GFile(self.path, "a") as f:
       f.write(json.dumps(row, sort_keys=True) + "\n")
-    self.writer.write_scalars(int(step), {key: float(v) for key, v in metrics.items()})
+    self.events.write(int(step), row)
 
   def close(self) -> None:
     if self.active:
-      self.writer.flush()
-      self.writer.close()
+      self.events.close()
+
+
+class TensorBoardEvents:
+  """Scalars as TensorBoard event files, one file per run segment (a start or a resume), each
+  opening with a SessionLog START at its first step: TensorBoard then drops the events an
+  earlier segment wrote past that step, as the JSONL's readers do. TensorBoard reads a folder's
+  files in name order, so each segment's name carries a time stamp later than every earlier
+  file's."""
+
+  def __init__(self, logdir: str, start_step: int):
+    import re
+    from tensorboard.compat.proto import event_pb2
+    from dro_jax.data._tensorflow import tf
+    gfile = files.gfile()
+    gfile.makedirs(logdir)
+    stamps = [int(match.group(1)) for path in gfile.glob(os.path.join(logdir, "*tfevents*"))
+              if (match := re.search(r"tfevents\.(\d+)", os.path.basename(path)))]
+    stamp = max([int(time.time())] + [value + 1 for value in stamps])
+    self._event_pb2 = event_pb2
+    self.writer = tf.io.TFRecordWriter(
+        os.path.join(logdir, f"events.out.tfevents.{stamp:010d}.dro_jax"))
+    self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    self._add(event_pb2.Event(step=int(start_step), wall_time=time.time(), session_log=(
+        event_pb2.SessionLog(status=event_pb2.SessionLog.START))))
+
+  def _add(self, event) -> None:
+    self.writer.write(event.SerializeToString())
+    self.writer.flush()
+
+  def write(self, step: int, values: Mapping[str, float]) -> None:
+    from tensorboard.compat.proto import summary_pb2, tensor_pb2, types_pb2
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    summary = summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=key, metadata=metadata, tensor=tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_FLOAT, float_val=[float(value)]))
+        for key, value in values.items() if key != "step"])
+    self._add(self._event_pb2.Event(step=int(step), wall_time=time.time(), summary=summary))
+
+  def close(self) -> None:
+    self.writer.close()
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -172,7 +222,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   task, eval_task = resolve_data(config)
   model_config = resolve_model_config(config, task)
   resolve_preference_tokens(config, task)
+  # The workdir's run, or refused before anything is written (resume.py).
+  accepted = resume.check(config, workdir)
   if jax.process_index() == 0:
+    if accepted:
+      kept = resume.keep_previous(workdir)
+      print(f"config change accepted ({', '.join(key for key, _, _ in accepted)}); the previous "
+            f"config is kept as {kept}", flush=True)
     write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   # 2. Mesh, shardings, and the checks that need numbers.
@@ -219,7 +275,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   log = MetricsLog(workdir, latest)
   progress = _progress(config.total_steps, start)
   monitor, preemption = FiniteMonitor(config), Preemption()
-  report = lambda pending: _report(pending, log, progress, config, monitor)
+  # The share of prompts and responses cut at the max lengths so far (data.truncate).
+  truncation = getattr(batches, "truncation", None)
+  report = lambda pending: _report(pending, log, progress, config, monitor, truncation)
   pending: tuple[int, Any] | None = None
   batch = first
   try:
@@ -250,7 +308,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       if save_now or preempted:
         checkpointer.save(state, batches.position(), eval_metrics)
       if preempted:
-        raise Preempted(step)
+        raise Preempted(step, preemption.signal_name)
     if pending is not None:
       report(pending)
   finally:
@@ -261,13 +319,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   return state
 
 
-def _report(pending, log: MetricsLog, progress, config, monitor: FiniteMonitor) -> None:
+def _report(pending, log: MetricsLog, progress, config, monitor: FiniteMonitor,
+            truncation=None) -> None:
   step, metrics = pending
   values = _host(metrics)
   monitor.check(step, values)
   progress.update(step, values["loss"])
   if step % config.log_every == 0 or step == config.total_steps or not values["finite"]:
-    values = {**values, "steps_per_second": progress.rate(), "skipped_steps": monitor.skipped}
+    values = {**values, "steps_per_second": progress.rate(), "skipped_steps": monitor.skipped,
+              **(truncation() if truncation is not None else {})}
     log.write(step, values)
     logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
 

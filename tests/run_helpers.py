@@ -15,5 +15,12 @@ def shrink(config, demo_cache: str, steps: int = 3):
 
 
 def read_metrics(workdir) -> list[dict]:
+  """One row per step, as every reader of metrics.jsonl takes them (replayed steps supersede)."""
+  from dro_jax import files
+  return files.metrics_rows(os.path.join(str(workdir), "metrics.jsonl"))
+
+
+def raw_metrics(workdir) -> list[dict]:
+  """Every line of metrics.jsonl as written (the file is only ever appended to)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]

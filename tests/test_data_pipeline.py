@@ -94,7 +94,8 @@ def test_single_trajectory_round_trip(tmp_path, vocabulary, decode, new_name, or
       "encoder_input_tokens": ((4, 24), "int32"), "decoder_input_tokens": ((4, 16), "int32"),
       "decoder_target_tokens": ((4, 16), "int32"), "decoder_loss_weights": ((4, 16), "float32"),
       "reward": ((4,), "float32"), "example_weights": ((4,), "float32"),
-      "example_id": ((4,), "int64")}
+      "example_id": ((4,), "int64"), "truncated_prompt": ((4,), "int32"),
+      "truncated_response": ((4,), "int32")}
   targets = batch["decoder_target_tokens"]
   np.testing.assert_array_equal(batch["decoder_input_tokens"][:, 1:], targets[:, :-1])
   assert (batch["decoder_input_tokens"][:, 0] == 0).all()
@@ -149,7 +150,8 @@ def test_pairwise_round_trip(tmp_path, vocabulary, decode, new_name, order):
                                max_prompt_length=20, max_response_length=12)
   batches = list(one_host(name, shuffle=False, num_epochs=1, global_batch_size=2))
   assert sorted(batches[0]) == sorted(
-      ["encoder_input_tokens", "example_weights", "example_id"]
+      ["encoder_input_tokens", "example_weights", "example_id", "truncated_prompt",
+       "truncated_response"]
       + [f"{side}_decoder_{key}" for side in ("chosen", "rejected")
          for key in ("input_tokens", "target_tokens", "loss_weights")])
   assert batches[0]["chosen_decoder_target_tokens"].shape == (2, 12)
@@ -219,6 +221,53 @@ def test_resume_refuses_a_position_of_the_other_order(tmp_path, vocabulary, new_
   monkeypatch.setattr(pipeline, "IN_MEMORY_BYTES", -1)
   with pytest.raises(ValueError, match="order"):
     one_host(name, seed=2, position=saved)
+
+
+def legacy(position):
+  """A position as written before the pipeline recorded its order."""
+  return {key: value for key, value in json.loads(json.dumps(position)).items()
+          if key != "order"}
+
+
+def test_resume_refuses_a_legacy_position_mid_epoch_in_memory(tmp_path, vocabulary, new_name):
+  """Without "order", the in-memory permutation would continue another order than the saved
+  one's (repeating and missing examples): refused, with the way out."""
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(12))
+  iterator = one_host(name, seed=2)
+  next(iterator)
+  assert iterator.position()["order"] == "memory"
+  with pytest.raises(ValueError, match=r"data position has no 'order'.*mid-epoch \(epoch 0, 1 of "
+                     r"3 batches\).*start the data stream afresh.*epoch boundary") as raised:
+    one_host(name, seed=2, position=legacy(iterator.position()))
+  assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("taken", [0, 3, 6])  # epoch boundaries: before, after one, after two
+def test_resume_continues_a_legacy_position_at_an_epoch_boundary(tmp_path, vocabulary, new_name,
+                                                                 order, taken):
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(12))
+  iterator = one_host(name, seed=2)
+  for _ in range(taken):
+    next(iterator)
+  resumed = one_host(name, seed=2, position=legacy(iterator.position()))
+  for _ in range(4):
+    assert_batches_equal(next(resumed), next(iterator))
+
+
+@pytest.mark.parametrize("case", ["unshuffled", "tf.data"])
+def test_resume_continues_a_legacy_position_whose_order_is_known(tmp_path, vocabulary, new_name,
+                                                                 monkeypatch, case):
+  """Mid-epoch is exact without shuffle (both orders are the file order) and on the tf.data order
+  (the only one before positions recorded it)."""
+  setting = {"shuffle": False} if case == "unshuffled" else {}
+  if case == "tf.data":
+    monkeypatch.setattr(pipeline, "IN_MEMORY_BYTES", -1)
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(12))
+  iterator = one_host(name, seed=2, **setting)
+  next(iterator)
+  resumed = one_host(name, seed=2, position=legacy(iterator.position()), **setting)
+  for _ in range(4):
+    assert_batches_equal(next(resumed), next(iterator))
 
 
 def test_resume_refuses_a_different_setup(tmp_path, vocabulary, new_name):

@@ -148,7 +148,7 @@ def test_zero_initialised_value_head_learns_under_default_adafactor():
 
 
 # ----------------------------------------------------------------------------------------------
-# Value parameters of every DRO-V variant learn on the value chain (issue 8, item 3).
+# Value parameters of every DRO-V variant learn on the value chain by default (issue 8, item 3).
 
 STEPS = 1000  # the issue's measurement: 1000 steps at lr 1e-4 toward V = 1
 
@@ -211,10 +211,21 @@ def test_every_variants_value_learns_on_the_value_chain_not_the_policys(name):
   assert joint > 0.05
 
 
-def test_joint_optimizer_has_no_way_to_put_the_value_on_the_policy_chain():
+def test_joint_optimizer_puts_the_value_on_the_policy_chain_only_when_asked():
+  """The default is the value chain; `value_chain="policy"` (dro.value_optimizer="policy",
+  single-net variants only: tests/test_value_optimizer.py) is the one explicit route."""
   with pytest.raises(TypeError):
-    kwargs = {"value_with_policy": True}  # the old route of single-net values
+    kwargs = {"value_with_policy": True}  # no implicit flag
     optim.make_joint_optimizer(_paper_config(), tau=1.0, **kwargs)
+  value_params, emb_dim = _value_params("single_single")
+  tree = {"policy": {"w": jnp.zeros(3)}, "value": value_params}
+  predict = lambda p: _prediction(p["value"], emb_dim) + jnp.sum(p["policy"]["w"])
+  on_policy = _trained_value(optim.make_joint_optimizer(_paper_config(), tau=1.0,
+                                                        value_chain="policy"), tree, predict,
+                             steps=100)
+  on_value = _trained_value(optim.make_joint_optimizer(_paper_config(), tau=1.0), tree, predict,
+                            steps=100)
+  assert on_value > 100 * on_policy > 0  # θ's w is zero too: both move by ~1e-3·lr on θ's chain
 
 
 def test_copied_encoder_takes_relative_steps_and_the_head_absolute_ones():

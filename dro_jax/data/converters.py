@@ -3,11 +3,13 @@
 Single-trajectory: encoder_input_tokens, decoder_input_tokens (targets shifted right, start id 0),
 decoder_target_tokens, decoder_loss_weights (float32, 1 on target tokens), reward (float32),
 label (int32, thumbs data only), example_weights (float32, 1; the pipeline's padding rows have 0),
-example_id (int64, host-side only: the driver never sends it to the devices; padding rows -1).
+example_id (int64, host-side only: the driver never sends it to the devices; padding rows -1),
+truncated_prompt and truncated_response (int32, host-side only: 1 where truncation cut the prompt /
+the response; padding rows 0).
 With partners (KTO's fixed mismatched pairs, `tasks.with_partners`): kl_decoder_* from the partner's
 response, as the decoder_* keys, and kl_example_id.
 Pairwise: encoder_input_tokens, chosen_decoder_* and rejected_decoder_* as above, example_weights,
-example_id.
+example_id, truncated_prompt and truncated_response (1 if either response was cut).
 
 Examples are never packed: one example per row keeps each sequence log-prob a plain masked sum.
 Task feature lengths are given as {"inputs": ..., "targets": ...} for both kinds (pairwise uses
@@ -21,6 +23,7 @@ from typing import Mapping
 import seqio
 
 from dro_jax.data._tensorflow import tf
+from dro_jax.data.records import TRUNCATION_FLAGS
 
 _Spec = seqio.FeatureConverter.FeatureSpec
 _TOKENS = _Spec(dtype=tf.int32)
@@ -28,6 +31,7 @@ _WEIGHTS = _Spec(dtype=tf.float32)
 _FLOAT_SCALAR = _Spec(dtype=tf.float32, rank=0)
 _INT_SCALAR = _Spec(dtype=tf.int32, rank=0)
 _ID = _Spec(dtype=tf.int64, rank=0)
+_FLAGS = {key: _INT_SCALAR for key in TRUNCATION_FLAGS}  # Set by tasks.TruncateAndAppendEos.
 
 
 class _UnpackedConverter(seqio.FeatureConverter):
@@ -104,7 +108,8 @@ class SingleTrajectoryFeatureConverter(_UnpackedConverter):
 
   def __init__(self, with_label: bool = False, with_partners: bool = False, **kwargs):
     scalars = {"reward": _FLOAT_SCALAR, **({"label": _INT_SCALAR} if with_label else {}),
-               "example_id": _ID, **({"kl_example_id": _ID} if with_partners else {})}
+               "example_id": _ID, **({"kl_example_id": _ID} if with_partners else {}),
+               **_FLAGS}
     decoder_sources = {"": "targets", **({"kl_": "kl_targets"} if with_partners else {})}
     super().__init__(decoder_sources, scalars, **kwargs)
 
@@ -113,8 +118,8 @@ class PairwiseFeatureConverter(_UnpackedConverter):
   """(inputs, chosen, rejected) -> encoder tokens and chosen_/rejected_ decoder features."""
 
   def __init__(self, **kwargs):
-    super().__init__({"chosen_": "chosen", "rejected_": "rejected"}, {"example_id": _ID},
-                     **kwargs)
+    super().__init__({"chosen_": "chosen", "rejected_": "rejected"},
+                     {"example_id": _ID, **_FLAGS}, **kwargs)
 
 
 def feature_converter(kind: str, with_label: bool = False,

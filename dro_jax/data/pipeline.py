@@ -12,7 +12,9 @@ skips the consumed batches, which costs reading and tokenising them once more (a
 about 2,000 UltraFeedback-sized examples a second on two CPU cores). A single Task whose host share
 of converted features fits in `IN_MEMORY_BYTES` is read and tokenised once and kept as arrays; its
 epochs are numpy permutations of them (seeded the same way), so small datasets do not pay a
-tf.data rebuild every epoch. Which of the two orders a stream uses is part of its position.
+tf.data rebuild every epoch. Which of the two orders a stream uses is part of its position; a
+position from before it was recorded ("order" absent) is resumed only where the order provably
+does not matter (see `DataIterator.restore`).
 
 A Mixture samples its Tasks by their rates from endless per-Task streams; its "epoch" is the same
 number of batches as one pass over all its Tasks would give, after which the seeds change.
@@ -22,10 +24,17 @@ Every batch carries `example_id` (int64, see `tasks`; a Mixture adds the Task's 
 single-trajectory batch also carries each example's fixed KTO partner (`kl_decoder_*`,
 `kl_example_id`), the same on every host and in every epoch; other losses do not pay for it.
 
+Prompts and responses over the limits are cut (`tasks.TruncateAndAppendEos`), and every batch
+carries host-side int32 flags `truncated_prompt` / `truncated_response` (padding rows 0). The
+iterator counts them: `truncation()` gives the shares of real rows cut since it started (for the
+training metrics), and once a Task's share is known (its host share read, or TRUNCATION_SAMPLE rows
+seen, or an epoch ended) a single warning, logged and printed, says how many were cut.
+
     iterator = input_pipeline("my_task", global_batch_size=32, seed=0, cache_dir=workdir,
                               reward_mode="normalized")
     batch = next(iterator)                 # numpy dict, this host's rows
     saved = iterator.position()            # JSON-serialisable; store it in the checkpoint
+    iterator.truncation()                  # {"data/truncated_prompts": 0.02, ...}: for metrics
     iterator = input_pipeline(..., position=saved)   # next: the batch that would have come
 """
 
@@ -42,6 +51,7 @@ import seqio
 from dro_jax.data import converters
 from dro_jax.data._tensorflow import tf
 from dro_jax.data.readers import DataError
+from dro_jax.data.records import TRUNCATION_FLAGS
 from dro_jax.data.statistics import DatasetStatistics, dataset_statistics
 from dro_jax.data.tasks import (PAIRWISE, FeedbackSource, TruncateAndAppendEos,
                                 check_vocabulary_fits, component_tasks, feedback_source,
@@ -55,6 +65,10 @@ ID_KEYS = ("example_id", "kl_example_id")
 # A single Task whose share of one host is at most this many bytes of converted features is read
 # once and kept in memory; each epoch is then a permutation of it (no per-epoch tf.data rebuild).
 IN_MEMORY_BYTES = 256 << 20
+# The truncation warning waits for this many real rows of a Task (or its host share, or the end of
+# an epoch), so that its shares are not those of the first few batches.
+TRUNCATION_SAMPLE = 1000
+_TRUNCATION_WARNED: set[tuple[Any, ...]] = set()  # (Task, split, limits): warned once a process
 
 
 def epoch_seed(seed: int, epoch: int, salt: str = "") -> int:
@@ -174,6 +188,9 @@ class DataIterator:
     self._epoch, self._batches_consumed = 0, 0
     self._batches: Iterator[dict[str, np.ndarray]] | None = None
     self._memory: dict[str, np.ndarray] | bool | None = None  # None: not decided yet
+    # Per Task (a Mixture's index): real rows yielded, prompts cut, responses cut.
+    self._truncated = np.zeros((len(self._tasks), 3), np.int64)
+    self._truncation_known: set[int] = set()  # Tasks whose warning is decided
 
   # ------------------------------------------------------------------------------ position
 
@@ -207,7 +224,8 @@ class DataIterator:
     shuffle, reward mode, epochs, mixing rates) must be as saved, or the batches would silently
     differ from those the run would have seen. A different host count cannot continue the same
     stream either: it is refused, or with on_host_count_change="restart_epoch" the saved epoch
-    starts again from its first batch.
+    starts again from its first batch. A position without "order" (written before the pipeline
+    recorded it) is refused mid-epoch where this run's order may not be the saved one's.
     """
     missing = [key for key in POSITION_KEYS if key not in position]
     if missing:
@@ -215,7 +233,8 @@ class DataIterator:
     unchecked = []
     for key, mine in self.stream().items():
       if key not in position:
-        unchecked.append(key)
+        if key != "order":  # Checked by _check_legacy_order below.
+          unchecked.append(key)
       elif _as_json(position[key]) != mine:
         raise ValueError(f"cannot resume the data stream: the checkpoint has {key}="
                          f"{position[key]!r}, this run has {key}={mine!r}; run with the "
@@ -236,7 +255,30 @@ class DataIterator:
     if not 0 <= consumed <= self.batches_per_epoch:
       raise ValueError(f"data position has batches_consumed={consumed}, but an epoch has "
                        f"{self.batches_per_epoch} batches: is it the same data?")
+    if "order" not in position:
+      self._check_legacy_order(epoch, consumed)
     self._epoch, self._batches_consumed, self._batches = epoch, consumed, None
+
+  def _check_legacy_order(self, epoch: int, consumed: int) -> None:
+    """Refuses a position without "order" unless this run's remaining batches of its epoch are
+    provably the ones the saving run would have read.
+
+    Exact: at an epoch boundary (no batch of the epoch consumed, or all of them), where the next
+    epoch is made afresh; without shuffle, where both orders are the file order; and on the
+    tf.data order (a Mixture's, or a Task too large to keep in memory), the only order the
+    pipeline had before positions recorded it. Mid-epoch on the in-memory permutation, the
+    rest of the epoch would be another order than the saved one's: examples repeated and missed.
+    """
+    order = self.stream()["order"]
+    if consumed in (0, self.batches_per_epoch) or not self.shuffle or order == "tf.data":
+      return
+    raise ValueError(
+        f"the checkpoint's data position has no 'order' (it predates the in-memory order), and "
+        f"it is mid-epoch (epoch {epoch}, {consumed} of {self.batches_per_epoch} batches): this "
+        f"run reads '{self.name}' in the {order!r} order, another permutation than the saved "
+        "one's, which would repeat and miss examples; start the data stream afresh (no position: "
+        "an empty data_position {} in the checkpoint), or resume from a checkpoint saved at an "
+        "epoch boundary")
 
   def close(self) -> None:
     """Releases the TensorFlow iterator (and its reader thread); iterating again reopens it."""
@@ -265,7 +307,57 @@ class DataIterator:
                          f"{self.batches_per_epoch} batches: did the data change while "
                          "training?") from None
     self._batches_consumed += 1
+    self._count_truncation(batch)
     return batch
+
+  # ------------------------------------------------------------------------------ truncation
+
+  def truncation(self) -> dict[str, float]:
+    """The shares of real rows (example_weights > 0) this iterator has yielded whose prompt /
+    response truncation cut (pairwise: either response), since it started; 0.0 before any."""
+    rows, prompts, responses = (int(total) for total in self._truncated.sum(axis=0))
+    return {"data/truncated_prompts": prompts / rows if rows else 0.0,
+            "data/truncated_responses": responses / rows if rows else 0.0}
+
+  def _count_truncation(self, batch: Mapping[str, np.ndarray]) -> None:
+    prompt_key, response_key = TRUNCATION_FLAGS
+    if prompt_key not in batch:
+      return
+    real = np.asarray(batch["example_weights"]) > 0
+    index = (np.asarray(batch["example_id"])[real] >> TASK_ID_SHIFT if self._is_mixture
+             else np.zeros(int(real.sum()), np.int64))
+    counts = self._truncated
+    np.add.at(counts[:, 0], index, 1)
+    np.add.at(counts[:, 1], index, np.asarray(batch[prompt_key])[real] > 0)
+    np.add.at(counts[:, 2], index, np.asarray(batch[response_key])[real] > 0)
+    epoch_ended = self._batches_consumed >= self.batches_per_epoch
+    for task_index in range(len(self._tasks)):
+      if task_index not in self._truncation_known and (
+          epoch_ended or counts[task_index, 0] >= TRUNCATION_SAMPLE):
+        self._warn_truncation(task_index, *counts[task_index], "read so far on this host")
+
+  def _warn_truncation(self, task_index: int, rows: int, prompts: int, responses: int,
+                       what: str) -> None:
+    """Decides a Task's warning: one line, logged and printed, if anything was cut."""
+    self._truncation_known.add(task_index)
+    if not rows or not (prompts or responses):
+      return
+    task, source = self._tasks[task_index][0], self._sources[task_index]
+    inputs = min(source.max_lengths["inputs"], self.feature_lengths["inputs"])
+    targets = min(length for key, length in source.max_lengths.items() if key != "inputs")
+    targets = min(targets, self.feature_lengths["targets"])
+    key = (task.name, self.split, inputs, targets)
+    if key in _TRUNCATION_WARNED:
+      return
+    _TRUNCATION_WARNED.add(key)
+    message = (f"{100 * prompts / rows:.1f}% of prompts and {100 * responses / rows:.1f}% of "
+               f"responses of Task {task.name} split {self.split} were cut to "
+               f"max_input_length={inputs} / max_target_length={targets} (tokens with EOS; "
+               f"{prompts} and {responses} of the {rows} examples {what}): a prompt keeps its "
+               "end, a response its start; raise the limits to keep them whole, or set "
+               "data.truncate=False to refuse over-long examples")
+    logging.warning("%s", message)
+    print(f"WARNING: {message}", flush=True)
 
   def _task_lengths(self, source: FeedbackSource) -> dict[str, int]:
     inputs, targets = self.feature_lengths["inputs"], self.feature_lengths["targets"]
@@ -289,11 +381,16 @@ class DataIterator:
       self._memory = False
       if not self._is_mixture:
         ds = self._task_examples(self._tasks[0][0], self._sources[0], 0, shuffle=False)
+        # Without the truncation flags, as before they existed: a stream keeps its order.
         row_bytes = sum(int(np.prod(spec.shape)) * spec.dtype.size
-                        for spec in ds.element_spec.values())
+                        for key, spec in ds.element_spec.items() if key not in TRUNCATION_FLAGS)
         rows = math.ceil(self.statistics[self._tasks[0][0].name].count / self.process_count)
         if rows * row_bytes <= IN_MEMORY_BYTES:
           self._memory = self._load(ds)
+          if all(key in self._memory for key in TRUNCATION_FLAGS):
+            prompts, responses = (int((self._memory[key] > 0).sum()) for key in TRUNCATION_FLAGS)
+            count = next(iter(self._memory.values())).shape[0]
+            self._warn_truncation(0, count, prompts, responses, "of this host's share")
     return self._memory is not False
 
   def _load(self, ds: tf.data.Dataset) -> dict[str, np.ndarray]:

@@ -17,6 +17,9 @@ import math
 from typing import Any, Mapping, Sequence
 
 CONTEXT_KEY = "_context"  # An adapter's name for a sub-record ("completions[2]") in error messages.
+# Per-example int32 flags, 1 where truncation cut the prompt / a response (pairwise: either one);
+# set by tasks.TruncateAndAppendEos, carried to the batches as host-side keys.
+TRUNCATION_FLAGS = ("truncated_prompt", "truncated_response")
 
 SINGLE_TRAJECTORY_FIELDS = {"prompt": ("prompt",), "response": ("response", "completion"),
                             "reward": ("reward",), "label": ("label",)}

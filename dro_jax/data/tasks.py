@@ -12,6 +12,9 @@ file, line and field (`DataError`), or skipped and counted when `on_invalid="ski
 limited per task: a prompt keeps its LAST max_prompt_length - 1 tokens (the end of a prompt is what
 the response answers), a response its FIRST max_response_length - 1, and EOS is always appended.
 With too_long="skip" or "error" an over-long record is skipped (counted) or reported instead.
+Each example carries int32 flags "truncated_prompt" and "truncated_response" (1 where truncation
+cut it; pairwise: either response), which the pipeline counts, warns about and reports
+(`DataIterator.truncation()`).
 
 Task features: "inputs" and "targets" (or "chosen" and "rejected") as token ids, "reward" float32
 and, for thumbs data, "label" int32 (1 up, 0 down); the converters in `converters.py` turn them into
@@ -94,10 +97,11 @@ class SkipReport:
     self.counts: collections.Counter[str] = collections.Counter()
     self.examples: list[str] = []
 
-  def problem(self, message: str, *, is_length: bool = False) -> None:
+  def problem(self, message: str, *, is_length: bool = False, fix: str = "") -> None:
+    """Counts the problem, or raises it (with `fix` appended) where the policy is "error"."""
     policy = self.too_long if is_length else self.on_invalid
     if policy == "error":
-      raise DataError(message)
+      raise DataError(message + fix)
     self.counts["too_long" if is_length else "invalid"] += 1
     if len(self.examples) < 3:
       self.examples.append(message)
@@ -128,8 +132,10 @@ class FeedbackSource(seqio.DataSource):
   def __init__(self, files_by_split: Mapping[str, Sequence[str]], *, kind: str, thumbs: bool,
                make_example: Callable[[Mapping[str, Any]], dict[str, Any]],
                adapter: Adapter | None, file_format: str | None, on_invalid: str, too_long: str,
-               max_lengths: Mapping[str, int], vocabulary: seqio.Vocabulary, description: str):
+               max_lengths: Mapping[str, int], vocabulary: seqio.Vocabulary, description: str,
+               task_name: str = ""):
     super().__init__(splits=tuple(files_by_split))
+    self.task_name = task_name  # For messages only: not part of the fingerprint.
     self._patterns = dict(files_by_split)
     self.kind, self.thumbs = kind, thumbs
     self.max_lengths = dict(max_lengths)
@@ -198,7 +204,7 @@ class FeedbackSource(seqio.DataSource):
       first_id = file_index[path] << FILE_ID_SHIFT
       examples: Iterator[dict] = (
           {**example, "example_id": first_id + row} if with_ids or partners else example
-          for row, example in self._file_examples(path, report))
+          for row, example in self._file_examples(path, report, split))
       if partners:
         examples = _with_partners(examples)
       for example in examples:
@@ -207,7 +213,8 @@ class FeedbackSource(seqio.DataSource):
         index += 1
     report.log(f"{split} of {', '.join(files)}")
 
-  def _file_examples(self, path: str, report: SkipReport) -> Iterator[tuple[int, dict]]:
+  def _file_examples(self, path: str, report: SkipReport,
+                     split: str = "") -> Iterator[tuple[int, dict]]:
     """(index among the file's adapter outputs, valid or not; the example) of its valid ones."""
     row = -1
     for raw in read_records(path, self._file_format):
@@ -231,9 +238,18 @@ class FeedbackSource(seqio.DataSource):
           example = self._make_example(output)
           self._check_lengths(example)
         except RecordError as error:
-          report.problem(f"{where}{error}", is_length=isinstance(error, _TooLong))
+          too_long = isinstance(error, _TooLong)
+          report.problem(f"{where}{error}", is_length=too_long,
+                         fix=self._too_long_fix(split) if too_long else "")
           continue
         yield row, example
+
+  def _too_long_fix(self, split: str) -> str:
+    task = f"Task '{self.task_name}' " if self.task_name else ""
+    return (f" ({task}split '{split}', too_long='error'); raise max_prompt_length / "
+            "max_response_length (a training config's max_input_length / max_target_length), "
+            "or let over-long examples be truncated (too_long='truncate'; in a training config "
+            "data.truncate=True)")
 
   def _check_lengths(self, example: Mapping[str, Any]) -> None:
     if self._too_long == "truncate":
@@ -312,23 +328,37 @@ class TruncateAndAppendEos:
   """Limits token features and appends EOS: "inputs" keeps its last tokens, others their first.
 
   The limit of a feature is the smaller of `max_lengths` (the Task's) and the requested sequence
-  length, both counting EOS.
+  length, both counting EOS. With `flag_truncated`, every example also gets the int32 flags
+  `records.TRUNCATION_FLAGS`: "truncated_prompt" (1 when "inputs" lost tokens) and
+  "truncated_response" (1 when any other feature did: a pairwise example's chosen or rejected),
+  which the pipeline counts.
   """
   max_lengths: Mapping[str, int]
   sequence_length: Mapping[str, int] | None = None  # Filled in by seqio.
   output_features: Mapping[str, seqio.Feature] | None = None  # Filled in by seqio.
+  flag_truncated: bool = False
 
   def __call__(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.map(self._truncate, num_parallel_calls=tf.data.AUTOTUNE)
 
   def _truncate(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     features = dict(features)
+    prompt_cut, response_cut = tf.constant(False), tf.constant(False)
     for key, limit in self.max_lengths.items():
       if self.sequence_length and self.sequence_length.get(key):
         limit = min(limit, self.sequence_length[key])
       ids = features[key][records_lib.kept_tokens(key, limit)]
+      cut = tf.size(ids) < tf.size(features[key])
+      if key == "inputs":
+        prompt_cut = prompt_cut | cut
+      else:
+        response_cut = response_cut | cut
       eos = tf.constant([self.output_features[key].vocabulary.eos_id], ids.dtype)
       features[key] = tf.concat([ids, eos], axis=0)
+    if self.flag_truncated:
+      prompt_key, response_key = records_lib.TRUNCATION_FLAGS
+      features[prompt_key] = tf.cast(prompt_cut, tf.int32)
+      features[response_key] = tf.cast(response_cut, tf.int32)
     return features
 
 
@@ -416,7 +446,8 @@ def _register(name: str, kind: str, source: SourceSpec, vocabulary: str | seqio.
       description=(f"{kind} thumbs={thumbs} adapter={_callable_name(adapter)} "
                    f"format={file_format} on_invalid={on_invalid} too_long={too_long} "
                    f"lengths={sorted(max_lengths.items())} fields={sorted((fields or {}).items())} "
-                   f"vocabulary={getattr(vocabulary, 'sentencepiece_model_file', vocabulary)}"))
+                   f"vocabulary={getattr(vocabulary, 'sentencepiece_model_file', vocabulary)}"),
+      task_name=name)
   output_features = {key: seqio.Feature(vocabulary, add_eos=True) for key in max_lengths}
   if kind == SINGLE_TRAJECTORY:
     output_features["reward"] = _scalar_feature(tf.float32)
@@ -424,7 +455,8 @@ def _register(name: str, kind: str, source: SourceSpec, vocabulary: str | seqio.
       output_features["label"] = _scalar_feature(tf.int32)
   task = seqio.Task(
       name, source=data_source, output_features=output_features,
-      preprocessors=[seqio.preprocessors.tokenize, TruncateAndAppendEos(max_lengths)],
+      preprocessors=[seqio.preprocessors.tokenize,
+                     TruncateAndAppendEos(max_lengths, flag_truncated=True)],
       shuffle_buffer_size=shuffle_buffer_size)
   _add(seqio.TaskRegistry, task, f"{kind} Task", overwrite)
   return task
@@ -456,7 +488,8 @@ def register_single_trajectory_task(
     thumbs: the data carries a thumbs label (required per record), kept as the "label" feature.
     file_format: "jsonl", "parquet" or "tfrecord"; by default from each file name.
     max_prompt_length, max_response_length: token limits, EOS included.
-    too_long: "truncate" (prompt from the left, response from the right), "skip" or "error".
+    too_long: "truncate" (prompt from the left, response from the right; counted and warned
+      about by the pipeline), "skip" or "error" (DataError naming file, line, length and limit).
     on_invalid: "error" (DataError naming file, line, field) or "skip" (counted and logged).
     shuffle_buffer_size: the examples shuffled together when the Task is read shuffled.
     overwrite: replace a Task or Mixture already registered under `name` (else ValueError).

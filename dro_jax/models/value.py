@@ -8,9 +8,12 @@
 | single_single     | one scalar in the policy's trainable tree     |
 
 Every variant is called as `value_fn(value_params, policy_params, encoder_input_tokens) ->
-values [B]` in float32. The trainable tree of a DRO-V run is {"policy": θ, "value": φ}; φ gets
-the value optimizer in every variant (optim.py: on the policy's chain a zero-initialised value
-barely moves). `trained_with_policy` marks the single-net variants. The head mean-pools the
+values [B]` in float32. The trainable tree of a DRO-V run is {"policy": θ, "value": φ}. By
+default (`config.dro.value_optimizer="value"`) φ gets the value optimizer in every variant
+(optim.py: on the policy's chain a zero-initialised value barely moves), so single_single then
+trains exactly as double_single; `value_optimizer="policy"` puts a single-net variant's φ on the
+POLICY's chain, as the DRO paper's ablation (double-net variants keep the value chain either way).
+`trained_with_policy` marks the single-net variants. The head mean-pools the
 encoder output over the prompt's real tokens (token != 0) and is zero-initialised, so V ≡ 0 at
 step 0. Dropout is off.
 """
