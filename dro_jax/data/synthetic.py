@@ -17,6 +17,17 @@ and "B" as user-defined symbols 3 and 4 for the preference-model judge), cached 
 `<cache_dir>/demo_v1/spiece.model`.
 
 Evaluation prompts come from a fixed tenth of all prompts (by hash) that training data never uses.
+
+Intransitive preferences (`intransitive_pairs`, `register_intransitive_tasks`): each prompt gets
+three responses of three types, each named by its first word and made from the prompt's digits:
+A = "sort" and the digits sorted, B = "reverse" and the digits reversed, C = "increment" and the
+digits incremented (`typed_response`). Every prompt contributes all three type pairs (A-B, B-C,
+A-C, in a random order), so the three are equally frequent. In the cyclic task A ≻ B ≻ C ≻ A: no
+scalar reward orders more than 2 of a prompt's 3 pairs right, so a Bradley-Terry reward model's
+accuracy is at most 2/3, while a pairwise preference model can learn the cycle. The transitive
+control has the same prompts and pairs with A ≻ B ≻ C and A ≻ C, which a scalar reward fits
+exactly. Both are pairwise Tasks (`INTRANSITIVE_TASK_NAMES`) with train and validation splits
+(held-out prompts) under the demo vocabulary.
 """
 
 from __future__ import annotations
@@ -36,10 +47,14 @@ MAX_PROMPT_LENGTH, MAX_RESPONSE_LENGTH = 16, 12  # Tokens with EOS; the longest 
 DEMONSTRATOR_MIX = {"correct": 0.4, "copy": 0.2, "substitute": 0.15, "swap": 0.1, "drop": 0.1,
                     "repeat": 0.05}
 DATA_VERSION = "demo_v1"  # Bump when generation changes, so cached files are not reused.
+INTRANSITIVE_VERSION = "intransitive_v1"  # The same, for the intransitive tasks' files.
 DEFAULT_CACHE_DIR = os.environ.get("DRO_JAX_CACHE",
                                    os.path.join(os.path.expanduser("~"), ".cache", "dro_jax"))
 TASK_NAMES = {"sft": "dro_jax_demo_sft", "feedback": "dro_jax_demo_feedback",
               "thumbs": "dro_jax_demo_thumbs", "pairs": "dro_jax_demo_pairs"}
+INTRANSITIVE_TASK_NAMES = {"cyclic": "dro_jax_cyclic_pairs",
+                           "transitive": "dro_jax_transitive_pairs"}
+RESPONSE_TYPES = ("sorted", "reversed", "incremented")  # A, B, C of the intransitive tasks
 VOCABULARY_SIZE = 96
 PREFERENCE_SYMBOLS = ("A", "B")
 
@@ -179,6 +194,48 @@ def preference_pairs(count: int, seed: int = 0, *,
   return pairs
 
 
+def typed_response(problem: Problem, kind: str) -> str:
+  """A response of one of RESPONSE_TYPES made from the problem's digits."""
+  if kind == "sorted":
+    return "sort " + format_items(sorted(problem.items))
+  if kind == "reversed":
+    return "reverse " + format_items(problem.items[::-1])
+  if kind == "incremented":
+    return "increment " + format_items([(item + 1) % 10 for item in problem.items])
+  raise ValueError(f"unknown response type {kind!r}; choose from {RESPONSE_TYPES}")
+
+
+def type_preferred(first: int, second: int, *, cyclic: bool = True) -> bool:
+  """Whether RESPONSE_TYPES[first] ≻ RESPONSE_TYPES[second]: A ≻ B ≻ C, then C ≻ A or A ≻ C."""
+  if first == second:
+    raise ValueError("a pair needs two different response types")
+  if cyclic:
+    return (second - first) % 3 == 1
+  return first < second
+
+
+def intransitive_pairs(count: int, seed: int = 0, *, cyclic: bool = True,
+                       evaluation: bool = False) -> list[dict[str, str]]:
+  """`count` pairs, three per prompt (one of each type pair, in a random order within it).
+
+  cyclic: A ≻ B ≻ C ≻ A (RESPONSE_TYPES = A, B, C); otherwise the transitive control A ≻ B ≻ C,
+  A ≻ C, with the same prompts and rows. When `count` is not a multiple of 3 the last prompt has
+  fewer pairs. Held-out pairs (`evaluation`) use the demo's held-out prompts.
+  """
+  rng = random.Random(f"intransitive:{seed}:{evaluation}")
+  pairs: list[dict[str, str]] = []
+  for problem in sample_problems(-(-count // 3), seed + 3, evaluation=evaluation):
+    type_pairs = [(0, 1), (1, 2), (0, 2)]
+    rng.shuffle(type_pairs)
+    for first, second in type_pairs:
+      if not type_preferred(first, second, cyclic=cyclic):
+        first, second = second, first
+      pairs.append({"prompt": problem.prompt,
+                    "chosen": typed_response(problem, RESPONSE_TYPES[first]),
+                    "rejected": typed_response(problem, RESPONSE_TYPES[second])})
+  return pairs[:count]
+
+
 def eval_prompts(count: int = 200, seed: int = 0) -> list[str]:
   """Held-out prompts for win rates and rewards of sampled responses."""
   return [problem.prompt for problem in sample_problems(count, seed, evaluation=True)]
@@ -298,3 +355,34 @@ def register_demo_tasks(cache_dir: str | None = None, **sizes: int) -> dict[str,
                                         thumbs=True, **lengths)
   tasks.register_pairwise_task(TASK_NAMES["pairs"], paths["pairs"], vocabulary, **lengths)
   return dict(TASK_NAMES)
+
+
+def write_intransitive_data(cache_dir: str | None = None, *, pairs: int = 2000,
+                            eval_examples: int = 200, seed: int = 0) -> dict[str, dict[str, str]]:
+  """Writes the intransitive tasks' JSONL files (once per size and seed); {kind: {split: path}}."""
+  folder = os.path.join(demo_dir(cache_dir),
+                        f"{INTRANSITIVE_VERSION}_{pairs}_{eval_examples}_seed{seed}")
+  paths: dict[str, dict[str, str]] = {}
+  for kind in INTRANSITIVE_TASK_NAMES:
+    for split, count, evaluation in (("train", pairs, False),
+                                     ("validation", eval_examples, True)):
+      path = os.path.join(folder, f"{kind}_{split}.jsonl")
+      if not os.path.exists(path):
+        rows = intransitive_pairs(count, seed, cyclic=kind == "cyclic", evaluation=evaluation)
+        _write_atomically(path, _jsonl(rows))
+      paths.setdefault(kind, {})[split] = path
+  return paths
+
+
+def register_intransitive_tasks(cache_dir: str | None = None, *, pairs: int = 2000,
+                                eval_examples: int = 200, seed: int = 0) -> dict[str, str]:
+  """Registers the cyclic and transitive pairwise Tasks (again, if registered); {kind: name}."""
+  from dro_jax.data import tasks
+
+  paths = write_intransitive_data(cache_dir, pairs=pairs, eval_examples=eval_examples, seed=seed)
+  vocabulary = demo_vocabulary(cache_dir)
+  for kind, name in INTRANSITIVE_TASK_NAMES.items():
+    tasks.register_pairwise_task(name, paths[kind], vocabulary,
+                                 max_prompt_length=MAX_PROMPT_LENGTH,
+                                 max_response_length=MAX_RESPONSE_LENGTH, overwrite=True)
+  return dict(INTRANSITIVE_TASK_NAMES)
