@@ -16,6 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import sys
+import threading
+import time
+import traceback
 from typing import Any, Mapping
 
 import jax
@@ -218,8 +223,8 @@ def curves(workdir: str) -> dict[str, np.ndarray]:
 
 
 def train_rows(workdir: str) -> list[dict[str, Any]]:
-  text = files.read_text(os.path.join(workdir, "metrics.jsonl")) or ""
-  return [json.loads(line) for line in text.splitlines() if line.strip()]
+  """One row per step (the last values written for it: replayed steps supersede)."""
+  return files.metrics_rows(os.path.join(workdir, "metrics.jsonl"))
 
 
 def results_table(results: Mapping[str, Mapping[str, Any]]) -> str:
@@ -287,20 +292,112 @@ def _feedback_task(feedback: Mapping[str, str], method: str) -> str:
   return feedback["pairs"] if method in ("dpo", "tr_dpo") else feedback["triples"]
 
 
-def _stop_with_parent() -> None:
-  """A worker gets SIGTERM when the demo's process dies (Linux), so a killed demo leaves no stage
-  running on: the worker saves its step and exits, and a restart resumes it."""
+# ----------------------------------------------------------------------------- worker processes
+# A stage in a worker stops as `train.run` does in the demo's process: on SIGTERM or SIGINT it
+# saves the step it is at and stops, and a restart resumes it. The demo passes its signals on to
+# its workers and waits for their saves; a worker whose demo is gone exits after its save.
+
+STOP_TIMEOUT_S = 60.0  # how long the demo waits for its workers to save and exit
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_PARENT: int | None = None  # in a worker: the demo's process id
+_STOP_REQUESTED = False  # in a worker: a signal came (no later stage starts)
+_IN_STAGE = False  # in a worker: a stage is running
+_PASSING_ON = False  # in a worker: a thread hands the request on to the stage's training loop
+
+
+class StagesPreempted(train.Preempted):
+  """SIGTERM or SIGINT while the alignment stages trained in worker processes: each saved the
+  step it was at (main exits 143) and the same command resumes them."""
+
+  def __init__(self, message: str):
+    Exception.__init__(self, message)
+    self.step = None
+
+
+def _parent_gone() -> bool:
+  return _PARENT is not None and os.getppid() != _PARENT
+
+
+def _exit_worker() -> None:
+  """Ends a worker whose demo is gone at once, handing nothing back (nobody would read it)."""
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(143)
+
+
+def _stop_with_parent(parent: int) -> None:
+  """A worker's initializer. The worker gets SIGTERM when the demo's process dies (Linux), and
+  SIGTERM or SIGINT stops its stage at the next step, saved, and any later stage before it starts:
+  a killed demo leaves no stage running on, and a restart resumes it."""
+  global _PARENT
+  _PARENT = parent
+  for signum in _STOP_SIGNALS:
+    signal.signal(signum, _worker_signal)
+  # Spawned with them blocked: one that came while it started up is handled now.
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
   try:
     import ctypes
-    import signal
     ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
   except (OSError, AttributeError):
     pass
+  if _parent_gone():  # the demo died before the prctl
+    _exit_worker()
+
+
+def _worker_signal(signum, frame) -> None:
+  """A worker's SIGTERM and SIGINT handler (train.run's own replaces it for SIGTERM while a
+  stage's training loop runs)."""
+  del signum, frame
+  global _STOP_REQUESTED, _PASSING_ON
+  _STOP_REQUESTED = True
+  if not _IN_STAGE:  # between stages: nothing to save
+    if _parent_gone():
+      _exit_worker()
+    return
+  if not _PASSING_ON:
+    _PASSING_ON = True
+    threading.Thread(target=_pass_stop_to_training, daemon=True).start()
+
+
+def _pass_stop_to_training() -> None:
+  """SIGTERM to this worker once train.run's handler is in place (or at once when it is: a
+  SIGINT): the training loop saves its step and raises Preempted. Nothing if the stage ends."""
+  global _PASSING_ON
+  while _IN_STAGE:
+    if signal.getsignal(signal.SIGTERM) is not _worker_signal:
+      os.kill(os.getpid(), signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  _PASSING_ON = False
 
 
 def _stage_in_worker(demo: ml_collections.ConfigDict, method: str, paths: Mapping[str, str],
-                     workdir: str) -> None:
-  """One alignment stage in a worker process; its console output goes to <stage>/stage.log."""
+                     workdir: str) -> tuple[str, int | None]:
+  """One alignment stage in a worker process; its console output goes to <stage>/stage.log.
+  ("trained", None), ("saved", step) when a signal stopped it, or ("not started", None) after
+  one; a worker whose demo is gone exits (143) instead of handing back."""
+  global _IN_STAGE
+  _IN_STAGE = True  # before the check: a signal from here on reaches the stage
+  try:
+    outcome = ("not started", None) if _STOP_REQUESTED else _align(demo, method, paths, workdir)
+  except BaseException:
+    if _parent_gone():
+      traceback.print_exc()
+      _exit_worker()
+    raise
+  finally:
+    _IN_STAGE = False
+  if _parent_gone():
+    _exit_worker()
+  return outcome
+
+
+def _align(demo: ml_collections.ConfigDict, method: str, paths: Mapping[str, str],
+           workdir: str) -> tuple[str, int | None]:
+  global _STOP_REQUESTED
   from dro_jax.data import synthetic
   stage = os.path.join(workdir, method)
   os.makedirs(stage, exist_ok=True)
@@ -311,27 +408,140 @@ def _stage_in_worker(demo: ml_collections.ConfigDict, method: str, paths: Mappin
   synthetic_tasks(demo)
   feedback = register_feedback(paths, synthetic.demo_vocabulary(demo.data.cache_dir), demo)
   sft = os.path.join(workdir, "sft")
-  train.run(stage_config(demo, method, _feedback_task(feedback, method), init=sft, baseline=sft),
-            stage)
+  try:
+    train.run(stage_config(demo, method, _feedback_task(feedback, method), init=sft,
+                           baseline=sft), stage)
+  except train.Preempted as preempted:
+    _STOP_REQUESTED = True
+    return "saved", preempted.step
+  return "trained", None
+
+
+class _ForwardedStop:
+  """The demo's SIGTERM and SIGINT while its workers train: passed on to them as SIGTERM."""
+
+  def __init__(self):
+    self.reason: str | None = None  # what asked the stages to stop
+    self.deadline = 0.0
+    self.pids: list[int] = []
+    self._previous = {}
+
+  def __enter__(self) -> "_ForwardedStop":
+    for signum in _STOP_SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._signal)
+      except ValueError:  # not the main thread (a notebook's worker thread): left as they are
+        break
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, previous in self._previous.items():
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+
+  def _signal(self, signum, frame) -> None:
+    del frame
+    self.request(signal.Signals(signum).name)
+
+  def request(self, reason: str) -> None:
+    if self.reason is None:
+      self.reason, self.deadline = reason, time.monotonic() + STOP_TIMEOUT_S
+    self.forward()
+
+  def watch(self, pids: list[int]) -> None:
+    self.pids = list(pids)
+    if self.reason is not None:
+      self.forward()
+
+  def forward(self) -> None:
+    for pid in self.pids:
+      try:
+        os.kill(pid, signal.SIGTERM)
+      except ProcessLookupError:
+        pass
 
 
 def run_stages_in_workers(demo: ml_collections.ConfigDict, methods: list[str],
                           paths: Mapping[str, str], workdir: str) -> None:
   """The alignment stages `methods`, `demo.demo.workers` at a time in worker processes (each
-  stage is the same `train.run` as in-process; they only share the SFT policy and the samples)."""
+  stage is the same `train.run` as in-process; they only share the SFT policy and the samples).
+
+  SIGTERM or SIGINT goes on to the workers: each saves the step it is at; after at most
+  STOP_TIMEOUT_S, StagesPreempted (main exits 143), with no worker left behind.
+  """
   import concurrent.futures
   import multiprocessing
+  from multiprocessing import resource_tracker
   workers = min(demo.demo.workers, len(methods))
   print(f"[demo] {', '.join(methods)}: {demo.demo.align_steps} steps each, {workers} at a time "
         f"in worker processes (logs: <stage>/stage.log)", flush=True)
-  with concurrent.futures.ProcessPoolExecutor(
-      workers, mp_context=multiprocessing.get_context("spawn"),
-      initializer=_stop_with_parent) as pool:
-    futures = {pool.submit(_stage_in_worker, demo, method, dict(paths), workdir): method
-               for method in methods}
-    for future in concurrent.futures.as_completed(futures):
-      future.result()  # a stage's error is raised here
-      print(f"[demo] {futures[future]}: trained", flush=True)
+  with _ForwardedStop() as stop:
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_stop_with_parent, initargs=(os.getpid(),))
+    try:
+      # The workers start with SIGTERM and SIGINT blocked (inherited), not killed half started:
+      # their initializer handles a signal that came meanwhile. (Starting multiprocessing's
+      # resource tracker unblocks them: it is started first.)
+      resource_tracker.ensure_running()
+      mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+      try:
+        futures = {pool.submit(_stage_in_worker, demo, method, dict(paths), workdir): method
+                   for method in methods}
+        processes = list(pool._processes.values())  # all started: one per submit up to workers
+        stop.watch([process.pid for process in processes])
+      finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+      pending = set(futures)
+      while pending and stop.reason is None:
+        done, pending = concurrent.futures.wait(
+            pending, timeout=0.25, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+          if stop.reason is not None:  # the stages' outcomes are told below
+            break
+          outcome, _ = future.result()  # a stage's error is raised here
+          if outcome == "trained":
+            print(f"[demo] {futures[future]}: trained", flush=True)
+          else:  # its worker alone was signalled: the other stages stop too
+            stop.request(f"{futures[future]}'s worker was signalled")
+    except BaseException:
+      pool.shutdown(wait=True)
+      raise
+    if stop.reason is None:
+      pool.shutdown(wait=True)
+      return
+    raise _stop_stages(pool, processes, futures, stop)
+
+
+def _stop_stages(pool, processes, futures, stop: _ForwardedStop) -> StagesPreempted:
+  """Waits (until the stop's deadline) for the workers to save and exit, kills any left."""
+  import concurrent.futures
+  from multiprocessing import connection
+  print(f"[demo] {stop.reason}: the alignment stages save their steps and stop", flush=True)
+  for future in futures:
+    future.cancel()  # the stages no worker took yet
+  concurrent.futures.wait(futures, timeout=max(stop.deadline - time.monotonic(), 0))
+  pool.shutdown(wait=False, cancel_futures=True)
+  alive = {process.sentinel: process for process in processes}
+  exit_by = max(stop.deadline, time.monotonic() + 10)  # a worker that has handed back exits
+  while alive and time.monotonic() < exit_by:
+    for sentinel in connection.wait(list(alive), timeout=exit_by - time.monotonic()):
+      del alive[sentinel]
+  for process in alive.values():
+    process.kill()
+  connection.wait(list(alive), timeout=10)
+  states = []
+  for future, method in futures.items():
+    if future.cancelled():
+      states.append(f"{method} not started")
+    elif not future.done():
+      states.append(f"{method} killed after {STOP_TIMEOUT_S:.0f} s (its last checkpoint stays)")
+    elif future.exception(timeout=0) is not None:
+      states.append(f"{method} stopped ({type(future.exception(timeout=0)).__name__})")
+    else:
+      outcome, step = future.result(timeout=0)
+      states.append(f"{method} saved at step {step}" if outcome == "saved" else
+                    f"{method} {outcome}")
+  return StagesPreempted(f"preempted: {', '.join(states)}; the same command resumes them")
 
 
 def run(demo: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:

@@ -167,3 +167,91 @@ def test_stages_in_worker_processes_give_the_in_process_results(tmp_path, demo_c
     shutil.copytree(parallel / stage, sequential / stage)
   assert demo.run(miniature(1), str(sequential)) == results
   assert not (sequential / "dro" / "stage.log").exists()
+
+
+def _processes() -> dict[int, tuple[int, str, str]]:
+  """Every live process: {pid: (parent pid, start time, command line)} from /proc."""
+  table = {}
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      stat = pathlib.Path(f"/proc/{entry}/stat").read_text()
+      command = pathlib.Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+      continue
+    fields = stat.rsplit(")", 1)[1].split()  # state, ppid, ..., starttime (the 20th)
+    if fields[0] != "Z":
+      table[int(entry)] = (int(fields[1]), fields[19], command.decode(errors="replace"))
+  return table
+
+
+def _descendants(pid: int) -> set[tuple[int, str]]:
+  """The processes below `pid`, as (pid, start time): a pid alone could be reused."""
+  table, found, below = _processes(), set(), [pid]
+  while below:
+    parent = below.pop()
+    for child, (ppid, start, _) in table.items():
+      if ppid == parent:
+        found.add((child, start))
+        below.append(child)
+  return found
+
+
+def _left(spawned: set[tuple[int, str]], workdir) -> list[str]:
+  table = _processes()
+  return [table[pid][2] for pid, start in spawned if pid in table and table[pid][1] == start] + [
+      command for _, _, command in table.values() if str(workdir) in command]
+
+
+@pytest.mark.slow
+def test_a_terminated_demo_leaves_no_worker_and_resumes(tmp_path, demo_cache):
+  """SIGTERM to the demo while its alignment stages train in worker processes: the workers save
+  their steps and exit with it (143, no orphan, no helper process), and the same command then
+  resumes both stages (a miniature demo: 30 SFT steps, 64 per method)."""
+  workdir = tmp_path / "demo"
+  command = [sys.executable, "-m", "dro_jax.main",
+             f"--config={ROOT}/configs/demo.py:scale=0.02,methods=dro+kto,workers=2",
+             "--config.demo.align_steps=64", "--config.demo.eval_prompts=24",
+             "--config.demo.evaluations=1", f"--workdir={workdir}"]
+  env = cli_env(tmp_path, demo_cache)
+  stages = [workdir / "dro", workdir / "kto"]
+  spawned: set[tuple[int, str]] = set()
+  with open(tmp_path / "first.log", "w") as output:
+    process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.time() + 900
+    # Both stages' metrics logs: their training loops start (train.run has built everything).
+    while not all((stage / "metrics.jsonl").exists() for stage in stages):
+      assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+      assert time.time() < deadline
+      spawned |= _descendants(process.pid)
+      time.sleep(0.1)
+    spawned |= _descendants(process.pid)
+    assert len(spawned) >= 2  # the workers (and multiprocessing's resource tracker)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    first = (tmp_path / "first.log").read_text()
+    assert process.returncode == 143, first[-3000:]
+    assert "the same command resumes them" in first.splitlines()[-1], first[-3000:]
+    deadline = time.time() + 30
+    while _left(spawned, workdir) and time.time() < deadline:
+      time.sleep(0.2)
+    assert not _left(spawned, workdir)
+  finally:
+    if process.poll() is None:
+      process.kill()
+    table = _processes()
+    for pid, start in spawned:  # none, unless an assertion above failed
+      if pid in table and table[pid][1] == start:
+        os.kill(pid, signal.SIGKILL)
+
+  logged = {stage: (stage / "stage.log").stat().st_size for stage in stages}
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  assert "[demo] sft: done already" in result.stdout
+  assert "[demo] samples: done already" in result.stdout
+  for stage in stages:  # each stage saved at the step it was at and went on from there
+    with open(stage / "stage.log", "rb") as f:
+      f.seek(logged[stage])
+      assert b"resumed from step" in f.read(), stage
