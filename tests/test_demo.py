@@ -85,7 +85,7 @@ def test_the_readme_evaluate_example_runs_on_the_demo_workdirs(demo_results, tmp
   first = capsys.readouterr().out.splitlines()[0]
   assert first.startswith("win_rate ") and "(n=400, " in first
   assert report["judge"] == "demo" and report["prompts"] == 400
-  assert report["win_rate_low"] > 0.5  # DRO-V beats SFT here too
+  assert report["win_rate"] > 0.5 and report["policy_reward"] > report["baseline_reward"]
 
 
 @pytest.mark.slow

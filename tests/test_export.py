@@ -94,7 +94,8 @@ def test_export_cli_writes_the_workdirs_policy(sft_workdir, tmp_path, capsys):
                           "--baseline_seed", "3", "--output", str(tmp_path / "eval")])
   assert report["policy"]["kind"] == "hf" and report["judge"] == "demo"
   assert report["win_rate"] == 0.5 and report["ties"] == 16 and report["kl"] == 0.0
-  assert "win_rate 0.50 [0.28, 0.72] (n=16, ties=16)" in capsys.readouterr().out
+  assert ("win_rate 0.50 [0.26, 0.74] (n=16, ties=16, 16 prompts x 1 samples, symmetric judge)"
+          in capsys.readouterr().out)
 
   model = transformers.T5ForConditionalGeneration.from_pretrained(output).eval()
   batch = random_batch(np.random.default_rng(1), vocab_size=96, batch=2, source_length=12,
