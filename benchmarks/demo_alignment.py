@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import random
 import shutil
@@ -147,9 +146,9 @@ def align_config(recipe: str, arg: str, args: argparse.Namespace, vocab_size: in
 
 
 def last_metrics(workdir: str) -> dict[str, float]:
-  rows = [json.loads(line) for line in (train.read_text(os.path.join(workdir, "metrics.jsonl"))
-                                        or "").splitlines() if line.strip()]
-  return max(rows, key=lambda row: row["step"]) if rows else {}
+  from dro_jax import files
+  rows = files.metrics_rows(os.path.join(workdir, "metrics.jsonl"))  # the last row per step
+  return rows[-1] if rows else {}
 
 
 def run_stage(name: str, config: ml_collections.ConfigDict, workdir: str) -> PyTree:

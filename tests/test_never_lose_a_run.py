@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from dro_jax import checkpoint_manager, configs, files, resume, train

@@ -9,7 +9,6 @@ import pytest
 
 from dro_jax import configs, datasets
 from dro_jax.data import pipeline, records, synthetic, tasks
-from dro_jax.data.readers import DataError
 
 WORDS = "red green blue cat dog sun moon tree river stone one two three four five six".split()
 PROMPT_LIMIT, RESPONSE_LIMIT = 10, 8  # Tokens with EOS.
