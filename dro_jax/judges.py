@@ -183,7 +183,7 @@ class NoisyJudge:
 # --------------------------------------------------------------------------- learned judges
 
 
-class _LearnedJudge:
+class _LearnedJudge(abc.ABC):
   """A network trained by this library's `reward_model` / `preference_model` recipe, read from
   its workdir (latest checkpoint) or one step folder of it, judging in jit-compiled batches."""
 
@@ -209,8 +209,9 @@ class _LearnedJudge:
     self.batch_size = int(batch_size)
     self.path = path
 
+  @abc.abstractmethod
   def _abstract(self) -> Any:
-    raise NotImplementedError
+    """The network's abstract parameters, the structure its checkpoint is restored into."""
 
   def _encode(self, prompts: Sequence[str], *responses: Sequence[str]) -> list[np.ndarray]:
     from dro_jax import judge_inputs

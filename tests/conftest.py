@@ -51,3 +51,12 @@ def new_name():
 def demo_cache(tmp_path_factory):
   """One demo-data cache for every training run of the session (the data is generated once)."""
   return str(tmp_path_factory.mktemp("demo_cache"))
+
+
+@pytest.fixture(params=["memory", "tf.data"])
+def order(request, monkeypatch):
+  """Both ways the input pipeline makes an epoch: kept arrays permuted in numpy, or tf.data."""
+  from dro_jax.data import pipeline
+  if request.param == "tf.data":
+    monkeypatch.setattr(pipeline, "IN_MEMORY_BYTES", -1)
+  return request.param

@@ -24,3 +24,29 @@ def raw_metrics(workdir) -> list[dict]:
   """Every line of metrics.jsonl as written (the file is only ever appended to)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path, rows) -> str:
+  path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  return str(path)
+
+
+def set_dotted(config, changes: dict):
+  """config["a.b.c"] = value for each dotted key of `changes`; returns the config."""
+  for key, value in changes.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+def cli_env(tmp_path, demo_cache: str, compile_cache: str) -> dict:
+  """The environment of a driver subprocess: CPU, one device, the session's demo data, a JAX
+  compilation cache shared by the tests that name the same `compile_cache`."""
+  return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", str(tmp_path)),
+          "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "DRO_JAX_CACHE": demo_cache,
+          "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+          "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / compile_cache),
+          "PYTHONPATH": str(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}

@@ -16,6 +16,7 @@ import seqio
 
 from dro_jax.data import converters, pipeline, statistics, synthetic, tasks
 from dro_jax.data.readers import DataError
+from run_helpers import write_jsonl
 
 WORDS = ("red green blue cat dog sun moon tree river stone what is the answer please tell me "
          "about a very long story of one two three four five six seven eight nine ten").split()
@@ -41,19 +42,6 @@ def vocabulary(tmp_path_factory):
 def decode(vocabulary):
   spm_vocabulary = tasks.load_vocabulary(vocabulary)
   return lambda ids: spm_vocabulary.decode([int(i) for i in ids])
-
-
-@pytest.fixture(params=["memory", "tf.data"])
-def order(request, monkeypatch):
-  """Both ways an epoch is made: kept arrays permuted in numpy, or a tf.data pipeline."""
-  if request.param == "tf.data":
-    monkeypatch.setattr(pipeline, "IN_MEMORY_BYTES", -1)
-  return request.param
-
-
-def write_jsonl(path, rows):
-  path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-  return str(path)
 
 
 def single_task(tmp_path, vocabulary, name, rows, **kwargs):

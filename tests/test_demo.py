@@ -14,6 +14,8 @@ import pytest
 
 from dro_jax import configs, demo
 
+import run_helpers
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Reduced: SFT 450 steps, 300 feedback prompts x 4 samples, 120 DRO-V steps, 120 eval prompts.
 ARG = "scale=0.3,methods=dro"
@@ -43,11 +45,7 @@ def with_sft(tmp_path, demo_sft) -> pathlib.Path:
 
 
 def cli_env(tmp_path, demo_cache: str) -> dict[str, str]:
-  return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", str(tmp_path)),
-          "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "DRO_JAX_CACHE": demo_cache,
-          "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-          "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "demo_jax_cache"),
-          "PYTHONPATH": str(ROOT)}
+  return run_helpers.cli_env(tmp_path, demo_cache, "demo_jax_cache")
 
 
 @pytest.fixture(scope="session")

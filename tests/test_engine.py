@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from dro_jax import configs, partitioning, step as step_lib, train
+from run_helpers import set_dotted
 
 B, SOURCE = 16, 10
 TARGETS = {"": 8, "chosen_": 8, "rejected_": 6}  # unequal target lengths
@@ -40,13 +41,7 @@ def tiny_config(name: str, arg: str = "", **changes):
   config.optimizer.learning_rate = 1e-2
   config.batch_size = B
   config.model.num_encoder_layers = config.model.num_decoder_layers = 1  # compile time
-  for key, value in changes.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
+  return set_dotted(config, changes)
 
 
 def run_steps(config, mesh_shape, steps: int = 2, batch=None, devices=None):

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from dro_jax import checkpoint_manager, configs, files, resume, train
+import run_helpers
 from run_helpers import raw_metrics, read_metrics, shrink
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -26,11 +27,7 @@ OVERRIDES = ("--config.total_steps=6", "--config.checkpoint_every=2", "--config.
 
 
 def cli_env(tmp_path, demo_cache: str) -> dict[str, str]:
-  return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", str(tmp_path)),
-          "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "DRO_JAX_CACHE": demo_cache,
-          "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-          "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "never_lose_jax_cache"),
-          "PYTHONPATH": str(ROOT)}
+  return run_helpers.cli_env(tmp_path, demo_cache, "never_lose_jax_cache")
 
 
 def cli(recipe: str, workdir, *overrides: str) -> list[str]:

@@ -9,6 +9,7 @@ import pytest
 
 from dro_jax import configs, datasets
 from dro_jax.data import pipeline, records, synthetic, tasks
+from run_helpers import write_jsonl
 
 WORDS = "red green blue cat dog sun moon tree river stone one two three four five six".split()
 PROMPT_LIMIT, RESPONSE_LIMIT = 10, 8  # Tokens with EOS.
@@ -30,18 +31,6 @@ def vocabulary(tmp_path_factory):
   corpus += [f"{row['prompt']} {row['response']}" for row in ROWS] * 5
   synthetic.train_sentencepiece(corpus, path, vocab_size=128)
   return path
-
-
-@pytest.fixture(params=["memory", "tf.data"])
-def order(request, monkeypatch):
-  if request.param == "tf.data":
-    monkeypatch.setattr(pipeline, "IN_MEMORY_BYTES", -1)
-  return request.param
-
-
-def write_jsonl(path, rows):
-  path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-  return str(path)
 
 
 def cut(vocabulary, value, limit):

@@ -15,6 +15,7 @@ import pytest
 
 from dro_jax import configs, initialization, optim, step as step_lib
 from dro_jax.models import value as value_lib
+from run_helpers import set_dotted
 
 VARIANTS = ("double_multiple", "double_single", "single_multiple", "single_single")
 B, SOURCE, TARGET = 8, 8, 6
@@ -48,13 +49,7 @@ def dro_config(arg: str = "", **changes):
   config.optimizer.warmup_steps = 0
   config.optimizer.learning_rate = 1e-2
   config.batch_size = B
-  for key, value in changes.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
+  return set_dotted(config, changes)
 
 
 # CPU compile time dominates these runs; XLA's backend optimisations do not pay for 3 steps.
