@@ -16,6 +16,7 @@ identical items.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
@@ -29,7 +30,10 @@ from dro_jax.state import TrainState
 PyTree = Any
 
 ITEM_NAMES = ("policy", "policy_opt", "value", "value_opt", "reference", "rng_step",
-              "data_position")
+              "data_position", "online")
+# JSON items a runner may save beside the state (`save(..., extra=...)`): the online loop's
+# iteration, phase and judge calls.
+EXTRA_ITEMS = ("online",)
 
 
 class CheckpointMismatchError(ValueError):
@@ -52,16 +56,20 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep_last: int = 3, keep_best: int = 0,
                best_metric: str | None = None, best_mode: str = "max",
-               async_save: bool = True):
+               async_save: bool = True, keep_every: int = 0):
+    """`keep_every`: also keep every step that is a multiple of it (the online loop's
+    iterates)."""
     self.workdir = workdir
     self._settings = dict(keep_last=keep_last, keep_best=keep_best, best_metric=best_metric,
-                          best_mode=best_mode, async_save=async_save)
+                          best_mode=best_mode, async_save=async_save, keep_every=keep_every)
     self._open(**self._settings)
 
   def _open(self, *, keep_last: int, keep_best: int, best_metric: str | None, best_mode: str,
-            async_save: bool) -> None:
+            async_save: bool, keep_every: int = 0) -> None:
     workdir = self.workdir
     policies: list[Any] = [checkpoint_managers.LatestN(n=max(int(keep_last), 1))]
+    if keep_every:
+      policies.append(checkpoint_managers.EveryNSteps(interval_steps=int(keep_every)))
     if keep_best and best_metric:
       if best_mode not in ("max", "min"):
         raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
@@ -83,11 +91,17 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, state: TrainState, data_position: Mapping[str, Any] | None,
-           metrics: Mapping[str, float] | None = None, *, force: bool = True) -> bool:
-    """Saves `state` at its own step (asynchronously); `metrics` only for the best-N choice."""
+           metrics: Mapping[str, float] | None = None, *, force: bool = True,
+           extra: Mapping[str, Mapping[str, Any]] | None = None) -> bool:
+    """Saves `state` at its own step (asynchronously); `metrics` only for the best-N choice;
+    `extra`: JSON items (names in EXTRA_ITEMS) saved beside it."""
     step = int(jax.device_get(state.step))
     items = {name: ocp.args.StandardSave(tree) for name, tree in state.items().items()}
     items["data_position"] = ocp.args.JsonSave(dict(data_position or {}))
+    for name, value in (extra or {}).items():
+      if name not in EXTRA_ITEMS:
+        raise ValueError(f"checkpoint item {name!r}: choose from {EXTRA_ITEMS}")
+      items[name] = ocp.args.JsonSave(dict(value))
     kept = None
     if metrics and self.best_metric in metrics:
       kept = {self.best_metric: float(metrics[self.best_metric])}
@@ -106,6 +120,18 @@ class Checkpointer:
     """One item (e.g. "policy" for a later stage's init), into `like`'s shardings if given."""
     restore = ocp.args.StandardRestore(None if like is None else _abstract(like))
     return self.manager.restore(step, args=ocp.args.Composite(**{name: restore}))[name]
+
+  def restore_json(self, step: int, name: str) -> dict[str, Any] | None:
+    """A JSON item saved with `extra` at `step`, or None when that step has none."""
+    try:
+      metadata = json.loads((epath.Path(self.directory) / str(step) /
+                             "_CHECKPOINT_METADATA").read_text())
+      if name not in (metadata.get("item_handlers") or {}):
+        return None
+    except (OSError, ValueError):
+      pass
+    return dict(self.manager.restore(step, args=ocp.args.Composite(
+        **{name: ocp.args.JsonRestore()}))[name] or {})
 
   def restore_latest_valid(self, like: TrainState
                            ) -> tuple[TrainState, dict[str, Any], int] | None:
@@ -166,13 +192,15 @@ class Checkpointer:
       saved_items = set(metadata.get("item_handlers") or {}) or None
     except Exception as error:  # noqa: BLE001
       damaged["_CHECKPOINT_METADATA"] = f"{type(error).__name__}: {str(error)[:160]}"
-    for name in [*like.items(), "data_position"]:
+    for name in [*like.items(), "data_position", *EXTRA_ITEMS]:
+      if name in EXTRA_ITEMS and saved_items is None:
+        continue  # optional, and the metadata that would list it is already reported
       if saved_items is not None and name not in saved_items:
         continue  # never saved in this step: a different state, not damage
       try:
-        if name == "data_position":
+        if name == "data_position" or name in EXTRA_ITEMS:
           restored = self.manager.restore(step, args=ocp.args.Composite(
-              data_position=ocp.args.JsonRestore()))["data_position"]
+              **{name: ocp.args.JsonRestore()}))[name]
         else:
           restored = self.restore_item(step, name)
         for leaf in jax.tree.leaves(restored):  # every chunk is read, then freed

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import ml_collections
@@ -216,13 +216,8 @@ def evaluate(eval_step, state, batches, shardings) -> dict[str, float]:
   return {f"eval/{key}": value for key, value in totals.items()}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
-  # 1. Data and model.
-  task, eval_task = resolve_data(config)
-  model_config = resolve_model_config(config, task)
-  resolve_preference_tokens(config, task)
-  # The workdir's run, or refused before anything is written (resume.py).
+def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The workdir's run, or refused before anything is written (resume.py); then config.json."""
   accepted = resume.check(config, workdir)
   if jax.process_index() == 0:
     if accepted:
@@ -230,6 +225,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       print(f"config change accepted ({', '.join(key for key, _, _ in accepted)}); the previous "
             f"config is kept as {kept}", flush=True)
     write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
+  # 1. Data and model.
+  task, eval_task = resolve_data(config)
+  model_config = resolve_model_config(config, task)
+  resolve_preference_tokens(config, task)
+  claim_workdir(config, workdir)
 
   # 2. Mesh, shardings, and the checks that need numbers.
   mesh = partitioning.mesh_from_config(config)
@@ -273,15 +277,44 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     from dro_jax import periodic_evaluation
     judged = periodic_evaluation.JudgedEvaluation(config, model_config, mesh)
   log = MetricsLog(workdir, latest)
-  progress = _progress(config.total_steps, start)
-  monitor, preemption = FiniteMonitor(config), Preemption()
+  try:
+    return loop(config, state, batches, train_step=train_step, batch_layout=batch_layout,
+                checkpointer=checkpointer, log=log, mesh=mesh, rules=rules, first=first,
+                eval_step=eval_step, held_out=held_out, judged=judged)
+  finally:
+    checkpointer.close()
+    log.close()
+
+
+def loop(config: ml_collections.ConfigDict, state: TrainState, batches: Iterator[Batch], *,
+         train_step, batch_layout, checkpointer: checkpoint_manager.Checkpointer,
+         log: "MetricsLog", mesh, rules, end_step: int | None = None, first: Batch | None = None,
+         eval_step=None, held_out: list[Batch] | None = None, judged=None,
+         extra_items: Callable[[int, bool], Mapping[str, Any]] | None = None,
+         preemption: "Preemption | None" = None) -> TrainState:
+  """The steps from `state.step` + 1 to `end_step` (default `config.total_steps`): the training
+  loop as a function, for every runner that trains (train.run, the online loop).
+
+  Each step's metrics are read one step late; every `eval_every` steps the held-out batches
+  and the judged evaluation run; every `checkpoint_every` steps and at `end_step` the state is
+  saved with `batches.position()` and `extra_items(step, final)` (JSON items beside the state,
+  e.g. the online loop's iteration). A SIGTERM / Ctrl-C (`preemption`, installed here when not
+  given) saves the step and raises Preempted. The caller owns `checkpointer` and `log`.
+  """
+  end_step = config.total_steps if end_step is None else int(end_step)
+  start = int(jax.device_get(state.step))
+  owns_preemption = preemption is None
+  progress = _progress(end_step, start)
+  monitor = FiniteMonitor(config)
+  preemption = Preemption() if owns_preemption else preemption
   # The share of prompts and responses cut at the max lengths so far (data.truncate).
   truncation = getattr(batches, "truncation", None)
-  report = lambda pending: _report(pending, log, progress, config, monitor, truncation)
+  report = lambda pending: _report(pending, log, progress, config, monitor, truncation,
+                                   end_step)
   pending: tuple[int, Any] | None = None
   batch = first
   try:
-    for step in range(start + 1, config.total_steps + 1):
+    for step in range(start + 1, end_step + 1):
       if batch is None:
         batch = numeric(next(batches))
       state, metrics = train_step(state, device_batch(batch, batch_layout))
@@ -290,8 +323,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         report(pending)
       pending = (step, metrics)
       evaluate_now = bool(held_out or judged) and config.eval_every and (
-          step % config.eval_every == 0 or step == config.total_steps)
-      save_now = step % config.checkpoint_every == 0 or step == config.total_steps
+          step % config.eval_every == 0 or step == end_step)
+      save_now = step % config.checkpoint_every == 0 or step == end_step
       preempted = preemption.reached(step)
       if not (evaluate_now or save_now or preempted):
         continue
@@ -306,26 +339,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           eval_metrics.update(judged(state.policy))
         log.write(step, eval_metrics)
       if save_now or preempted:
-        checkpointer.save(state, batches.position(), eval_metrics)
+        extra = dict(extra_items(step, step == end_step)) if extra_items else None
+        checkpointer.save(state, batches.position(), eval_metrics, extra=extra)
       if preempted:
         raise Preempted(step, preemption.signal_name)
     if pending is not None:
       report(pending)
   finally:
-    preemption.close()
+    if owns_preemption:
+      preemption.close()
     progress.close()
-    checkpointer.close()
-    log.close()
   return state
 
 
 def _report(pending, log: MetricsLog, progress, config, monitor: FiniteMonitor,
-            truncation=None) -> None:
+            truncation=None, end_step: int | None = None) -> None:
   step, metrics = pending
   values = _host(metrics)
   monitor.check(step, values)
   progress.update(step, values["loss"])
-  if step % config.log_every == 0 or step == config.total_steps or not values["finite"]:
+  last = config.total_steps if end_step is None else end_step
+  if step % config.log_every == 0 or step == last or not values["finite"]:
     values = {**values, "steps_per_second": progress.rate(), "skipped_steps": monitor.skipped,
               **(truncation() if truncation is not None else {})}
     log.write(step, values)
