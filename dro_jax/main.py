@@ -32,7 +32,12 @@ def _demo(config, workdir):
   return demo.run(config, workdir)
 
 
-RUNNERS = {"train": _train, "demo": _demo}
+def _online(config, workdir):
+  from dro_jax import online
+  return online.run(config, workdir)
+
+
+RUNNERS = {"train": _train, "demo": _demo, "online": _online}
 
 
 def maybe_initialize_distributed() -> None:

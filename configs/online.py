@@ -1,0 +1,92 @@
+"""Online iterative RLHF with a general preference oracle (dro_jax/online.py; SPEC §4).
+
+  python -m dro_jax.main --config configs/online.py:size=tiny --workdir /tmp/online
+
+Per iteration: sample `online.samples` answers per prompt from the current policy, pick the
+enhancer's best by a knock-out tournament under the preference model, pair (the main agent's
+sample against the best, or best against worst), label each pair with the oracle (a judge spec),
+then train IPO (or DPO) on the pairs, warm-started from the previous iterate. On `size=tiny`
+with no data it runs on the demo task and first trains SFT on the demo's demonstrations in
+<workdir>/sft (like configs/demo.py); elsewhere set `init_checkpoint` (an SFT policy) and the
+prompts (`data.task`'s train split, or `online.prompts_file`).
+
+Args (comma-separated k=v): size, family, task, steps (per iteration), batch, lr, init, loss (ipo
+| dpo), iterations, samples, pairing (enhancer | best_worst), oracle (a judge spec), reference
+(sft | previous | ema), preference_model (oracle | fit), seed.
+"""
+
+import ml_collections
+
+from dro_jax import configs
+
+PAIRINGS = ("enhancer", "best_worst")
+REFERENCES = ("sft", "previous", "ema")
+PREFERENCE_MODELS = ("oracle", "fit")
+
+
+def get_config(arg=None):
+  args = configs.parse_arg(arg, "online", loss="ipo", iterations=3, samples=4,
+                           pairing="enhancer", oracle="demo", reference="sft",
+                           preference_model="oracle", seed=0)
+  for name, value, choices in (("loss", args.loss, ("ipo", "dpo")),
+                               ("pairing", args.pairing, PAIRINGS),
+                               ("reference", args.reference, REFERENCES),
+                               ("preference_model", args.preference_model, PREFERENCE_MODELS)):
+    if value not in choices:
+      raise ValueError(f"configs/online.py: arg {name}={value!r}: choose from {choices}")
+  config = configs.base_config(args.loss, args)
+  config.runner = "online"
+  config.seed = args.seed
+  tiny = args.size == "tiny"
+  config.online = ml_collections.ConfigDict({
+      "iterations": int(args.iterations),  # K
+      "samples": int(args.samples),  # n answers per prompt
+      "temperature": 1.0,
+      "prompts": 512 if tiny else 2048,  # prompts per iteration
+      "steps": 120 if tiny else 500,  # optimizer steps per iteration
+      # enhancer: the main agent's own sample (the first) against the best of n (the paper);
+      # best_worst: tournament winner against tournament loser (iterative DPO).
+      "pairing": args.pairing,
+      "oracle": args.oracle,  # the judge spec that labels the pairs
+      # oracle: rank with the oracle itself; fit: with a preference model refit each iteration
+      # on every oracle-labelled pair so far (warm-started).
+      "preference_model": args.preference_model,
+      "fit_steps": 300 if tiny else 1000,  # the refit's steps per iteration
+      "fit_max_input_length": 64 if tiny else 1024,
+      "accumulate": True,  # train on every iteration's pairs so far (False: this one's)
+      # sft: the SFT policy, fixed; previous: iterate k-1; ema: moved towards the policy as the
+      # trust-region rule `reference.alpha` / `reference.sync_every` says.
+      "reference": args.reference,
+      "prompts_file": ml_collections.config_dict.placeholder(str),  # JSONL "prompt" or lines
+      "max_decode_length": ml_collections.config_dict.placeholder(int),  # max_target_length
+      # SFT on the demo's demonstrations when no init_checkpoint is given (demo task only).
+      "sft_steps": 1000, "sft_batch": 64, "sft_lr": 2e-3, "sft_examples": 40_000,
+  })
+  if args.reference == "ema":
+    config.reference.alpha, config.reference.sync_every = 0.6, 8
+  config.ipo.tau, config.dpo.beta = 0.1, 0.1
+  config.reference_cache = "off"  # the reference is in the state (it may move)
+  config.keep_best = 0
+  if tiny:  # the demo's model, lengths and optimizer settings
+    config.model.vocab_size = 128
+    config.model.emb_dim, config.model.num_heads, config.model.head_dim = 128, 4, 32
+    config.model.num_encoder_layers = config.model.num_decoder_layers = 2
+    config.model.mlp_dim = 384
+    config.compute_dtype = "float32"
+    config.mesh_shape = (1, 1, 1)
+    config.batch_size = 64
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_steps = 20
+    config.evaluation.prompts, config.evaluation.samples = 200, 2
+  config.evaluation.max_decode_length = ml_collections.config_dict.placeholder(int)
+  configs.finalize(config, args)
+  if args.steps:  # `steps` is per iteration
+    config.online.steps = int(args.steps)
+  config.total_steps = config.online.steps * config.online.iterations
+  config.checkpoint_every = config.online.steps
+  config.eval_every = 0  # evaluated once per iteration by the loop
+  config.log_every = max(config.online.steps // 10, 1)
+  if tiny:
+    config.max_input_length, config.max_target_length = 16, 12
+    config.batch_size = int(args.batch) if args.batch else 64
+  return config
