@@ -515,6 +515,9 @@ class OnlineRun:
     first = datasets.numeric(next(batches))
     train_step, batch_layout = self.compiled(first)
     start_step = int(jax.device_get(state.step))
+    if start_step != (k - 1) * self.steps and not position:
+      raise ValueError(f"iteration {k} resumes at step {start_step} without the data position "
+                       f"its checkpoint should hold")
     print(f"[online] iteration {k}: {self.steps} steps of {self.config.loss} on "
           f"{sum(len(read_jsonl(p)) for p in paths)} pairs"
           + (f", resumed at step {start_step}" if position else ""), flush=True)
@@ -627,7 +630,8 @@ class OnlineRun:
       for k in range(1, self.iterations + 1):
         results.append(self.iteration(k, state, progress, position, log, preemption))
         state = results[-1].pop("state")
-        position = None
+        if k >= progress["iteration"]:  # the restored data position was this iteration's
+          position = None
         self.report(results)
     finally:
       preemption.close()

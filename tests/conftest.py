@@ -22,6 +22,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+# The reduced demo of the tests: SFT 450 steps, 300 feedback prompts x 4 samples, 120 DRO-V steps.
+DEMO_TEST_ARG = "scale=0.3,methods=dro"
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
   path = SHARED / "fixtures"
@@ -51,6 +55,20 @@ def new_name():
 def demo_cache(tmp_path_factory):
   """One demo-data cache for every training run of the session (the data is generated once)."""
   return str(tmp_path_factory.mktemp("demo_cache"))
+
+
+@pytest.fixture(scope="session")
+def demo_sft(tmp_path_factory, demo_cache):
+  """One SFT policy of the reduced demo (its `sft` stage: 450 steps), shared by the demo's and
+  the online loop's tests."""
+  from dro_jax import configs, demo
+  workdir = tmp_path_factory.mktemp("demo_sft")
+  config = configs.load("demo", DEMO_TEST_ARG)
+  config.data.cache_dir = demo_cache
+  names = demo.synthetic_tasks(config)
+  demo.run_stage("sft", demo.stage_config(config, "sft", names["sft"], init=None,
+                                          baseline=None), str(workdir / "sft"))
+  return workdir / "sft"
 
 
 @pytest.fixture(params=["memory", "tf.data"])

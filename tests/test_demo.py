@@ -27,17 +27,6 @@ def demo_config(demo_cache: str, arg: str = ARG):
   return config
 
 
-@pytest.fixture(scope="session")
-def demo_sft(tmp_path_factory, demo_cache):
-  """One SFT policy of the reduced demo (its `sft` stage), shared by every demo test."""
-  workdir = tmp_path_factory.mktemp("demo_sft")
-  config = demo_config(demo_cache)
-  names = demo.synthetic_tasks(config)
-  demo.run_stage("sft", demo.stage_config(config, "sft", names["sft"], init=None,
-                                          baseline=None), str(workdir / "sft"))
-  return workdir / "sft"
-
-
 def with_sft(tmp_path, demo_sft) -> pathlib.Path:
   workdir = tmp_path / "demo"
   shutil.copytree(demo_sft, workdir / "sft")
