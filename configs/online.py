@@ -53,6 +53,7 @@ def get_config(arg=None):
       "preference_model": args.preference_model,
       "fit_steps": 300 if tiny else 1000,  # the refit's steps per iteration
       "fit_max_input_length": 64 if tiny else 1024,
+      "max_pairs": 0,  # at most this many labelled pairs per iteration (0: all)
       "accumulate": True,  # train on every iteration's pairs so far (False: this one's)
       # sft: the SFT policy, fixed; previous: iterate k-1; ema: moved towards the policy as the
       # trust-region rule `reference.alpha` / `reference.sync_every` says.

@@ -414,6 +414,10 @@ class OnlineRun:
     best, worst, tournament_calls = rank(samples, ranker, self.config, k,
                                          worst=self.settings.pairing == "best_worst")
     pairs, counts = make_pairs(samples, best, worst, self.settings.pairing)
+    cap = int(self.settings.get("max_pairs", 0) or 0)
+    if cap and len(pairs) > cap:  # the first `cap` pairs: the oracle is asked no more
+      counts["dropped_over_max_pairs"] = len(pairs) - cap
+      pairs = pairs[:cap]
     labelled, ties, labelling_calls = label(pairs, self.oracle, self.config, k)
     seconds = time.perf_counter() - start
     write_jsonl(self.path(k, "pairs.jsonl"), labelled)
