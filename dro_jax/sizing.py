@@ -20,6 +20,9 @@ memory); `--input_length` / `--target_length`, or `--config.max_input_length=...
 When the step does not fit the chip's HBM, the report lists what would (a wider fsdp axis, a
 bfloat16 reference, more microbatches, rematerialisation) with ESTIMATED per-chip sizes: state
 scales with 1/fsdp, activations with 1/microbatches; recompile with the flags to measure.
+Progress goes to stderr while it compiles. A step the compiler refuses even without the HBM limit
+ends in one line naming the smallest slice of the chip whose chips hold its state (estimated from
+the shardings, activations on top).
 """
 
 from __future__ import annotations
