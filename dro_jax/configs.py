@@ -36,6 +36,52 @@ def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return module.get_config(arg)
 
 
+def recipes(directory: str | None = None) -> list[str]:
+  """The recipe files of `configs/` (the repository's, or `directory`), as `configs/NAME.py`."""
+  import pathlib
+  folder = pathlib.Path(directory) if directory else (
+      pathlib.Path(__file__).resolve().parents[1] / "configs")
+  return sorted(f"{folder.name}/{path.name}" for path in folder.glob("*.py")
+                if not path.name.startswith("_"))
+
+
+def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any, str]]:
+  """(dotted key, value, type name) of every leaf of `config`, placeholders (None) included."""
+  rows = []
+  for key in sorted(config.keys()):
+    field = config._fields[key]  # pylint: disable=protected-access
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      rows += flat_items(value, f"{prefix}{key}.")
+      continue
+    kind = field.get_type() if isinstance(field, config_dict.FieldReference) else type(value)
+    rows.append((f"{prefix}{key}", value, getattr(kind, "__name__", str(kind))))
+  return rows
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """Every key with its value, one per line (`key = value  # type`), as --print_config shows."""
+  rows = flat_items(config)
+  width = max(len(key) for key, _, _ in rows)
+  return "\n".join(f"{key:<{width}} = {value!r}  # {kind}" for key, value, kind in rows)
+
+
+def closest_key(config: ml_collections.ConfigDict, key: str) -> str | None:
+  """The dotted key of `config` nearest to `key` (difflib), or None when nothing is close."""
+  import difflib
+  keys = [name for name, _, _ in flat_items(config)]
+  keys += sorted({name.rsplit(".", 1)[0] for name in keys if "." in name})
+  leaf = key.rsplit(".", 1)[-1]
+  matches = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+  if not matches:  # the right leaf under the wrong parent, e.g. optimizer.beta for dpo.beta
+    matches = [name for name in keys if name.rsplit(".", 1)[-1] == leaf][:1]
+  if not matches:
+    by_leaf = {name.rsplit(".", 1)[-1]: name for name in keys}
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+    matches = [by_leaf[close[0]]] if close else []
+  return matches[0] if matches else None
+
+
 def parse_arg(arg: str | None, recipe: str, **defaults: Any) -> ml_collections.ConfigDict:
   """`k=v,k=v` -> ConfigDict of the recipe's args (common ones included); unknown keys fail."""
   known = {**COMMON_ARGS, **defaults}

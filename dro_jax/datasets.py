@@ -69,15 +69,77 @@ def loss_kind(config: ml_collections.ConfigDict) -> str:
   return DEMO_TASK_ROLE[config.loss]
 
 
+PAIRWISE_RECIPES = ("dpo", "ipo", "reward_model", "preference_model")
+SINGLE_RECIPES = ("sft", "dro", "dro_p", "kto")
+
+
+def check_files(config: ml_collections.ConfigDict) -> None:
+  """Refuses, before anything is written, `data.train_files` / `eval_files` that are missing or
+  empty, and JSONL rows of the other kind than the loss trains on (pairs for a single-response
+  loss, single responses for a pairwise one) when no adapter maps the fields."""
+  from dro_jax import errors
+  data = config.data
+  if not data.get("train_files"):
+    return
+  if not data.vocabulary:
+    raise errors.UserError("config.data.train_files needs config.data.vocabulary (a "
+                           "sentencepiece model, e.g. --config.data.vocabulary=spiece.model)")
+  if data.adapter:
+    from dro_jax.data import adapters
+    if not hasattr(adapters, data.adapter):
+      names = sorted(name for name in dir(adapters) if not name.startswith("_")
+                     and callable(getattr(adapters, name)))
+      raise errors.UserError(f"config.data.adapter: no adapter {data.adapter!r} in "
+                             f"dro_jax.data.adapters; choose from {names}")
+  from dro_jax.data import readers
+  for key in ("train_files", "eval_files"):
+    if not data.get(key):
+      continue
+    for path in readers.resolve_files(data[key].split(",")):
+      records = readers.read_records(path)
+      try:
+        first = next(records, None)
+      finally:
+        records.close()
+      if first is None:
+        raise errors.UserError(f"config.data.{key}: {path} is empty (no records); give a file "
+                               f"with one example per line")
+      if not data.adapter and first.fields is not None:
+        _check_kind(config, first)
+
+
+def _check_kind(config: ml_collections.ConfigDict, record) -> None:
+  from dro_jax import errors
+  fields = set(record.fields)
+  is_pair = {"chosen", "rejected"} <= fields
+  is_single = bool({"response", "completion"} & fields)
+  pairwise = loss_kind(config) == "pairs"
+  if is_pair and not is_single and not pairwise:
+    raise errors.UserError(
+        f"{record.location} holds a preference pair (prompt, chosen, rejected), but the "
+        f"{config.loss} loss trains on single responses (prompt, response and a reward or "
+        f"label); train on pairs with configs/dpo.py or configs/ipo.py (or "
+        f"{' / '.join(PAIRWISE_RECIPES[2:])}), or give {config.loss} single-response rows")
+  if is_single and not is_pair and pairwise:
+    raise errors.UserError(
+        f"{record.location} holds a single response (prompt, response), but the {config.loss} "
+        f"loss trains on preference pairs (prompt, chosen, rejected); train on single "
+        f"responses with {' / '.join(f'configs/{name}.py' for name in SINGLE_RECIPES)}, or give "
+        f"{config.loss} pairs")
+
+
 def _register_files(config: ml_collections.ConfigDict) -> str:
+  from dro_jax import errors
   from dro_jax.data import adapters, tasks
   data = config.data
   if not data.vocabulary:
-    raise ValueError("config.data.train_files needs config.data.vocabulary (a sentencepiece model)")
+    raise errors.UserError("config.data.train_files needs config.data.vocabulary (a "
+                           "sentencepiece model, e.g. --config.data.vocabulary=spiece.model)")
   adapter = None
   if data.adapter:
     if not hasattr(adapters, data.adapter):
-      raise ValueError(f"config.data.adapter: no adapter {data.adapter!r} in dro_jax.data.adapters")
+      raise errors.UserError(f"config.data.adapter: no adapter {data.adapter!r} in "
+                             f"dro_jax.data.adapters")
     adapter = getattr(adapters, data.adapter)()
   source = {"train": data.train_files.split(",")}
   if data.eval_files:

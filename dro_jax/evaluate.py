@@ -178,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+  from dro_jax import console
+  console.initialize_backends()
   try:
     main()
   except (ValueError, checkpoints.CheckpointError) as error:

@@ -166,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
+  from dro_jax import console
+  console.initialize_backends()
   try:
     main()
   except (ValueError, checkpoints.CheckpointError) as error:

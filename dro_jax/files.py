@@ -1,6 +1,6 @@
 """Small file helpers every runner shares: local paths and gs:// alike, written atomically.
 
-The lowest layer of the package: it imports nothing of dro_jax, so anything may stand on it.
+The lowest layer of the package: it imports only `dro_jax.console`, so anything may stand on it.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 def gfile():
   """tf.io.gfile (local paths and gs:// alike), imported on first use."""
-  import tensorflow as tf
-  return tf.io.gfile
+  from dro_jax import console
+  return console.import_tensorflow().io.gfile
 
 
 def write_text(path: str, text: str) -> None:

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dro_jax import checkpoint_manager, datasets, files, partitioning, reference
+from dro_jax import checkpoint_manager, datasets, errors, files, partitioning, reference
 from dro_jax import step as step_lib
 from dro_jax.models import scan as scan_lib
 from dro_jax.models import t5 as t5_lib
@@ -107,8 +107,12 @@ def init_policy(config, model_config: t5_lib.T5Config, rng: jax.Array) -> PyTree
 
 
 def init_checkpoint_kind(path: str) -> str:
-  """"workdir", "hf" or "t5x", or a ValueError saying what was expected."""
+  """"workdir", "hf" or "t5x", or a UserError saying what was expected."""
   gfile = files.gfile()
+  if not gfile.exists(path):
+    raise errors.UserError(
+        f"init_checkpoint {path} does not exist; give a dro_jax workdir (e.g. an SFT run's "
+        f"--workdir), a Hugging Face T5 folder or a T5X checkpoint_N folder")
   if gfile.isdir(os.path.join(path, "checkpoints")):
     return "workdir"
   if gfile.exists(os.path.join(path, "config.json")) and gfile.glob(
@@ -116,7 +120,7 @@ def init_checkpoint_kind(path: str) -> str:
     return "hf"
   if gfile.exists(os.path.join(path, "checkpoint")):
     return "t5x"
-  raise ValueError(f"init_checkpoint {path}: not a dro_jax workdir (no checkpoints/), an HF "
+  raise errors.UserError(f"init_checkpoint {path}: not a dro_jax workdir (no checkpoints/), an HF "
                    f"folder (config.json + *.safetensors) or a T5X checkpoint_N folder "
                    f"(no 'checkpoint' file)")
 
@@ -190,7 +194,13 @@ def resolve_model_config(config: ml_collections.ConfigDict, task: str) -> t5_lib
   """The policy's T5Config; refuses a vocabulary larger than the model's embedding."""
   from dro_jax.data import tasks
   model_config = step_lib.t5_config(config)
-  tasks.check_vocabulary_fits(task, model_config.vocab_size)
+  if config.init_checkpoint:
+    fix = (f"the model's vocab_size comes from init_checkpoint {config.init_checkpoint}, so give "
+           f"the data that checkpoint's own vocabulary (--config.data.vocabulary=<its "
+           f"spiece.model>)")
+  else:
+    fix = None  # the generic one: a larger --config.model.vocab_size, or a smaller vocabulary
+  tasks.check_vocabulary_fits(task, model_config.vocab_size, fix=fix)
   return model_config
 
 

@@ -110,4 +110,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from dro_jax import console
+  console.initialize_backends()
   sys.exit(main())

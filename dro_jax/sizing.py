@@ -20,6 +20,9 @@ memory); `--input_length` / `--target_length`, or `--config.max_input_length=...
 When the step does not fit the chip's HBM, the report lists what would (a wider fsdp axis, a
 bfloat16 reference, more microbatches, rematerialisation) with ESTIMATED per-chip sizes: state
 scales with 1/fsdp, activations with 1/microbatches; recompile with the flags to measure.
+Progress goes to stderr while it compiles. A step the compiler refuses even without the HBM limit
+ends in one line naming the smallest slice of the chip whose chips hold its state (estimated from
+the shardings, activations on top).
 """
 
 from __future__ import annotations
@@ -132,8 +135,11 @@ def topology_devices(topology: str) -> tuple[Any, ...]:
   # v4 and v5p chips hold two TensorCores that JAX drives as one device ("megacore"): one
   # device per chip, as on the real slice (libtpu's default description has one per core).
   options = {"chip_config_name": "megacore"} if chip_of(topology) in MEGACORE_CHIPS else {}
+  from dro_jax import console
   try:
-    description = topologies.get_topology_desc(platform="tpu", topology_name=topology, **options)
+    with console.filtered_stderr():  # libtpu's notices about the TPU VM it is not on
+      description = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                                 **options)
   except Exception as error:  # libtpu's INVALID_ARGUMENT for a slice it does not know
     raise ValueError(f"topology {topology!r}: libtpu cannot describe it: "
                      f"{str(error).splitlines()[0]}") from error
@@ -213,10 +219,59 @@ def prepare_config(config, *, input_length: int | None = None,
   return config
 
 
+class DoesNotCompile(ValueError):
+  """The step was refused at the chip's HBM and again without the limit (`message`: the
+  compiler's first line)."""
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    self.message = message
+
+
+def progress(message: str) -> None:
+  """One line of progress on stderr (the report itself goes to stdout)."""
+  print(f"[sizing] {message}", file=sys.stderr, flush=True)
+
+
+class _Compiling:
+  """Says what is compiling, then every `every` seconds that it still is, then how long it took."""
+
+  def __init__(self, message: str, every: float = 30.0):
+    import threading
+    self.message, self.every = message, every
+    self._done = threading.Event()
+    self._thread = threading.Thread(target=self._beat, daemon=True)
+
+  def _beat(self) -> None:
+    import time
+    begin = time.perf_counter()
+    while not self._done.wait(self.every):
+      progress(f"  still compiling ({time.perf_counter() - begin:.0f} s)")
+
+  def __enter__(self):
+    import time
+    self.begin = time.perf_counter()
+    progress(self.message)
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    import time
+    self._done.set()
+    self._thread.join()
+    if exc[0] is None:
+      progress(f"  compiled in {time.perf_counter() - self.begin:.1f} s")
+
+
+def _compile_with(lowered, options: dict[str, Any], message: str):
+  with _Compiling(message):
+    return lowered.compile(compiler_options=options)
+
+
 def _compile(lowered, hbm_bytes: int | None):
   """(executable, None), or where the step needs more than the chip's HBM (the TPU compiler
   refuses it: RESOURCE_EXHAUSTED) the executable compiled without that limit, so its memory
-  can still be read, and the compiler's message."""
+  can still be read, and the compiler's message. DoesNotCompile when that compile fails too."""
   import jax
   limit = {} if hbm_bytes is None else {_HBM_OPTION: max(int(hbm_bytes) // 2 ** 20, 1)}
   # Executables for a described topology cannot be loaded back from the persistent cache, so
@@ -228,12 +283,18 @@ def _compile(lowered, hbm_bytes: int | None):
   reset()
   try:
     try:
-      return lowered.compile(compiler_options=limit), None
+      return _compile_with(lowered, limit, "compiling the train step" + (
+          f" within {_gib(hbm_bytes)} of HBM" if hbm_bytes else "")), None
     except jax.errors.JaxRuntimeError as error:
       if "RESOURCE_EXHAUSTED" not in str(error):
         raise
       message = str(error).split("\n")[0]
-    return lowered.compile(compiler_options={_HBM_OPTION: UNLIMITED_HBM_MIB}), message
+    try:
+      return _compile_with(lowered, {_HBM_OPTION: UNLIMITED_HBM_MIB},
+                           "it does not fit; compiling again without the HBM limit to measure "
+                           "it"), message
+    except jax.errors.JaxRuntimeError as error:
+      raise DoesNotCompile(str(error).split("\n")[0]) from error
   finally:
     jax.config.update("jax_enable_compilation_cache", cache)
     reset()
@@ -318,11 +379,63 @@ def size(config, topology: str, *, input_length: int | None = None,
   suggestions when it does not fit (`hbm_gib` overrides the chip's HBM)."""
   config = prepare_config(config, input_length=input_length, target_length=target_length)
   hbm_bytes = int(hbm_gib * GIB) if hbm_gib else hbm_bytes_of(topology)
-  _, report = compile_step(config, topology, hbm_bytes if hbm_gib else None)
+  try:
+    _, report = compile_step(config, topology, hbm_bytes if hbm_gib else None)
+  except DoesNotCompile as error:
+    from dro_jax import errors
+    raise errors.UserError(f"the train step does not compile for {topology} even without the "
+                           f"HBM limit ({error.message}); "
+                           f"{smallest_topology_line(config, topology, hbm_bytes)}") from error
   report.config = name
   report.hbm_bytes = hbm_bytes
   report.suggestions, report.plan = suggest(report, config)
   return report
+
+
+# Slices of each chip, smallest first (what `smallest_topology` tries).
+SLICES = {
+    "v5e": ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
+    "v6e": ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
+    "v4": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"),
+    "v5p": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"),
+}
+SLICES["v5litepod"] = SLICES["v5e"]
+
+
+def smallest_topology(config, topology: str, hbm_bytes: int) -> tuple[str, int] | None:
+  """(the smallest slice of `topology`'s chip with more chips than it whose chips hold the
+  state and its gradients under fsdp over every chip, within HEADROOM of the HBM; those bytes per
+  chip), from the shardings alone (no compile). An estimate: activations come on top."""
+  chip = chip_of(topology)
+  current = len(topology_devices(topology))
+  for shape in SLICES.get(chip, ()):
+    candidate = f"{chip}:{shape}"
+    try:
+      devices = len(topology_devices(candidate))
+      if devices <= current:
+        continue
+      wide = config.copy_and_resolve_references()
+      wide.mesh_shape = (1, devices, 1)
+      sizes = state_bytes(wide, candidate)
+    except Exception:  # a slice libtpu or the model's shapes do not allow: the next one
+      continue
+    need = sizes["parameters"] * 2 + sizes["optimizer_state"] + sizes["reference"]
+    if need <= HEADROOM * hbm_bytes:
+      return candidate, need
+  return None
+
+
+def smallest_topology_line(config, topology: str, hbm_bytes: int) -> str:
+  found = smallest_topology(config, topology, hbm_bytes)
+  if found is None:
+    largest = f"{chip_of(topology)}:{SLICES.get(chip_of(topology), ('?',))[-1]}"
+    return (f"no {chip_of(topology)} slice up to {largest} holds its state: a smaller model, "
+            f"shorter sequences or a chip with more HBM")
+  candidate, need = found
+  devices = len(topology_devices(candidate))
+  return (f"the smallest slice whose chips hold its state and gradients is {candidate} "
+          f"(~{_gib(need)} per chip with fsdp over all {devices} chips; activations come on "
+          f"top): --topology={candidate} --config.mesh_shape='(1,{devices},1)'")
 
 
 # ---------------------------------------------------------------------------------- suggestions
@@ -525,11 +638,12 @@ def cli(argv: Sequence[str]) -> Report | None:
   input_length, target_length = lengths_for(config, argv, values.input_length,
                                             values.target_length)
   name = values["config"].config_filename  # as given, with its :args
+  progress(f"{name} on {values.topology}: building the step (nothing is allocated)")
   try:
     report = size(config, values.topology, input_length=input_length,
                   target_length=target_length, hbm_gib=values.hbm_gib, name=name)
   except ValueError as error:  # a topology, mesh, batch or key the run cannot have
-    raise SystemExit(f"{argv[0]}: {error}") from None
+    raise SystemExit(f"{argv[0]}: {' '.join(str(error).split())}") from None
   print(format_report(report), flush=True)
   if values.json:
     from dro_jax import files
@@ -540,4 +654,6 @@ def cli(argv: Sequence[str]) -> Report | None:
 if __name__ == "__main__":
   # Sizing needs no accelerator of this machine: the TPU devices come from libtpu's topology.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from dro_jax import console
+  console.initialize_backends()
   cli(sys.argv)

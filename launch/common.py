@@ -109,8 +109,13 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
 
 
 def remote_command(words: Sequence[str]) -> list[str]:
-  """The REMAINDER after `run`, without its leading `--`."""
-  return list(words[1:] if words[:1] == ["--"] else words)
+  """The REMAINDER after `run`, without its leading `--`. A --dry_run among it is refused: it
+  was meant for the launcher, and passed on it would let the command run for real."""
+  command = list(words[1:] if words[:1] == ["--"] else words)
+  if any(word == "--dry_run" or word.startswith("--dry_run=") for word in command):
+    sys.exit("run: --dry_run after `--` belongs to the remote command, so nothing would be a dry "
+             "run; put it before `--` (run --dry_run ... -- COMMAND)")
+  return command
 
 
 def run_script(command: Sequence[str], env: dict[str, str]) -> str:

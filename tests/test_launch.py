@@ -240,3 +240,25 @@ def test_missing_target_fails():
     result = subprocess.run([sys.executable, "-S", str(ROOT / "launch" / script), *args],
                             env=env, capture_output=True, text=True)
     assert result.returncode != 0 and ("--name" in result.stderr or "--host" in result.stderr)
+
+
+def test_dry_run_after_the_separator_is_refused_and_runs_nothing(tmp_path):
+  """`run ... -- COMMAND --dry_run` would pass --dry_run to the remote command and run for real."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  log = tmp_path / "calls.jsonl"
+  for tool in ("gcloud", "ssh"):
+    (bin_dir / tool).write_text(FAKE.replace("{python}", sys.executable))
+    (bin_dir / tool).chmod(0o755)
+  env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+         "FAKE_LOG": str(log), "FAKE_HOME": str(tmp_path)}
+  train = ["python", "-m", "dro_jax.main", "--config", "configs/dro.py", "--workdir", "gs://b/w"]
+  for script, target in (("tpu.py", ["--name", NAME, "--zone", ZONE]),
+                         ("gpu.py", ["--host", "me@gpu-box"])):
+    for words in (["--", "--dry_run", *train], ["--", *train, "--dry_run"]):
+      result = subprocess.run([sys.executable, "-S", str(ROOT / "launch" / script), "run",
+                               *target, *words], env=env, capture_output=True, text=True)
+      assert result.returncode != 0, (script, words)
+      assert "--dry_run" in result.stderr and "before `--`" in result.stderr
+      assert len((result.stdout + result.stderr).strip().splitlines()) == 1
+      assert not log.exists() or not log.read_text(), "a tool ran"

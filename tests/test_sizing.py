@@ -205,3 +205,33 @@ def test_a_slice_or_mesh_that_cannot_be_is_named():
   config.num_microbatches = 3
   with pytest.raises(ValueError, match=rf"batch_size {config.batch_size} does not split.*4 x 1 x 3"):
     sizing.compile_step(sizing.prepare_config(config), "v5e:2x2")
+
+
+def test_progress_while_compiling_and_one_line_when_nothing_compiles(monkeypatch, capsys):
+  """A step refused at the chip's HBM and again without the limit: one line naming the smallest
+  slice that holds the state, no traceback; progress lines on stderr meanwhile."""
+  import jax
+
+  def refuse(lowered, options, message):
+    sizing.progress(message)
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space "
+                                     "hbm.\nthe compiler's details")
+
+  monkeypatch.setattr(sizing, "_compile_with", refuse)
+  with pytest.raises(SystemExit) as stopped:
+    sizing.cli(["sizing", f"--config={ROOT}/configs/sft.py:size=tiny", "--topology=v5e:2x2",
+                *(f"--config.{key}=1" for key in ONE_LAYER)])
+  message = str(stopped.value.code)
+  assert len(message.splitlines()) == 1
+  assert "does not compile for v5e:2x2 even without the HBM limit" in message
+  assert "--topology=v5e:2x4" in message and "mesh_shape='(1,8,1)'" in message
+  err = capsys.readouterr().err
+  assert "compiling the train step" in err and "compiling again without the HBM limit" in err
+
+
+def test_compiling_reports_its_progress(capsys):
+  config = configs.load("sft", "size=tiny")
+  config.model.num_encoder_layers = config.model.num_decoder_layers = 1
+  sizing.compile_step(sizing.prepare_config(config), "v5e:2x2")
+  err = capsys.readouterr().err
+  assert "[sizing] compiling the train step" in err and "compiled in" in err

@@ -4,11 +4,14 @@ Every module of this package that needs TensorFlow imports it from here, so the 
 hides the GPUs from TensorFlow before it claims any memory. TF_CPP_MIN_LOG_LEVEL is set (unless
 the user set it) in the package's `__init__`, before anything imports TensorFlow; level 3 is
 needed because the failed CUDA probe of a CPU-only machine is logged as an error. Errors of the
-input pipeline itself still reach Python as exceptions. CUDA_VISIBLE_DEVICES is left alone: it
+input pipeline itself still reach Python as exceptions. The import itself goes through
+`dro_jax.console`, which keeps TensorFlow's native start-up notices off stderr. CUDA_VISIBLE_DEVICES is left alone: it
 would hide the GPUs from JAX too.
 """
 
-import tensorflow as tf
+from dro_jax import console
+
+tf = console.import_tensorflow()
 
 
 def hide_accelerators_from_tensorflow() -> bool:

@@ -164,10 +164,14 @@ class DataIterator:
                                       process_index=process_index,
                                       timeout_seconds=statistics_timeout_seconds)
         for task, _ in self._tasks}
-    for task_name, statistics in self.statistics.items():
+    for (task, _), source in zip(self._tasks, self._sources):
+      statistics = self.statistics[task.name]
       if statistics.count == 0:
-        raise DataError(f"task '{task_name}' split '{split}' has no valid example "
-                        f"(skipped: {statistics.skipped})")
+        # A Task made from files (data.train_files) is named by its files, not its hashed name.
+        files = getattr(source, "_patterns", {}).get(split)
+        where = (f"{', '.join(files)} (split '{split}')" if files else
+                 f"task '{task.name}' split '{split}'")
+        raise DataError(f"{where} has no valid example (skipped: {statistics.skipped})")
     if self._is_mixture:
       # A host with no example of a Task cannot sample it: its share would go to the other Tasks
       # there, and the mixture would no longer follow its rates.

@@ -15,11 +15,12 @@ import struct
 from typing import Any, BinaryIO, Iterator, Sequence
 
 from dro_jax.data._tensorflow import tf
+from dro_jax.errors import UserError
 
 FORMATS = ("jsonl", "parquet", "tfrecord")
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """Bad input data; the message names the file, the line (or row) and the field."""
 
 

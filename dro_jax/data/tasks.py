@@ -536,21 +536,28 @@ def component_tasks(name: str) -> list[tuple[seqio.Task, float]]:
   return [(provider, 1.0)]
 
 
-def check_vocabulary_fits(name: str, model_vocab_size: int) -> None:
+def check_vocabulary_fits(name: str, model_vocab_size: int, fix: str | None = None) -> None:
   """Refuses a Task (or any Task of a Mixture) whose vocabulary is larger than the model's.
 
   Ids at or past the model's vocab_size have no embedding row, and no lookup fails on them:
-  JAX fills out-of-range gathers with NaN or clamps them.
+  JAX fills out-of-range gathers with NaN or clamps them. `fix`: what the user should do (by
+  default: a model with a larger vocab_size, or a smaller vocabulary).
   """
+  from dro_jax import errors
   for task, _ in component_tasks(name):
     vocabulary = feedback_source(task).vocabulary
     if vocabulary.vocab_size > model_vocab_size:
       path = getattr(vocabulary, "sentencepiece_model_file", None)
-      raise ValueError(
-          f"Task '{task.name}' has a vocabulary of {vocabulary.vocab_size} pieces"
+      size = vocabulary.vocab_size
+      rounded = -(-size // 128) * 128  # T5's embeddings are a multiple of 128 rows
+      advice = fix or (f"train from scratch with --config.model.vocab_size={rounded} (or any "
+                       f"size of at least {size}), or give the data a vocabulary of at most "
+                       f"{model_vocab_size} pieces")
+      raise errors.UserError(
+          f"Task '{task.name}' has a vocabulary of {size} pieces"
           + (f" ({path})" if path else "") + f", more than the model's vocab_size "
-          f"{model_vocab_size}: ids from {model_vocab_size} on have no embedding; register the "
-          "Task with the model's own vocabulary (its checkpoint's spiece.model)")
+          f"{model_vocab_size}: ids from {model_vocab_size} on would have no embedding; fix: "
+          f"{advice}")
 
 
 def register_mixture(name: str, tasks: Sequence[str | tuple[str, float]], *,
