@@ -58,8 +58,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dro_jax import (checkpoint_manager, datasets, decoding, evaluation, files, initialization,
-                     judges, partitioning, policies, train)
+from dro_jax import (checkpoint_manager, datasets, decoding, errors, evaluation, files,
+                     initialization, judges, partitioning, policies, train)
 from dro_jax import reference as reference_lib
 from dro_jax import step as step_lib
 
@@ -107,26 +107,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """A misconfigured run fails here, naming the key, before anything is written."""
   settings = config.online
   if config.loss not in ("ipo", "dpo"):
-    raise ValueError(f"config.loss={config.loss!r}: the online loop trains ipo or dpo")
+    raise errors.UserError(f"config.loss={config.loss!r}: the online loop trains ipo or dpo")
   checks = {"pairing": ("enhancer", "best_worst"), "reference": ("sft", "previous", "ema"),
             "preference_model": ("oracle", "fit")}
   for key, choices in checks.items():
     if settings[key] not in choices:
-      raise ValueError(f"config.online.{key}={settings[key]!r}: choose from {choices}")
+      raise errors.UserError(f"config.online.{key}={settings[key]!r}: choose from {choices}")
   for key in ("iterations", "samples", "prompts", "steps"):
     if int(settings[key]) < 1:
-      raise ValueError(f"config.online.{key}={settings[key]}: must be at least 1")
+      raise errors.UserError(f"config.online.{key}={settings[key]}: must be at least 1")
   if settings.samples < 2:
-    raise ValueError(f"config.online.samples={settings.samples}: pairs need at least 2 answers")
+    raise errors.UserError(f"config.online.samples={settings.samples}: pairs need at least 2 answers")
   if settings.reference == "ema" and reference_lib.is_frozen(config.reference.alpha):
-    raise ValueError("config.online.reference='ema' needs config.reference.alpha > 0")
+    raise errors.UserError("config.online.reference='ema' needs config.reference.alpha > 0")
   if settings.reference != "ema" and not reference_lib.is_frozen(config.reference.alpha):
-    raise ValueError(f"config.online.reference={settings.reference!r} keeps the reference "
+    raise errors.UserError(f"config.online.reference={settings.reference!r} keeps the reference "
                      f"fixed within an iteration; config.reference.alpha must be 0 (or use "
                      f"reference='ema')")
   judges.judge_from_spec(settings.oracle)  # an unknown spec fails now, naming it
   if not config.init_checkpoint and not datasets.is_demo(config):
-    raise ValueError("the online loop needs config.init_checkpoint (an SFT policy) unless it "
+    raise errors.UserError("the online loop needs config.init_checkpoint (an SFT policy) unless it "
                      "runs on the demo task")
 
 

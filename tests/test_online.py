@@ -240,3 +240,25 @@ def test_validation_names_the_key(demo_cache):
   config.data.task = "some_registered_task"
   with pytest.raises(ValueError, match="init_checkpoint"):
     online.validate(config)
+
+
+@pytest.mark.slow
+def test_a_fitted_preference_model_ranks_from_the_second_iteration(tmp_path, demo_sft,
+                                                                   demo_cache):
+  """preference_model="fit": before any pair is labelled the ranking is random (no judge
+  calls); iteration 2 ranks with a pairwise preference model trained on iteration 1's pairs,
+  asked in both orders."""
+  config = online_config(demo_cache, demo_sft, "preference_model=fit", **SMALL)
+  config.online.fit_steps = 10
+  result = online.run(config, str(tmp_path / "fit"))
+  rankers = [it["judged"]["ranker"] for it in result["iterations"]]
+  assert rankers == ["random", "fit"]
+  judged = [json.loads((tmp_path / "fit" / "iterations" / str(k) / "judged.json").read_text())
+            for k in (1, 2)]
+  assert judged[0]["judge_calls"]["tournament"] == 0
+  n, prompts = config.online.samples, config.online.prompts
+  assert judged[1]["judge_calls"]["tournament"] == 2 * (n - 1) * prompts
+  model = tmp_path / "fit" / "iterations" / "2" / "preference_model"
+  assert (model / "checkpoints").is_dir()
+  assert json.loads((model / "config.json").read_text())["loss"] == "preference_model"
+  assert not (tmp_path / "fit" / "iterations" / "1" / "preference_model").exists()
