@@ -36,7 +36,7 @@ EXTRAS = {
     # topology it describes (verified: jax 0.10.2 + libtpu 0.0.42.1).
     "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
     "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
-    "notebook": ["nbclient>=0.10", "ipykernel>=6"],
+    "notebook": ["nbclient>=0.10", "nbconvert>=7", "ipykernel>=6"],
 }
 
 setuptools.setup(
