@@ -1,4 +1,4 @@
-"""Online iterative RLHF with a general preference oracle (dro_jax/online.py; SPEC §4).
+"""Online iterative RLHF with a general preference oracle (dro_jax/online.py, docs/methods.md).
 
   python -m dro_jax.main --config configs/online.py:size=tiny --workdir /tmp/online
 

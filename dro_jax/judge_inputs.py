@@ -10,7 +10,7 @@ built from their workdirs (judges.py) score with them, so training and judging c
   place, so positions match training);
 - the preference model reads prompt ‖ response A ‖ response B (`preference_model_inputs`:
   [B, S + 2T]) and answers with one decoder step; P(A better than B) is the two-way softmax over
-  the "A" and "B" label logits (`label_logps` then `first_wins`), SPEC §4.
+  the "A" and "B" label logits (`label_logps` then `first_wins`), docs/methods.md.
 """
 
 from __future__ import annotations

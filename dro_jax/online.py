@@ -1,4 +1,4 @@
-"""The `online` runner: online iterative RLHF with a general preference oracle (SPEC §4).
+"""The `online` runner: online iterative RLHF with a general preference oracle (docs/methods.md).
 
     python -m dro_jax.main --config configs/online.py:size=tiny --workdir /tmp/online
 

@@ -4,7 +4,7 @@ Each network's chain is: clip by global norm -> Adafactor (default, decay_rate 0
 paper) or AdamW with a linear warm-up schedule, then a constant, cosine or linear decay
 (`schedule`, `decay_steps`, `end_learning_rate_factor`) -> `policy_update_scale` (policy only).
 The scale acts on the UPDATE, after the optimizer: under Adam or Adafactor a constant factor on
-the gradient would be normalised away (SPEC.md §1). Clipping acts on the raw gradient, before the
+the gradient would be normalised away (docs/methods.md). Clipping acts on the raw gradient, before the
 scale. Both chains follow the same schedule shape, each from its own peak learning rate.
 
 Which chain the value parameters φ take (`value_chain`, from `config.dro.value_optimizer`):
@@ -18,7 +18,7 @@ Which chain the value parameters φ take (`value_chain`, from `config.dro.value_
   the value chain with exactly ∂L/∂φ; they differ only when `value_loss_weight` != 1) and train
   bitwise identically; single_multiple still differs from double_multiple (its head reads the
   policy's encoder, which also receives the value gradient).
-- "policy" (the DRO paper's single-net ablation, SPEC.md §1's table): a single-net variant's φ
+- "policy" (the DRO paper's single-net ablation, docs/methods.md's table): a single-net variant's φ
   (single_single's scalar, single_multiple's head on the policy encoder) is updated "with the
   policy": the policy's chain, i.e. the policy learning rate and schedule, DRO's 1/τ
   `policy_update_scale` and Adafactor's parameter-scaled step, with one gradient clip over θ and

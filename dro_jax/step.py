@@ -13,7 +13,7 @@ and which loss of `losses.LOSSES` to apply. The step then
    microbatches' gradients of Σ_i w_i·loss_i / Σ_all w with the statistics fixed, reading the
    reference log-probs from the first pass instead of running the reference again.
 
-Then one optimizer per network, `reference.update` (trust region), and metrics (SPEC.md §5 plus
+Then one optimizer per network, `reference.update` (trust region), and metrics (docs/methods.md, Metrics, plus
 grad_norm, learning_rate — the policy's effective rate, DRO's 1/τ included —, value_learning_rate
 when there is a value, finite). Under on_nonfinite="skip" a non-finite step advances the step and
 the optimizers' counts but nothing else (`skip_nonfinite`). Jit, shardings and donation are

@@ -1,4 +1,4 @@
-"""Each adapter on small files with the published schema (DATASETS.md)."""
+"""Each adapter on small files with the published schema (docs/datasets.md)."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Adapters from the published feedback datasets (see DATASETS.md) to prompt/response records.
+"""Adapters from the published feedback datasets (docs/datasets.md) to prompt/response records.
 
 An adapter maps one raw record to the records a Task reads: single-trajectory
 {"prompt", "response", "reward"[, "label"]} or pairwise {"prompt", "chosen", "rejected"}. It may

@@ -1,4 +1,4 @@
-"""Feature converters: Task features -> the batch keys of DESIGN.md; fixed shapes, never packed.
+"""Feature converters: Task features -> the step's batch keys; fixed shapes, never packed.
 
 Single-trajectory: encoder_input_tokens, decoder_input_tokens (targets shifted right, start id 0),
 decoder_target_tokens, decoder_loss_weights (float32, 1 on target tokens), reward (float32),

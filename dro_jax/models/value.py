@@ -1,4 +1,4 @@
-"""Value functions V(x) for DRO-V: the four variants of the DRO paper's ablation (SPEC.md §1).
+"""Value functions V(x) for DRO-V: the four variants of the DRO paper's ablation (docs/methods.md).
 
 | name              | parameters                                    |
 |-------------------|-----------------------------------------------|
