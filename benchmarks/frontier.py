@@ -1,0 +1,304 @@
+"""The reward-KL frontier on the demo task: each method swept over its regularisation, over seeds.
+
+  python benchmarks/frontier.py --output /tmp/frontier            # the full sweep (hours on a CPU)
+  python benchmarks/frontier.py --output /tmp/frontier --quick    # 2 values per method, 1 seed
+
+The demo's SFT policy and its judged samples are made once in <output>/shared (the demo's own
+`sft` and `samples` stages) and shared by every point. Each point is one training run from SFT
+(the demo's alignment settings, `train.run`) in <output>/points/<method>/<value>/seed_<s>: a
+finished point is not trained again, so the script resumes. Swept, each over values spanning an
+order of magnitude either side of its default:
+
+  DRO-V, DRO-P      τ (DRO's update is scaled by 1/τ: `policy_update_scale = inverse_tau`)
+  DRO-V (no 1/τ)    τ with `policy_update_scale = none`, at the best of three learning rates
+  KTO, DPO          β            IPO     τ            TR-DPO   β (α = 0.6 every step)
+
+Per point: the win rate against SFT on the held-out prompts (prompt-clustered 95% interval), the
+judge's mean reward, KL(policy ‖ SFT) from the policy's own samples and the mean answer length. A
+run that diverges (a non-finite loss) is recorded as diverged, not dropped. Written to <output>:
+frontier.json (every point), frontier.md (every point; each method's win rate at three KL levels
+every method reaches, interpolated; whether KL grows as the regularisation weakens, with the
+violations listed; the DRO-V value-function ablation at its best τ) and frontier.png (win rate
+against KL, one curve per method, the seed spread as error bars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from dro_jax import configs, demo, files, train  # noqa: E402
+
+# method: (demo stage it starts from, loss, the swept key, its default, extra settings)
+METHODS = {
+    "DRO-V": ("dro", "dro", "dro.tau", 1.0, {}),
+    "DRO-V (no 1/τ)": ("dro", "dro", "dro.tau", 1.0, {"optimizer.policy_update_scale": "none"}),
+    "DRO-P": ("dro", "dro_p", "dro.tau", 1.0, {}),
+    "KTO": ("kto", "kto", "kto.beta", 1.0, {}),
+    "DPO": ("dpo", "dpo", "dpo.beta", 0.5, {}),
+    "IPO": ("dpo", "ipo", "ipo.tau", 0.1, {}),
+    "TR-DPO": ("tr_dpo", "dpo", "dpo.beta", 0.5, {}),
+}
+FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
+QUICK_FACTORS = (0.3, 3.0)
+NO_SCALE_LEARNING_RATES = (3e-4, 1e-3, 3e-3)
+ABLATION = (("double_multiple", "value"), ("double_single", "value"),
+            ("single_multiple", "value"), ("single_multiple", "policy"),
+            ("single_single", "value"), ("single_single", "policy"))
+KL_TOLERANCE = 0.05  # nats: a KL drop smaller than this (or than 2 seed sd) is not a violation
+
+
+def _set(config, key: str, value: Any) -> None:
+  node = config
+  *parents, leaf = key.split(".")
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+
+
+class Frontier:
+  def __init__(self, output: str, quick: bool, seeds: list[int]):
+    import seqio
+    from dro_jax.data import synthetic
+    self.output, self.quick, self.seeds = output, quick, seeds
+    arg = "scale=0.15" if quick else "scale=1.0"
+    self.demo = configs.load("demo", arg)
+    self.demo.data.cache_dir = os.path.join(output, "data_cache")
+    if quick:
+      self.demo.demo.eval_prompts, self.demo.demo.final_samples = 64, 1
+    names = demo.synthetic_tasks(self.demo)
+    shared = os.path.join(output, "shared")
+    self.sft_dir = os.path.join(shared, "sft")
+    demo.run_stage("sft", demo.stage_config(self.demo, "sft", names["sft"], init=None,
+                                            baseline=None), self.sft_dir)
+    vocabulary_path = synthetic.demo_vocabulary(self.demo.data.cache_dir)
+    vocabulary = seqio.SentencePieceVocabulary(vocabulary_path)
+    sft = demo.load_policy(self.sft_dir, self.demo)
+    paths = demo.sample_feedback(self.demo, sft, vocabulary, os.path.join(shared, "samples"))
+    self.feedback = demo.register_feedback(paths, vocabulary_path, self.demo)
+    self.evaluate = demo.FinalEvaluation(self.demo, sft, vocabulary)
+    self.path = os.path.join(output, "frontier.json")
+    self.points: dict[str, dict[str, Any]] = files.read_json(self.path) or {}
+
+  def config(self, method: str, value: float, seed: int, extra: dict[str, Any]):
+    stage, loss, key, _, settings = METHODS[method]
+    config = demo.stage_config(self.demo, stage, self.feedback["pairs" if stage in (
+        "dpo", "tr_dpo") else "triples"], init=self.sft_dir, baseline=self.sft_dir)
+    config.loss = loss
+    config.seed = seed
+    config.eval_every = 0  # judged once, at the end, by the shared evaluation
+    for name, setting in {**settings, **extra}.items():
+      _set(config, name, setting)
+    _set(config, key, float(value))
+    return config
+
+  def point(self, method: str, value: float, seed: int, extra: dict[str, Any] | None = None,
+            label: str | None = None) -> dict[str, Any]:
+    extra = dict(extra or {})
+    tag = label or f"{value:g}"
+    name = f"{method}|{tag}|{seed}"
+    if name in self.points:
+      return self.points[name]
+    folder = "".join(c if c.isalnum() or c in "-_." else "_" for c in method)
+    workdir = os.path.join(self.output, "points", folder, tag, f"seed_{seed}")
+    config = self.config(method, value, seed, extra)
+    start = time.perf_counter()
+    record: dict[str, Any] = {"method": method, "value": float(value), "label": tag,
+                              "seed": seed, "settings": extra, "workdir": workdir}
+    try:
+      if not demo.finished(workdir, config.total_steps):
+        train.run(config, workdir)
+      metrics = self.evaluate(demo.load_policy(workdir, self.demo), workdir)
+      record.update(diverged=False, **{key: metrics[key] for key in (
+          "win_rate", "win_rate_low", "win_rate_high", "policy_reward", "kl", "policy_length")})
+    except train.NonFiniteError as error:
+      record.update(diverged=True, error=str(error))
+    record["seconds"] = time.perf_counter() - start
+    print(f"[frontier] {method} {METHODS[method][2]}={tag} seed {seed}: "
+          + ("diverged" if record["diverged"] else
+             f"win rate {record['win_rate']:.1%} KL {record['kl']:.3f}"), flush=True)
+    self.points[name] = record
+    files.write_text(self.path, json.dumps(self.points, indent=1))
+    return record
+
+  def values(self, method: str) -> list[float]:
+    default = METHODS[method][3]
+    return [default * factor for factor in (QUICK_FACTORS if self.quick else FACTORS)]
+
+  def run(self) -> None:
+    for method in METHODS:
+      extra = {}
+      if method == "DRO-V (no 1/τ)":
+        extra = {"optimizer.learning_rate": self.best_no_scale_rate()}
+      for value in self.values(method):
+        for seed in self.seeds:
+          self.point(method, value, seed, extra)
+    if not self.quick:
+      tau = self.best_value("DRO-V")
+      for variant, chain in ABLATION:
+        for seed in self.seeds:
+          self.point("DRO-V", tau, seed, {"dro.value_function": variant,
+                                          "dro.value_optimizer": chain},
+                     label=f"ablation_{variant}_{chain}_{tau:g}")
+
+  def best_no_scale_rate(self) -> float:
+    """The learning rate (of three) at which DRO-V without the 1/τ scale does best at τ = 1."""
+    if self.quick:
+      return self.demo.demo.align_lr
+    rates = {}
+    for rate in NO_SCALE_LEARNING_RATES:
+      runs = [self.point("DRO-V (no 1/τ)", 1.0, seed, {"optimizer.learning_rate": rate},
+                         label=f"lr_{rate:g}") for seed in self.seeds]
+      rates[rate] = np.mean([r["win_rate"] if not r["diverged"] else 0.0 for r in runs])
+    return max(rates, key=rates.get)
+
+  def best_value(self, method: str) -> float:
+    curve = self.curve(method)
+    return max(curve, key=lambda row: row["win_rate"])["value"] if curve else METHODS[method][3]
+
+  def curve(self, method: str) -> list[dict[str, Any]]:
+    """Per swept value (strongest regularisation first): means and sds over seeds."""
+    rows = []
+    for value in sorted({p["value"] for p in self.sweep(method)}, reverse=True):
+      runs = [p for p in self.sweep(method) if p["value"] == value]
+      good = [p for p in runs if not p["diverged"]]
+      row = {"value": value, "seeds": len(runs), "diverged": len(runs) - len(good)}
+      for key in ("win_rate", "kl", "policy_reward", "policy_length"):
+        values = np.array([p[key] for p in good])
+        row[key] = float(values.mean()) if good else float("nan")
+        row[key + "_sd"] = float(values.std(ddof=1)) if len(good) > 1 else 0.0
+      rows.append(row)
+    return rows
+
+  def sweep(self, method: str) -> list[dict[str, Any]]:
+    return [p for p in self.points.values() if p["method"] == method
+            and not p["label"].startswith(("ablation_", "lr_"))]
+
+
+def matched(curves: dict[str, list[dict[str, Any]]]) -> tuple[list[float], dict[str, list]]:
+  """Three KL levels every method reaches, and each method's interpolated win rate there."""
+  ranges = {m: [r["kl"] for r in rows if np.isfinite(r["kl"])] for m, rows in curves.items()}
+  ranges = {m: kls for m, kls in ranges.items() if kls}
+  if not ranges:
+    return [], {}
+  low = max(min(kls) for kls in ranges.values())
+  high = min(max(kls) for kls in ranges.values())
+  if not high > low:
+    return [], {}
+  levels = list(np.linspace(low, high, 5)[1:4])
+  rates = {}
+  for method, rows in curves.items():
+    finite = sorted((r["kl"], r["win_rate"]) for r in rows if np.isfinite(r["kl"]))
+    kls, wins = zip(*finite)
+    rates[method] = [float(np.interp(level, kls, wins)) for level in levels]
+  return levels, rates
+
+
+def monotonicity(curves: dict[str, list[dict[str, Any]]]) -> list[str]:
+  """Where KL falls as the regularisation weakens (beyond the tolerance)."""
+  violations = []
+  for method, rows in curves.items():
+    for stronger, weaker in zip(rows, rows[1:]):  # rows go from strongest to weakest
+      tolerance = max(KL_TOLERANCE, 2 * max(stronger["kl_sd"], weaker["kl_sd"]))
+      if weaker["kl"] < stronger["kl"] - tolerance:
+        violations.append(f"{method}: {METHODS[method][2]} {stronger['value']:g} -> "
+                          f"{weaker['value']:g}, KL {stronger['kl']:.3f} -> {weaker['kl']:.3f} "
+                          f"(tolerance {tolerance:.3f})")
+  return violations
+
+
+def write(frontier: Frontier, command: str) -> str:
+  curves = {m: frontier.curve(m) for m in METHODS if frontier.sweep(m)}
+  lines = [f"# The reward-KL frontier on the demo task ({'quick' if frontier.quick else 'full'} "
+           f"run, seeds {frontier.seeds})", "", f"Made by `{command}`.", "",
+           "| method | parameter | value | seeds | diverged | win rate vs SFT (mean ± sd) | "
+           "KL(π‖SFT) | judge reward | length |", "|---|---|---|---|---|---|---|---|---|"]
+  for method, rows in curves.items():
+    for r in rows:
+      lines.append(f"| {method} | {METHODS[method][2]} | {r['value']:g} | {r['seeds']} | "
+                   f"{r['diverged']} | {r['win_rate']:.1%} ± {r['win_rate_sd']:.1%} | "
+                   f"{r['kl']:.3f} ± {r['kl_sd']:.3f} | {r['policy_reward']:.3f} | "
+                   f"{r['policy_length']:.2f} |")
+  levels, rates = matched(curves)
+  lines += ["", "## Win rate at matched KL", ""]
+  if levels:
+    lines += ["| method | " + " | ".join(f"KL {level:.2f}" for level in levels) + " |",
+              "|---|" + "---|" * len(levels)]
+    for method, values in rates.items():
+      lines.append(f"| {method} | " + " | ".join(f"{v:.1%}" for v in values) + " |")
+  else:
+    lines.append("The methods' KL ranges do not overlap: no matched comparison.")
+  violations = monotonicity(curves)
+  lines += ["", "## KL against the regularisation", "",
+            f"Expected: KL grows as τ or β falls (tolerance {KL_TOLERANCE} nats or twice the seed "
+            f"sd). " + ("No violations." if not violations else
+                        f"{len(violations)} violations:")]
+  lines += [f"- {v}" for v in violations]
+  ablation = [p for p in frontier.points.values() if p["label"].startswith("ablation_")]
+  lines += ["", "## DRO-V value functions at its best τ", ""]
+  if ablation:
+    lines += ["| value function | value optimizer | win rate (mean ± sd) | KL |", "|---|---|---|---|"]
+    for variant, chain in ABLATION:
+      runs = [p for p in ablation if p["settings"].get("dro.value_function") == variant
+              and p["settings"].get("dro.value_optimizer") == chain and not p["diverged"]]
+      if runs:
+        wins = np.array([p["win_rate"] for p in runs])
+        lines.append(f"| {variant} | {chain} | {wins.mean():.1%} ± "
+                     f"{(wins.std(ddof=1) if len(runs) > 1 else 0):.1%} | "
+                     f"{np.mean([p['kl'] for p in runs]):.3f} |")
+    lines.append("\nDouble-net variants keep their own value chain under either value optimizer, "
+                 "so `policy` is not run for them.")
+  else:
+    lines.append("Run without --quick for the ablation.")
+  lines += ["", "![win rate against KL](frontier.png)", ""]
+  text = "\n".join(lines)
+  files.write_text(os.path.join(frontier.output, "frontier.md"), text)
+  plot(curves, os.path.join(frontier.output, "frontier.png"))
+  return text
+
+
+def plot(curves: dict[str, list[dict[str, Any]]], path: str) -> None:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  figure = Figure(figsize=(7, 5))
+  FigureCanvasAgg(figure)
+  axis = figure.subplots()
+  for method, rows in curves.items():
+    rows = sorted((r for r in rows if np.isfinite(r["kl"])), key=lambda r: r["kl"])
+    if rows:
+      axis.errorbar([r["kl"] for r in rows], [r["win_rate"] for r in rows],
+                    xerr=[r["kl_sd"] for r in rows], yerr=[r["win_rate_sd"] for r in rows],
+                    marker="o", capsize=3, label=method)
+  axis.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+  axis.set(xscale="symlog", xlabel="KL(π‖SFT), nats per answer (policy's own samples)",
+           ylabel="win rate against SFT (mean ± sd over seeds)",
+           title="Reward-KL frontier on the demo task")
+  axis.legend(fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--output", required=True)
+  parser.add_argument("--quick", action="store_true",
+                      help="2 values per method, 1 seed, a smaller demo and evaluation")
+  parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
+  args = parser.parse_args(argv)
+  seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+  frontier = Frontier(args.output, args.quick, seeds)
+  frontier.run()
+  command = "python benchmarks/frontier.py --output DIR" + (" --quick" if args.quick else "")
+  print(write(frontier, command), flush=True)
+
+
+if __name__ == "__main__":
+  main()
