@@ -89,8 +89,8 @@ def check_files(config: ml_collections.ConfigDict) -> None:
   from dro_jax.data import tasks
   tasks.load_vocabulary(data.vocabulary)  # Missing, or ids other than T5's: refused here.
   field_names(config)
+  from dro_jax.data import adapters
   if data.adapter:
-    from dro_jax.data import adapters
     if not hasattr(adapters, data.adapter):
       names = sorted(name for name in dir(adapters) if not name.startswith("_")
                      and callable(getattr(adapters, name)))
@@ -111,6 +111,13 @@ def check_files(config: ml_collections.ConfigDict) -> None:
                                f"with one example per line")
       if not data.adapter and first.fields is not None:
         _check_kind(config, first)
+  if (config.loss == "kto" and data.reward_mode == "thumbs"
+      and _carries_labels(data.train_files.split(","), None if not data.adapter else
+                          getattr(adapters, data.adapter)(), field_names(config))):
+    raise errors.UserError(
+        "config.data.reward_mode='thumbs' labels responses by their reward, but the records of "
+        f"{data.train_files} carry labels, which KTO takes as given; drop "
+        "--config.data.reward_mode=thumbs (or --config.data.reward_mode=raw)")
 
 
 def field_names(config: ml_collections.ConfigDict) -> dict[str, str]:

@@ -212,6 +212,10 @@ def test_kto_thumbs_up_batches_stay_desirable(tmp_path, own_vocabulary):
   config = files_config("kto", tmp_path, own_vocabulary, rows)
   labels, desirable = kto_desirable(config, tmp_path)
   assert labels == desirable == [1, 1, 1, 1, 0, 0, 0, 0]
+  # Relabelling them by reward is refused before anything is written.
+  config = files_config("kto", tmp_path, own_vocabulary, rows, reward_mode="thumbs")
+  with pytest.raises(errors.UserError, match="carry labels, which KTO takes as given"):
+    main_lib.preflight(config)
 
 
 def test_data_fields_are_checked(tmp_path, own_vocabulary):
