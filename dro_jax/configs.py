@@ -192,12 +192,23 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
   })
   config.data = ml_collections.ConfigDict({
       "task": placeholder(str),  # a registered seqio Task or Mixture; None: the demo task
-      "eval_task": placeholder(str),  # default: data.task
+      # default: data.task; with data.eval_files, the Task made from the files (their split
+      # data.eval_split: eval/ metrics and held-out prompts of judged evaluation)
+      "eval_task": placeholder(str),
       "eval_split": "validation",
       "train_files": placeholder(str),  # files (comma-separated) read with data.adapter
-      "eval_files": placeholder(str),
+      "eval_files": placeholder(str),  # held-out files, read as data.train_files
       "adapter": placeholder(str),  # a function name in dro_jax.data.adapters, e.g. ultrafeedback_triples
-      "vocabulary": placeholder(str),  # sentencepiece model for data.train_files
+      # The sentencepiece model of data.train_files, with T5's ids (pad 0, eos 1, unk 2; others
+      # are refused): `python -m dro_jax.vocabulary --input DIR --output PATH.model` trains one.
+      "vocabulary": placeholder(str),
+      # Record fields under other names than the defaults (data.train_files / eval_files), as
+      # comma-separated canonical:field pairs, e.g. "label:thumbs,response:answer" (dotted fields
+      # reach into nested objects; with data.adapter, names in its output). Canonical names:
+      # prompt, response, reward, label (single responses); prompt, chosen, rejected (pairs).
+      # For KTO, records that carry a label (this field, or "label") are thumbs data: the label
+      # is each example's desirability as given, not a reward compared with the batch mean.
+      "fields": placeholder(str),
       "register_module": placeholder(str),  # a module imported first; it registers the Tasks
       "reward_mode": "raw",
       "shuffle": True,

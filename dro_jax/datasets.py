@@ -53,7 +53,9 @@ def resolve_data(config: ml_collections.ConfigDict) -> tuple[str, str | None]:
     import importlib
     importlib.import_module(data.register_module)
   if data.train_files:
-    return _register_files(config), (data.eval_task or None)
+    name = _register_files(config)
+    # Held-out files are the Task's eval split: the eval/ metrics and judged evaluation read them.
+    return name, data.eval_task or (name if data.get("eval_files") else None)
   if data.task:
     if data.task in _synthetic_task_names():
       _register_synthetic(data.task, data.cache_dir)
@@ -84,8 +86,11 @@ def check_files(config: ml_collections.ConfigDict) -> None:
   if not data.vocabulary:
     raise errors.UserError("config.data.train_files needs config.data.vocabulary (a "
                            "sentencepiece model, e.g. --config.data.vocabulary=spiece.model)")
+  from dro_jax.data import tasks
+  tasks.load_vocabulary(data.vocabulary)  # Missing, or ids other than T5's: refused here.
+  field_names(config)
+  from dro_jax.data import adapters
   if data.adapter:
-    from dro_jax.data import adapters
     if not hasattr(adapters, data.adapter):
       names = sorted(name for name in dir(adapters) if not name.startswith("_")
                      and callable(getattr(adapters, name)))
@@ -106,13 +111,63 @@ def check_files(config: ml_collections.ConfigDict) -> None:
                                f"with one example per line")
       if not data.adapter and first.fields is not None:
         _check_kind(config, first)
+  if (config.loss == "kto" and data.reward_mode == "thumbs"
+      and _carries_labels(data.train_files.split(","), None if not data.adapter else
+                          getattr(adapters, data.adapter)(), field_names(config))):
+    raise errors.UserError(
+        "config.data.reward_mode='thumbs' labels responses by their reward, but the records of "
+        f"{data.train_files} carry labels, which KTO takes as given; drop "
+        "--config.data.reward_mode=thumbs (or --config.data.reward_mode=raw)")
+
+
+def field_names(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """`config.data.fields` ("canonical:field,..."): canonical name -> the records' field name.
+
+  Refuses (UserError) a pair that is not canonical:field, or a canonical name the loss's records
+  do not have (single responses: prompt, response, reward, label; pairs: prompt, chosen,
+  rejected).
+  """
+  from dro_jax import errors
+  from dro_jax.data import records
+  canonical = (records.PAIRWISE_FIELDS if loss_kind(config) == "pairs"
+               else records.SINGLE_TRAJECTORY_FIELDS)
+  mapping = {}
+  for item in (config.data.get("fields") or "").split(","):
+    if not item.strip():
+      continue
+    name, separator, field = (part.strip() for part in item.partition(":"))
+    if not separator or not name or not field:
+      raise errors.UserError(f"config.data.fields: {item.strip()!r} is not canonical:field; "
+                             "e.g. --config.data.fields=label:thumbs,response:answer")
+    if name not in canonical:
+      raise errors.UserError(f"config.data.fields: {config.loss} records have no field {name!r};"
+                             f" name one of {', '.join(canonical)} (canonical:field)")
+    mapping[name] = field
+  return mapping
+
+
+def _names(mapping: Mapping[str, str], defaults: Mapping[str, tuple[str, ...]],
+           canonical: str) -> tuple[str, ...]:
+  return (mapping[canonical],) if canonical in mapping else defaults[canonical]
+
+
+def _has_field(record: Mapping[str, Any], names: tuple[str, ...]) -> bool:
+  from dro_jax.data import records
+  try:
+    records.lookup(record, names)
+  except records.RecordError:
+    return False
+  return True
 
 
 def _check_kind(config: ml_collections.ConfigDict, record) -> None:
   from dro_jax import errors
-  fields = set(record.fields)
-  is_pair = {"chosen", "rejected"} <= fields
-  is_single = bool({"response", "completion"} & fields)
+  from dro_jax.data import records
+  mapping = field_names(config)
+  fields = record.fields
+  is_pair = all(_has_field(fields, _names(mapping, records.PAIRWISE_FIELDS, name))
+                for name in ("chosen", "rejected"))
+  is_single = _has_field(fields, _names(mapping, records.SINGLE_TRAJECTORY_FIELDS, "response"))
   pairwise = loss_kind(config) == "pairs"
   if is_pair and not is_single and not pairwise:
     raise errors.UserError(
@@ -144,19 +199,52 @@ def _register_files(config: ml_collections.ConfigDict) -> str:
   source = {"train": data.train_files.split(",")}
   if data.eval_files:
     source[data.eval_split] = data.eval_files.split(",")
+  mapping = field_names(config)
   pairwise = loss_kind(config) == "pairs"
   register = tasks.register_pairwise_task if pairwise else tasks.register_single_trajectory_task
   # A stable name (not Python's per-process hash): the data position records it for resume.
-  key = json.dumps([data.train_files, data.eval_files, data.adapter, loss_kind(config)])
+  parts = [data.train_files, data.eval_files, data.adapter, loss_kind(config)]
+  if mapping:  # Only then, so that the runs of before data.fields keep their Task's name.
+    parts.append(sorted(mapping.items()))
+  key = json.dumps(parts)
   name = f"dro_jax_files_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
   import seqio
   seqio.TaskRegistry.remove(name)
+  options = {}
+  if not pairwise:
+    # KTO on records with a label: the label is the desirability, as given (the "label" feature;
+    # step.KTO compares rewards with the batch mean only without it). SFT needs no reward.
+    options = {"thumbs": config.loss == "kto" and _carries_labels(source["train"], adapter,
+                                                                    mapping),
+               "require_reward": config.loss != "sft"}
   # data.truncate: cut over-long prompts / responses (counted, warned about); False refuses them.
-  register(name, source, data.vocabulary, adapter=adapter,
+  register(name, source, data.vocabulary, adapter=adapter, fields=mapping or None,
            max_prompt_length=config.max_input_length,
            max_response_length=config.max_target_length,
-           too_long="truncate" if data.get("truncate", True) else "error")
+           too_long="truncate" if data.get("truncate", True) else "error", **options)
   return name
+
+
+def _carries_labels(patterns: list[str], adapter, mapping: Mapping[str, str]) -> bool:
+  """Whether the first record of the files (as the adapter gives it) has a thumbs label: the
+  field data.fields names "label", else "label"."""
+  from dro_jax.data import readers, records
+  names = _names(mapping, records.SINGLE_TRAJECTORY_FIELDS, "label")
+  records_read = readers.read_records(readers.resolve_files(patterns)[0])
+  try:
+    for raw in records_read:
+      if raw.fields is None:
+        continue
+      try:
+        outputs = list(adapter(raw.fields)) if adapter else [raw.fields]
+      except records.RecordError:
+        continue
+      for output in outputs:
+        if isinstance(output, Mapping):
+          return _has_field(output, names)
+  finally:
+    records_read.close()
+  return False
 
 
 def feature_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:

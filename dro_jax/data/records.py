@@ -133,11 +133,14 @@ def _names(fields: Mapping[str, str] | None, defaults: Mapping[str, tuple[str, .
 
 
 def single_trajectory_example(record: Mapping[str, Any], fields: Mapping[str, str] | None = None,
-                              *, thumbs: bool = False) -> dict[str, Any]:
+                              *, thumbs: bool = False,
+                              require_reward: bool = True) -> dict[str, Any]:
   """{"inputs", "targets", "reward"[, "label"]} from a (prompt, response, reward or label) record.
 
   The reward is the record's reward, or 1.0 / 0.0 from its thumbs label when it has no reward.
-  With `thumbs`, the label is required and kept as the "label" feature.
+  With `thumbs`, the label is required and kept as the "label" feature. Without
+  `require_reward` (SFT reads only the prompt and the response), a record with neither reward
+  nor label gets reward 0.0.
   """
   reward_names = _names(fields, SINGLE_TRAJECTORY_FIELDS, "reward")
   label_names = _names(fields, SINGLE_TRAJECTORY_FIELDS, "label")
@@ -147,6 +150,8 @@ def single_trajectory_example(record: Mapping[str, Any], fields: Mapping[str, st
              "targets": as_text(response, response_name, allow_empty=False, is_response=True)}
   has_reward = _has(record, reward_names)
   label = None
+  if not (thumbs or has_reward or require_reward or _has(record, label_names)):
+    return {**example, "reward": 0.0}
   if thumbs or not has_reward:
     if not thumbs and not _has(record, label_names):
       raise RecordError(reward_names[0], "missing")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import random
@@ -270,18 +269,14 @@ def _vocabulary_corpus() -> list[str]:
 def train_sentencepiece(lines: Sequence[str], path: str, *, vocab_size: int,
                         model_type: str = "bpe",
                         user_defined_symbols: Sequence[str] = PREFERENCE_SYMBOLS) -> None:
-  """Trains a T5-style sentencepiece model on `lines` (pad 0, eos 1, unk 2, no bos) to `path`.
+  """Trains a T5-style sentencepiece model on `lines` (pad 0, eos 1, unk 2, no bos) to `path`:
+  `dro_jax.vocabulary.train_sentencepiece`, with the demo's "A" / "B" symbols by default.
 
   Deterministic (one thread); `vocab_size` is a ceiling for small corpora (hard_vocab_limit off).
   """
-  import sentencepiece  # Imported here: the judge alone needs no sentencepiece.
-  model = io.BytesIO()
-  sentencepiece.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines), model_writer=model, model_type=model_type,
-      vocab_size=vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-      user_defined_symbols=list(user_defined_symbols), character_coverage=1.0, num_threads=1,
-      minloglevel=2)
-  _write_atomically(path, model.getvalue())
+  from dro_jax import vocabulary
+  vocabulary.train_sentencepiece(lines, path, vocab_size=vocab_size, model_type=model_type,
+                                 user_defined_symbols=user_defined_symbols)
 
 
 def demo_dir(cache_dir: str | None = None) -> str:

@@ -77,7 +77,11 @@ def with_partners() -> Iterator[None]:
 
 
 def load_vocabulary(vocabulary: str | seqio.Vocabulary, extra_ids: int = 0) -> seqio.Vocabulary:
-  """A sentencepiece vocabulary from a .model file or a folder holding T5's `spiece.model`."""
+  """A sentencepiece vocabulary from a .model file or a folder holding T5's `spiece.model`.
+
+  A model whose pad, eos or unk id is not T5's (0, 1, 2) is refused with the fix (a UserError;
+  `dro_jax.vocabulary`): sentencepiece's defaults would leave the policy unable to stop.
+  """
   if isinstance(vocabulary, seqio.Vocabulary):
     return vocabulary
   path = vocabulary
@@ -86,7 +90,10 @@ def load_vocabulary(vocabulary: str | seqio.Vocabulary, extra_ids: int = 0) -> s
   if not tf.io.gfile.exists(path):
     raise DataError(f"{path}: no sentencepiece model here (give a .model file or a checkpoint "
                     "folder that holds spiece.model)")
-  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+  loaded = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+  from dro_jax import vocabulary as vocabulary_lib
+  vocabulary_lib.check_t5_ids(loaded.tokenizer, path)
+  return loaded
 
 
 class SkipReport:
@@ -414,7 +421,7 @@ def _register(name: str, kind: str, source: SourceSpec, vocabulary: str | seqio.
               thumbs: bool, adapter: Adapter | None, file_format: str | None,
               max_prompt_length: int, max_response_length: int, too_long: str, on_invalid: str,
               shuffle_buffer_size: int, fields: Mapping[str, str] | None,
-              overwrite: bool) -> seqio.Task:
+              overwrite: bool, require_reward: bool = True) -> seqio.Task:
   if on_invalid not in ON_INVALID:
     raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
   if too_long not in TOO_LONG:
@@ -428,7 +435,7 @@ def _register(name: str, kind: str, source: SourceSpec, vocabulary: str | seqio.
   else:
     canonical = records_lib.SINGLE_TRAJECTORY_FIELDS
     make_example = functools.partial(records_lib.single_trajectory_example, fields=fields,
-                                     thumbs=thumbs)
+                                     thumbs=thumbs, require_reward=require_reward)
   unknown = sorted(set(fields or {}) - set(canonical))
   if unknown:
     raise ValueError(f"fields maps unknown names {unknown}; the {kind} fields are "
@@ -446,7 +453,8 @@ def _register(name: str, kind: str, source: SourceSpec, vocabulary: str | seqio.
       description=(f"{kind} thumbs={thumbs} adapter={_callable_name(adapter)} "
                    f"format={file_format} on_invalid={on_invalid} too_long={too_long} "
                    f"lengths={sorted(max_lengths.items())} fields={sorted((fields or {}).items())} "
-                   f"vocabulary={getattr(vocabulary, 'sentencepiece_model_file', vocabulary)}"),
+                   f"vocabulary={getattr(vocabulary, 'sentencepiece_model_file', vocabulary)}"
+                   + ("" if require_reward else " reward optional")),
       task_name=name)
   output_features = {key: seqio.Feature(vocabulary, add_eos=True) for key in max_lengths}
   if kind == SINGLE_TRAJECTORY:
@@ -472,7 +480,8 @@ def register_single_trajectory_task(
     fields: Mapping[str, str] | None = None, adapter: Adapter | None = None, thumbs: bool = False,
     file_format: str | None = None, max_prompt_length: int = 512, max_response_length: int = 512,
     too_long: str = "truncate", on_invalid: str = "error",
-    shuffle_buffer_size: int = 10_000, overwrite: bool = False) -> seqio.Task:
+    shuffle_buffer_size: int = 10_000, overwrite: bool = False,
+    require_reward: bool = True) -> seqio.Task:
   """Registers a Task of (prompt, response, reward) examples read from files.
 
   Args:
@@ -493,12 +502,14 @@ def register_single_trajectory_task(
     on_invalid: "error" (DataError naming file, line, field) or "skip" (counted and logged).
     shuffle_buffer_size: the examples shuffled together when the Task is read shuffled.
     overwrite: replace a Task or Mixture already registered under `name` (else ValueError).
+    require_reward: False lets a record have neither reward nor label (its reward is 0.0): data
+      for SFT, which reads only the prompt and the response.
   """
   return _register(name, SINGLE_TRAJECTORY, source, vocabulary, thumbs=thumbs, adapter=adapter,
                    file_format=file_format, max_prompt_length=max_prompt_length,
                    max_response_length=max_response_length, too_long=too_long,
                    on_invalid=on_invalid, shuffle_buffer_size=shuffle_buffer_size, fields=fields,
-                   overwrite=overwrite)
+                   overwrite=overwrite, require_reward=require_reward)
 
 
 def register_pairwise_task(
