@@ -65,20 +65,22 @@ def _set(config, key: str, value: Any) -> None:
 
 
 class Frontier:
-  def __init__(self, output: str, quick: bool, seeds: list[int]):
+  def __init__(self, output: str, quick: bool, seeds: list[int], *, data_cache: str | None = None,
+               sft: str | None = None):
     import seqio
     from dro_jax.data import synthetic
     self.output, self.quick, self.seeds = output, quick, seeds
     arg = "scale=0.15" if quick else "scale=1.0"
     self.demo = configs.load("demo", arg)
-    self.demo.data.cache_dir = os.path.join(output, "data_cache")
+    self.demo.data.cache_dir = data_cache or os.path.join(output, "data_cache")
     if quick:
       self.demo.demo.eval_prompts, self.demo.demo.final_samples = 64, 1
     names = demo.synthetic_tasks(self.demo)
     shared = os.path.join(output, "shared")
-    self.sft_dir = os.path.join(shared, "sft")
-    demo.run_stage("sft", demo.stage_config(self.demo, "sft", names["sft"], init=None,
-                                            baseline=None), self.sft_dir)
+    self.sft_dir = sft or os.path.join(shared, "sft")
+    if not sft:
+      demo.run_stage("sft", demo.stage_config(self.demo, "sft", names["sft"], init=None,
+                                              baseline=None), self.sft_dir)
     vocabulary_path = synthetic.demo_vocabulary(self.demo.data.cache_dir)
     vocabulary = seqio.SentencePieceVocabulary(vocabulary_path)
     sft = demo.load_policy(self.sft_dir, self.demo)
@@ -292,9 +294,13 @@ def main(argv=None) -> None:
   parser.add_argument("--quick", action="store_true",
                       help="2 values per method, 1 seed, a smaller demo and evaluation")
   parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
+  parser.add_argument("--data_cache", default=None, help="the demo data's folder (default: "
+                      "<output>/data_cache)")
+  parser.add_argument("--sft", default=None, help="an SFT workdir of the demo's model to start "
+                      "from (default: trained in <output>/shared/sft)")
   args = parser.parse_args(argv)
   seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
-  frontier = Frontier(args.output, args.quick, seeds)
+  frontier = Frontier(args.output, args.quick, seeds, data_cache=args.data_cache, sft=args.sft)
   frontier.run()
   command = "python benchmarks/frontier.py --output DIR" + (" --quick" if args.quick else "")
   print(write(frontier, command), flush=True)
