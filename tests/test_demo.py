@@ -1,5 +1,6 @@
 """The embedded demo at reduced size: DRO-V beats SFT from the judge's feedback, a negated
-judge makes it lose, a killed demo resumes to the same table, and the notebook runs."""
+judge makes it lose, a killed demo resumes to the same table, each stage prints one line (its
+steps, time and win rate), and the notebook shows DRO-V and DPO beating SFT."""
 
 import json
 import os
