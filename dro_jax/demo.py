@@ -5,10 +5,13 @@
              and pairs.jsonl (best vs worst of each prompt's samples, ties dropped: DPO, TR-DPO)
   dro/ kto/ dpo/ tr_dpo/   each method from the SFT policy (also its reference), evaluated
              against SFT on held-out prompts every few steps and at the end
-  results.md, results.png, results.json   the table and the curves
+  results.md, results.png, results.json   the table and the curves (win rate, judge reward, KL)
 
 A stage that finished is skipped, so a killed demo restarts where it stopped. Nothing here trains:
-stages call `train.run`, the project's one training loop.
+stages call `train.run`, the project's one training loop. Each stage prints one line when it is
+done: its steps and training wall time (kept in <stage>/timing.json, so a stage an earlier run
+trained reports that run's time and says so) and, for the alignment stages, the final win rate
+against SFT with its 95% interval.
 """
 
 from __future__ import annotations
@@ -89,12 +92,71 @@ def finished(workdir: str, total_steps: int) -> bool:
     manager.close()
 
 
-def run_stage(name: str, config: ml_collections.ConfigDict, workdir: str) -> None:
+TIMING = "timing.json"  # in a stage's workdir: its training wall time, summed over resumes
+
+
+def read_timing(workdir: str) -> dict[str, Any]:
+  """A stage's recorded training time: {"steps", "seconds", "finished"} ({} when none was)."""
+  try:
+    return files.read_json(os.path.join(workdir, TIMING)) or {}
+  except ValueError:
+    return {}
+
+
+def _record_timing(workdir: str, steps: int, seconds: float, done: bool) -> dict[str, Any]:
+  timing = {"steps": steps, "seconds": round(seconds, 3), "finished": done}
+  files.write_text(os.path.join(workdir, TIMING), json.dumps(timing))
+  return timing
+
+
+def run_stage(name: str, config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or finishes) a stage; returns its timing with "earlier": True when an earlier run
+  had finished it. The wall time of `train.run` is added to <stage>/timing.json on every run,
+  a stopped one included, so a resumed stage reports the time of all its runs."""
+  del name  # the caller prints the stage's line
   if finished(workdir, config.total_steps):
-    print(f"[demo] {name}: done already ({workdir})", flush=True)
-    return
-  print(f"[demo] {name}: {config.total_steps} steps of {config.loss} in {workdir}", flush=True)
-  train.run(config, workdir)
+    timing = read_timing(workdir)
+    return {"steps": timing.get("steps", config.total_steps), "seconds": timing.get("seconds"),
+            "earlier": True}
+  # The time of earlier runs that saved steps of this stage (none when it starts afresh).
+  resumes = os.path.isdir(checkpoint_manager.checkpoint_dir(workdir))
+  spent = float(read_timing(workdir).get("seconds") or 0.0) if resumes else 0.0
+  start = time.perf_counter()
+  try:
+    train.run(config, workdir)
+  except train.Preempted:
+    _record_timing(workdir, config.total_steps, spent + time.perf_counter() - start, False)
+    raise
+  timing = _record_timing(workdir, config.total_steps, spent + time.perf_counter() - start, True)
+  return {**timing, "earlier": False}
+
+
+def format_duration(seconds: float) -> str:
+  """`4.2 s`, `35 s`, `1 min 35 s`, `1 h 02 min`."""
+  if seconds < 10:
+    return f"{seconds:.1f} s"
+  seconds = round(seconds)
+  if seconds < 60:
+    return f"{seconds} s"
+  if seconds < 3600:
+    return f"{seconds // 60} min {seconds % 60} s"
+  return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def stage_line(name: str, timing: Mapping[str, Any],
+               metrics: Mapping[str, Any] | None = None) -> str:
+  """The stage's one line: `[demo] DRO-V: 400 steps in 1 min 35 s; win rate vs SFT 66.5%
+  [63.1%, 69.7%]`, saying so when an earlier run of the demo trained it."""
+  line = f"[demo] {LABELS.get(name, name)}: {timing['steps']} steps"
+  if timing.get("seconds") is not None:
+    line += f" in {format_duration(timing['seconds'])}"
+  if timing.get("earlier"):
+    line += (" (trained in an earlier run)" if timing.get("seconds") is not None else
+             " (trained in an earlier run, its time not recorded)")
+  if metrics is not None:
+    line += (f"; win rate vs SFT {metrics['win_rate']:.1%} [{metrics['win_rate_low']:.1%}, "
+             f"{metrics['win_rate_high']:.1%}]")
+  return line
 
 
 def load_policy(workdir: str, demo: ml_collections.ConfigDict) -> evaluation.Policy:
@@ -120,13 +182,12 @@ def sample_feedback(demo: ml_collections.ConfigDict, sft: evaluation.Policy, voc
            "pairs": os.path.join(workdir, "pairs.jsonl")}
   marker = os.path.join(workdir, "done")
   if os.path.exists(marker):
-    print(f"[demo] samples: done already ({workdir})", flush=True)
+    print(_samples_line(json.loads(files.read_text(marker)), earlier=True), flush=True)
     return paths
+  start = time.perf_counter()
   settings = demo.demo
   prompts = [problem.prompt for problem in
              synthetic.sample_problems(settings.feedback_prompts, demo.seed + 1000)]
-  print(f"[demo] samples: {settings.samples_per_prompt} answers of SFT to each of "
-        f"{len(prompts)} prompts, judged", flush=True)
   sampling = decoding.SamplingParams(max_decode_length=settings.max_decode_length,
                                      temperature=1.0, num_samples=settings.samples_per_prompt)
   encoder_tokens = decoding.encode_prompts(vocabulary, prompts,
@@ -147,9 +208,25 @@ def sample_feedback(demo: ml_collections.ConfigDict, sft: evaluation.Policy, voc
       pairs.append({"prompt": prompt, "chosen": best["response"], "rejected": worst["response"]})
   write_jsonl(paths["triples"], triples)
   write_jsonl(paths["pairs"], pairs)
-  files.write_text(marker, json.dumps({"triples": len(triples), "pairs": len(pairs),
-                                       "mean_reward": float(rewards.mean())}))
+  summary = {"triples": len(triples), "pairs": len(pairs), "mean_reward": float(rewards.mean()),
+             "prompts": len(prompts), "samples_per_prompt": settings.samples_per_prompt,
+             "seconds": round(time.perf_counter() - start, 3)}
+  files.write_text(marker, json.dumps(summary))
+  print(_samples_line(summary, earlier=False), flush=True)
   return paths
+
+
+def _samples_line(summary: Mapping[str, Any], earlier: bool) -> str:
+  """`[demo] samples: 4 answers of SFT to each of 1000 prompts, judged in 21 s: ...`."""
+  if "prompts" in summary:
+    line = (f"[demo] samples: {summary['samples_per_prompt']} answers of SFT to each of "
+            f"{summary['prompts']} prompts, judged")
+  else:  # written by an older version
+    line = f"[demo] samples: {summary['triples']} answers of SFT, judged"
+  if "seconds" in summary:
+    line += f" in {format_duration(summary['seconds'])}"
+  line += f": mean reward {summary['mean_reward']:.3f}, {summary['pairs']} best-vs-worst pairs"
+  return line + (" (sampled in an earlier run)" if earlier else "")
 
 
 def register_feedback(paths: Mapping[str, str], vocabulary_path: str, demo) -> dict[str, str]:
@@ -215,10 +292,12 @@ class FinalEvaluation:
 
 
 def curves(workdir: str) -> dict[str, np.ndarray]:
-  """The periodic evaluations of a stage: step, win rate with its interval, judge reward."""
+  """The periodic evaluations of a stage: step, win rate with its interval, judge reward and
+  KL(π‖SFT) in nats per answer (from the policy's own samples) with its standard error."""
   rows = [row for row in train_rows(workdir) if "eval/win_rate" in row]
   keys = {"step": "step", "win_rate": "eval/win_rate", "low": "eval/win_rate_low",
-          "high": "eval/win_rate_high", "reward": "eval/policy_reward"}
+          "high": "eval/win_rate_high", "reward": "eval/policy_reward", "kl": "eval/kl",
+          "kl_stderr": "eval/kl_stderr", "baseline_reward": "eval/baseline_reward"}
   return {name: np.array([row.get(key, np.nan) for row in rows]) for name, key in keys.items()}
 
 
@@ -243,26 +322,51 @@ def results_table(results: Mapping[str, Mapping[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def plot(results_curves: Mapping[str, Mapping[str, np.ndarray]], path: str) -> None:
+def plot(results_curves: Mapping[str, Mapping[str, np.ndarray]], path: str, *,
+         title: str = "dro_jax demo: each method against SFT during training") -> None:
+  """results.png: win rate against SFT (95% interval), the judge's mean reward and KL(π‖SFT),
+  side by side, over training steps (step 0: SFT itself)."""
   # A Figure with its own Agg canvas, not pyplot: the caller's backend (a notebook's) is kept.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
-  figure = Figure(figsize=(10, 4))
+  figure = Figure(figsize=(15, 4.6), layout="constrained")
   FigureCanvasAgg(figure)
-  left, right = figure.subplots(1, 2)
+  draw_curves(figure, results_curves, title=title)
+  figure.savefig(path, dpi=100)
+
+
+def draw_curves(figure, results_curves: Mapping[str, Mapping[str, np.ndarray]], *,
+                title: str) -> None:
+  """The three panels of `plot` on `figure` (a notebook draws them on its own figure)."""
+  from matplotlib.ticker import PercentFormatter
+  win, reward, kl = figure.subplots(1, 3)
   for method, curve in results_curves.items():
     if not curve["step"].size:
       continue
-    line, = left.plot(curve["step"], curve["win_rate"], marker="o", label=LABELS[method])
-    left.fill_between(curve["step"], curve["low"], curve["high"], alpha=0.2,
-                      color=line.get_color())
-    right.plot(curve["step"], curve["reward"], marker="o", label=LABELS[method])
-  left.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
-  left.set(xlabel="step", ylabel="win rate vs SFT (95% interval)", ylim=(0, 1))
-  right.set(xlabel="step", ylabel="mean judge reward")
-  left.legend()
-  figure.tight_layout()
-  figure.savefig(path, dpi=100)
+    label = LABELS.get(method, method)
+    # Step 0 is SFT itself: 50% against itself, KL 0, SFT's reward on the same prompts.
+    start = lambda values, at_sft: np.concatenate([[at_sft], values])
+    steps = start(curve["step"], 0)
+    line, = win.plot(steps, start(curve["win_rate"], 0.5), marker="o", label=label)
+    color = line.get_color()
+    win.fill_between(steps, start(curve["low"], 0.5), start(curve["high"], 0.5), alpha=0.2,
+                     color=color)
+    reward.plot(steps, start(curve["reward"], curve["baseline_reward"][0]), marker="o",
+                label=label, color=color)
+    kl.errorbar(steps, start(curve["kl"], 0.0),
+                yerr=1.96 * np.nan_to_num(start(curve["kl_stderr"], 0.0)), marker="o", capsize=3,
+                label=label, color=color)
+  win.axhline(0.5, color="grey", linewidth=0.8, linestyle="--", label="SFT (50%)")
+  win.yaxis.set_major_formatter(PercentFormatter(1.0))
+  win.set(xlabel="training step", ylabel="win rate vs SFT (%, 95% interval)", ylim=(0, 1),
+          title="win rate against SFT")
+  reward.set(xlabel="training step", ylabel="mean judge reward (0 to 1)",
+             title="judge reward of the policy's answers")
+  kl.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+  kl.set(xlabel="training step", ylabel="KL(π‖SFT) (nats per answer)",
+         title="KL from SFT (±95%)")
+  win.legend(loc="lower right")
+  figure.suptitle(title)
 
 
 def write_results(workdir: str, demo, results, results_curves) -> str:
@@ -275,11 +379,19 @@ def write_results(workdir: str, demo, results, results_curves) -> str:
           f"samples per side at temperature 1, judged side by side (ties half; 95% intervals "
           f"clustered by prompt)"
           + (" — CONTROL: rewards negated" if settings.negate_rewards else "") + ".\n\n"
-          f"{table}\n\n![win rate and judge reward over training](results.png)\n")
+          f"{table}\n\n![win rate, judge reward and KL over training](results.png)\n")
   files.write_text(os.path.join(workdir, "results.md"), text)
   files.write_text(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
-  plot(results_curves, os.path.join(workdir, "results.png"))
+  plot(results_curves, os.path.join(workdir, "results.png"), title=plot_title(demo))
   return table
+
+
+def plot_title(demo: ml_collections.ConfigDict) -> str:
+  settings = demo.demo
+  return (f"dro_jax demo (seed {demo.seed}): each method from SFT, judged against SFT on "
+          f"{settings.eval_prompts} held-out prompts every "
+          f"{max(settings.align_steps // settings.evaluations, 1)} steps"
+          + (" (CONTROL: rewards negated)" if settings.negate_rewards else ""))
 
 
 def synthetic_tasks(demo: ml_collections.ConfigDict) -> dict[str, str]:
@@ -409,8 +521,8 @@ def _align(demo: ml_collections.ConfigDict, method: str, paths: Mapping[str, str
   feedback = register_feedback(paths, synthetic.demo_vocabulary(demo.data.cache_dir), demo)
   sft = os.path.join(workdir, "sft")
   try:
-    train.run(stage_config(demo, method, _feedback_task(feedback, method), init=sft,
-                           baseline=sft), stage)
+    run_stage(method, stage_config(demo, method, _feedback_task(feedback, method), init=sft,
+                                   baseline=sft), stage)
   except train.Preempted as preempted:
     _STOP_REQUESTED = True
     return "saved", preempted.step
@@ -472,8 +584,9 @@ def run_stages_in_workers(demo: ml_collections.ConfigDict, methods: list[str],
   import multiprocessing
   from multiprocessing import resource_tracker
   workers = min(demo.demo.workers, len(methods))
-  print(f"[demo] {', '.join(methods)}: {demo.demo.align_steps} steps each, {workers} at a time "
-        f"in worker processes (logs: <stage>/stage.log)", flush=True)
+  print(f"[demo] training {', '.join(LABELS[m] for m in methods)}, {workers} at a time in worker "
+        f"processes (logs: <stage>/stage.log); each stage's line follows its final judging",
+        flush=True)
   with _ForwardedStop() as stop:
     pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"),
@@ -499,9 +612,7 @@ def run_stages_in_workers(demo: ml_collections.ConfigDict, methods: list[str],
           if stop.reason is not None:  # the stages' outcomes are told below
             break
           outcome, _ = future.result()  # a stage's error is raised here
-          if outcome == "trained":
-            print(f"[demo] {futures[future]}: trained", flush=True)
-          else:  # its worker alone was signalled: the other stages stop too
+          if outcome != "trained":  # its worker alone was signalled: the other stages stop too
             stop.request(f"{futures[future]}'s worker was signalled")
     except BaseException:
       pool.shutdown(wait=True)
@@ -553,24 +664,34 @@ def run(demo: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, An
   vocabulary = seqio.SentencePieceVocabulary(vocabulary_path)
   stage_dir = lambda name: os.path.join(workdir, name)
 
-  run_stage("sft", stage_config(demo, "sft", names["sft"], init=None, baseline=None),
-            stage_dir("sft"))
+  methods = demo.demo.methods
+  settings = demo.demo
+  print(f"[demo] in {workdir}: SFT {settings.sft_steps} steps, its samples judged, then "
+        f"{', '.join(LABELS[m] for m in methods)} {settings.align_steps} steps each "
+        f"(stages finished in an earlier run are reused)", flush=True)
+  timing = run_stage("sft", stage_config(demo, "sft", names["sft"], init=None, baseline=None),
+                     stage_dir("sft"))
+  print(stage_line("sft", timing), flush=True)
   sft = load_policy(stage_dir("sft"), demo)
   paths = sample_feedback(demo, sft, vocabulary, stage_dir("samples"))
   feedback = register_feedback(paths, vocabulary_path, demo)
   results, results_curves = {}, {}
   final_evaluation = FinalEvaluation(demo, sft, vocabulary)
-  methods = demo.demo.methods
   pending = [m for m in methods if not finished(stage_dir(m), demo.demo.align_steps)]
+  in_workers = set()
   if demo.demo.workers > 1 and len(pending) > 1:
     run_stages_in_workers(demo, pending, paths, workdir)
+    in_workers = set(pending)
   for method in methods:
     config = stage_config(demo, method, _feedback_task(feedback, method), init=stage_dir("sft"),
                           baseline=stage_dir("sft"))
-    run_stage(method, config, stage_dir(method))
+    timing = run_stage(method, config, stage_dir(method))
+    if method in in_workers:  # trained by this run, in a worker process
+      timing["earlier"] = False
     policy = load_policy(stage_dir(method), demo)
     results[method] = final_evaluation(policy, stage_dir(method))
     results_curves[method] = curves(stage_dir(method))
+    print(stage_line(method, timing, results[method]), flush=True)
   table = write_results(workdir, demo, results, results_curves)
   print(table, flush=True)
   print(f"[demo] results in {os.path.join(workdir, 'results.md')}", flush=True)

@@ -1,9 +1,11 @@
 """The embedded demo at reduced size: DRO-V beats SFT from the judge's feedback, a negated
-judge makes it lose, a killed demo resumes to the same table, and the notebook runs."""
+judge makes it lose, a killed demo resumes to the same table, each stage prints one line (its
+steps, time and win rate), and the notebook shows DRO-V and DPO beating SFT."""
 
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -37,6 +39,33 @@ def cli_env(tmp_path, demo_cache: str) -> dict[str, str]:
   return run_helpers.cli_env(tmp_path, demo_cache, "demo_jax_cache")
 
 
+DURATION = r"(\d+\.\d s|\d+ s|\d+ min \d+ s|\d+ h \d\d min)"
+EARLIER = " (trained in an earlier run)"
+
+
+def stage_lines(output: str, stages=("SFT", "samples", "DRO-V")) -> dict[str, str]:
+  """Each stage's line of the demo's output: exactly one per stage, and none of the old
+  "trained" / "done already" pair."""
+  assert "done already" not in output and ": trained" not in output, output[-3000:]
+  lines = {}
+  for stage in stages:
+    found = [line for line in output.splitlines() if line.startswith(f"[demo] {stage}:")]
+    assert len(found) == 1, (stage, output[-3000:])
+    lines[stage] = found[0]
+  return lines
+
+
+def check_alignment_line(line: str, label: str, steps: int, metrics: dict,
+                         earlier: bool = False) -> None:
+  """`[demo] DRO-V: 120 steps in 41 s; win rate vs SFT 66.5% [63.1%, 69.7%]`, the numbers those
+  of the final evaluation."""
+  expected = (f"; win rate vs SFT {metrics['win_rate']:.1%} [{metrics['win_rate_low']:.1%}, "
+              f"{metrics['win_rate_high']:.1%}]")
+  pattern = (rf"\[demo\] {re.escape(label)}: {steps} steps in {DURATION}"
+             + (re.escape(EARLIER) if earlier else "") + re.escape(expected))
+  assert re.fullmatch(pattern, line), line
+
+
 @pytest.fixture(scope="session")
 def demo_results(tmp_path_factory, demo_sft, demo_cache):
   """The reduced demo through the CLI, uninterrupted (the killed run is compared with it)."""
@@ -45,8 +74,19 @@ def demo_results(tmp_path_factory, demo_sft, demo_cache):
   result = subprocess.run(_cli(workdir), env=cli_env(tmp_path, demo_cache), capture_output=True,
                           text=True, timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "[demo] sft: done already" in result.stdout
-  return workdir, json.loads((workdir / "results.json").read_text())
+  results = json.loads((workdir / "results.json").read_text())
+  lines = stage_lines(result.stdout)
+  # SFT was trained by the fixture (an earlier run): its time then, and it says so.
+  sft_seconds = json.loads((workdir / "sft" / "timing.json").read_text())["seconds"]
+  assert lines["SFT"] == (f"[demo] SFT: 450 steps in {demo.format_duration(sft_seconds)}"
+                          f"{EARLIER}"), lines["SFT"]
+  assert re.fullmatch(rf"\[demo\] samples: 4 answers of SFT to each of 300 prompts, judged in "
+                      rf"{DURATION}: mean reward 0\.\d+, \d+ best-vs-worst pairs",
+                      lines["samples"]), lines["samples"]
+  check_alignment_line(lines["DRO-V"], "DRO-V", 120, results["dro"])
+  timing = json.loads((workdir / "dro" / "timing.json").read_text())
+  assert timing["steps"] == 120 and timing["finished"] and timing["seconds"] > 0
+  return workdir, results
 
 
 @pytest.mark.slow
@@ -109,21 +149,32 @@ def test_a_killed_demo_resumes_to_the_same_table(tmp_path, demo_results, demo_sf
 
   result = subprocess.run(_cli(workdir), env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "[demo] sft: done already" in result.stdout
-  assert "[demo] samples: done already" in result.stdout
+  lines = stage_lines(result.stdout)
+  assert lines["SFT"].endswith(EARLIER)
+  assert lines["samples"].endswith(" (sampled in an earlier run)")
+  # DRO-V was resumed and finished by this run: its time, its win rate, not "earlier".
+  check_alignment_line(lines["DRO-V"], "DRO-V", 120,
+                       json.loads((workdir / "results.json").read_text())["dro"])
   assert (workdir / "results.md").read_text() == (reference_workdir / "results.md").read_text()
 
 
+NOTEBOOK_LINE = re.compile(r"\[demo\] (DRO-V|DPO): (\d+) steps in [^;]+; win rate vs SFT "
+                           r"(\d+\.\d)% \[(\d+\.\d)%, (\d+\.\d)%\]")
+
+
 @pytest.mark.slow
-def test_the_notebook_executes(tmp_path, demo_results, demo_cache):
-  """On a copy of the reduced demo's workdir: the stages are done, so the notebook runs fast."""
+def test_the_notebook_shows_dro_v_and_dpo_beating_sft(tmp_path, demo_sft, demo_cache):
+  """The notebook at the scale CI runs it (0.3: the session's SFT, 120 steps of DRO-V and of DPO
+  trained in the notebook): both beat SFT on the held-out prompts, their 95% intervals above 50%,
+  as its output shows; its plots are drawn (three panels, constrained layout)."""
+  import base64
+
   import nbclient
   import nbformat
-  reference_workdir, _ = demo_results
-  workdir = tmp_path / "demo"
-  shutil.copytree(reference_workdir, workdir)
+  workdir = with_sft(tmp_path, demo_sft)
   notebook = nbformat.read(ROOT / "notebooks" / "dro_demo.ipynb", as_version=4)
-  settings = {"DRO_JAX_NOTEBOOK_SCALE": "0.3", "DRO_JAX_NOTEBOOK_METHODS": "dro",
+  assert "<your-org>" not in json.dumps(notebook)  # no made-up clone URL
+  settings = {"DRO_JAX_NOTEBOOK_SCALE": "0.3", "DRO_JAX_NOTEBOOK_METHODS": "dro+dpo",
               "DRO_JAX_NOTEBOOK_WORKDIR": str(workdir), "DRO_JAX_CACHE": demo_cache}
   os.environ.update(settings)
   try:
@@ -132,12 +183,33 @@ def test_the_notebook_executes(tmp_path, demo_results, demo_cache):
   finally:
     for key in settings:
       os.environ.pop(key)
-  outputs = "".join(str(output) for cell in notebook.cells for output in cell.get("outputs", []))
-  assert "DRO-V" in outputs and "image/png" in outputs
-  assert "done already" in outputs  # it reused the finished stages
+  texts, images = [], []
+  for cell in notebook.cells:
+    for output in cell.get("outputs", []):
+      texts.append(output.get("text", ""))
+      texts.extend(str(value) for key, value in output.get("data", {}).items()
+                   if key.startswith("text/"))
+      if "image/png" in output.get("data", {}):
+        images.append(base64.b64decode(output["data"]["image/png"]))
+  text = "".join(texts)
+  assert "(trained in an earlier run)" in text  # it reused the session's SFT
+  lines = stage_lines(text, ("SFT", "samples", "DRO-V", "DPO"))
+  results = json.loads((workdir / "results.json").read_text())
+  for label, method in (("DRO-V", "dro"), ("DPO", "dpo")):
+    found = NOTEBOOK_LINE.fullmatch(lines[label])
+    assert found and found[2] == "120", lines[label]
+    win_rate, low, high = (float(value) / 100 for value in found.group(3, 4, 5))
+    assert low > 0.5, f"{label} does not beat SFT clearly: {lines[label]}"
+    assert abs(low - results[method]["win_rate_low"]) < 6e-4, (lines[label], results[method])
+    assert f"| {label} | {win_rate:.1%} [" in text  # the results table shows it
+  # The curves (win rate, reward, KL) and the samples of SFT, DRO-V and DPO side by side.
+  assert len(images) == 1 and len(images[0]) > 20_000
+  assert any('layout="constrained"' in cell.source for cell in notebook.cells)  # no overlaps
+  assert "| prompt | SFT | judge | DRO-V | judge | DPO | judge |" in text
+  (tmp_path / "curves.png").write_bytes(images[0])  # to look at
 
 
-def test_stages_in_worker_processes_give_the_in_process_results(tmp_path, demo_cache):
+def test_stages_in_worker_processes_give_the_in_process_results(tmp_path, demo_cache, capsys):
   """workers=2 trains the alignment stages at once in spawned processes: the same results as one
   after another in this process (a miniature demo: 30 SFT steps, 8 steps per method)."""
   def miniature(workers: int):
@@ -149,11 +221,28 @@ def test_stages_in_worker_processes_give_the_in_process_results(tmp_path, demo_c
   results = demo.run(miniature(2), str(parallel))
   assert (parallel / "dro" / "stage.log").stat().st_size > 0  # trained in a worker
   assert (parallel / "kto" / "stage.log").stat().st_size > 0
+  # One line per stage, printed after its final judging (not "trained", then "done already").
+  lines = stage_lines(capsys.readouterr().out, ("SFT", "samples", "DRO-V", "KTO"))
+  assert re.fullmatch(rf"\[demo\] SFT: 30 steps in {DURATION}", lines["SFT"]), lines["SFT"]
+  for method in ("dro", "kto"):
+    check_alignment_line(lines[demo.LABELS[method]], demo.LABELS[method], 8, results[method])
   sequential = tmp_path / "sequential"
   for stage in ("sft", "samples"):
     shutil.copytree(parallel / stage, sequential / stage)
   assert demo.run(miniature(1), str(sequential)) == results
   assert not (sequential / "dro" / "stage.log").exists()
+  lines = stage_lines(capsys.readouterr().out, ("SFT", "samples", "DRO-V", "KTO"))
+  assert lines["SFT"].endswith(EARLIER) and "(sampled in an earlier run)" in lines["samples"]
+  for method in ("dro", "kto"):
+    check_alignment_line(lines[demo.LABELS[method]], demo.LABELS[method], 8, results[method])
+  # Run again: every stage is reused and reports the time recorded when it trained.
+  assert demo.run(miniature(1), str(sequential)) == results
+  lines = stage_lines(capsys.readouterr().out, ("SFT", "samples", "DRO-V", "KTO"))
+  for method in ("dro", "kto"):
+    seconds = json.loads((sequential / method / "timing.json").read_text())["seconds"]
+    assert f" steps in {demo.format_duration(seconds)}{EARLIER}; " in lines[demo.LABELS[method]]
+    check_alignment_line(lines[demo.LABELS[method]], demo.LABELS[method], 8, results[method],
+                         earlier=True)
 
 
 def _processes() -> dict[int, tuple[int, str, str]]:
@@ -234,11 +323,56 @@ def test_a_terminated_demo_leaves_no_worker_and_resumes(tmp_path, demo_cache):
         os.kill(pid, signal.SIGKILL)
 
   logged = {stage: (stage / "stage.log").stat().st_size for stage in stages}
+  # Each stopped stage kept the time it trained, unfinished.
+  stopped = {stage: json.loads((stage / "timing.json").read_text()) for stage in stages}
+  assert all(not timing["finished"] and timing["seconds"] > 0 for timing in stopped.values())
   result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-  assert "[demo] sft: done already" in result.stdout
-  assert "[demo] samples: done already" in result.stdout
+  lines = stage_lines(result.stdout, ("SFT", "samples", "DRO-V", "KTO"))
+  assert lines["SFT"].endswith(EARLIER)
+  assert lines["samples"].endswith(" (sampled in an earlier run)")
+  results = json.loads((workdir / "results.json").read_text())
+  check_alignment_line(lines["DRO-V"], "DRO-V", 64, results["dro"])
+  check_alignment_line(lines["KTO"], "KTO", 64, results["kto"])
   for stage in stages:  # each stage saved at the step it was at and went on from there
     with open(stage / "stage.log", "rb") as f:
       f.seek(logged[stage])
       assert b"resumed from step" in f.read(), stage
+    timing = json.loads((stage / "timing.json").read_text())  # both runs' time
+    assert timing["finished"] and timing["seconds"] > stopped[stage]["seconds"], stage
+
+
+def test_a_stage_line_gives_steps_time_and_win_rate():
+  metrics = {"win_rate": 0.665, "win_rate_low": 0.631, "win_rate_high": 0.697}
+  assert (demo.stage_line("dro", {"steps": 400, "seconds": 95.2}, metrics)
+          == "[demo] DRO-V: 400 steps in 1 min 35 s; win rate vs SFT 66.5% [63.1%, 69.7%]")
+  assert (demo.stage_line("sft", {"steps": 1500, "seconds": 198.0, "earlier": True})
+          == "[demo] SFT: 1500 steps in 3 min 18 s (trained in an earlier run)")
+  assert (demo.stage_line("sft", {"steps": 1500, "seconds": None, "earlier": True})
+          == "[demo] SFT: 1500 steps (trained in an earlier run, its time not recorded)")
+  assert [demo.format_duration(s) for s in (4.24, 35.4, 3599.6, 3725)] == [
+      "4.2 s", "35 s", "1 h 00 min", "1 h 02 min"]
+
+
+def test_the_results_plot_has_a_title_units_and_a_kl_panel(tmp_path):
+  import numpy as np
+  from matplotlib.figure import Figure
+  curve = {"step": np.array([30, 60, 90, 120]), "win_rate": np.array([0.55, 0.6, 0.62, 0.66]),
+           "low": np.array([0.5, 0.55, 0.57, 0.61]), "high": np.array([0.6, 0.65, 0.67, 0.7]),
+           "reward": np.array([0.4, 0.45, 0.5, 0.55]), "kl": np.array([0.1, 0.2, 0.25, 0.3]),
+           "kl_stderr": np.array([0.01, 0.02, 0.02, 0.03]),
+           "baseline_reward": np.array([0.32, 0.32, 0.32, 0.32])}
+  path = tmp_path / "results.png"
+  demo.plot({"dro": curve, "dpo": curve}, str(path))
+  assert path.stat().st_size > 10_000
+  figure = Figure(figsize=(15, 4.6), layout="constrained")
+  demo.draw_curves(figure, {"dro": curve}, title="the title")
+  win, reward, kl = figure.axes
+  assert figure.get_suptitle() == "the title"
+  assert all(axes.get_xlabel() == "training step" for axes in figure.axes)
+  assert "%" in win.get_ylabel() and "0 to 1" in reward.get_ylabel()
+  assert kl.get_ylabel() == "KL(π‖SFT) (nats per answer)"
+  # Each curve starts at step 0, SFT itself: 50%, SFT's reward, KL 0.
+  assert list(win.lines[0].get_ydata()) == [0.5, 0.55, 0.6, 0.62, 0.66]
+  assert list(reward.lines[0].get_ydata()) == [0.32, 0.4, 0.45, 0.5, 0.55]
+  assert list(kl.lines[0].get_ydata()) == [0.0, 0.1, 0.2, 0.25, 0.3]
