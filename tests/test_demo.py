@@ -209,6 +209,7 @@ def test_the_notebook_shows_dro_v_and_dpo_beating_sft(tmp_path, demo_sft, demo_c
   (tmp_path / "curves.png").write_bytes(images[0])  # to look at
 
 
+@pytest.mark.slow
 def test_stages_in_worker_processes_give_the_in_process_results(tmp_path, demo_cache, capsys):
   """workers=2 trains the alignment stages at once in spawned processes: the same results as one
   after another in this process (a miniature demo: 30 SFT steps, 8 steps per method)."""
