@@ -155,35 +155,43 @@ def corpus_lines(files: Sequence[str], max_lines: int | None = None) -> Iterator
   for path in files:
     if path.lower().endswith(".parquet"):
       import pyarrow.parquet as pq  # Imported here: only parquet users pay for pyarrow.
-      for row in pq.read_table(path).to_pylist():
-        for text in jsonl_texts(row):
-          for piece in text.splitlines():
-            if piece.strip():
-              yield piece
-              count += 1
-              if max_lines and count >= max_lines:
-                return
+      rows = (jsonl_texts(row) for row in pq.read_table(path).to_pylist())
+      for piece in _lines(rows):
+        yield piece
+        count += 1
+        if max_lines and count >= max_lines:
+          return
       continue
     with _open_text(path) as stream:
-      for number, line in enumerate(stream, 1):
-        if not line.strip():
-          continue
-        if is_jsonl(path):
-          try:
-            texts = jsonl_texts(json.loads(line))
-          except json.JSONDecodeError as error:
-            raise errors.UserError(f"{path}:{number}: malformed JSON ({error.msg}); a .jsonl file "
-                                   "holds one JSON object per line") from None
-        else:
-          texts = [line.rstrip("\n")]
-        for text in texts:
-          # sentencepiece reads a sentence per line: a multi-line text gives its lines.
-          for piece in text.splitlines():
-            if piece.strip():
-              yield piece
-              count += 1
-              if max_lines and count >= max_lines:
-                return
+      for piece in _lines(_file_texts(path, stream)):
+        yield piece
+        count += 1
+        if max_lines and count >= max_lines:
+          return
+
+
+def _file_texts(path: str, stream) -> Iterator[list[str]]:
+  """The texts of each non-empty line of a text or JSONL file."""
+  for number, line in enumerate(stream, 1):
+    if not line.strip():
+      continue
+    if not is_jsonl(path):
+      yield [line.rstrip("\n")]
+      continue
+    try:
+      yield jsonl_texts(json.loads(line))
+    except json.JSONDecodeError as error:
+      raise errors.UserError(f"{path}:{number}: malformed JSON ({error.msg}); a .jsonl file "
+                             "holds one JSON object per line") from None
+
+
+def _lines(texts: Iterable[list[str]]) -> Iterator[str]:
+  """sentencepiece reads a sentence per line: each text's non-empty lines."""
+  for group in texts:
+    for text in group:
+      for piece in text.splitlines():
+        if piece.strip():
+          yield piece
 
 
 # ---------------------------------------------------------------------------- command line

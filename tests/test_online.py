@@ -13,18 +13,14 @@ import pytest
 from dro_jax import configs, files, judges, online, train
 from dro_jax.data import synthetic
 
+import run_helpers
+
 
 def online_config(demo_cache, sft, arg="", **overrides):
   config = configs.load("online", "size=tiny" + (f",{arg}" if arg else ""))
   config.data.cache_dir = demo_cache
   config.init_checkpoint = str(sft)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return run_helpers.set_dotted(config, overrides)
 
 
 # A small run: 2 iterations of 16 steps on 64 prompts, evaluated on 48 prompts.
