@@ -25,6 +25,16 @@ def write_text(path: str, text: str) -> None:
   files.rename(path + ".tmp", path, overwrite=True)
 
 
+def write_jsonl(path: str, rows) -> None:
+  """One JSON object per line (keys sorted), written atomically."""
+  write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
+def read_jsonl(path: str) -> list[Any]:
+  """The JSON values of a JSONL file's non-empty lines ([] when it does not exist)."""
+  return [json.loads(line) for line in (read_text(path) or "").splitlines() if line.strip()]
+
+
 def read_text(path: str) -> str | None:
   """The file's text, or None when it does not exist."""
   files = gfile()

@@ -75,20 +75,14 @@ def _seed(seed: int, iteration: int, salt: str) -> int:
 
 def _row_bits(seed: int, iteration: int, salt: str, rows: int) -> np.ndarray:
   """One uniform draw in [0, 1) per row, a function of (seed, iteration, row) only."""
-  return np.random.default_rng([_seed(seed, iteration, salt)]).random(rows) if rows else (
-      np.zeros((0,)))
+  return np.random.default_rng([_seed(seed, iteration, salt)]).random(rows)
 
 
 def _row_rng(seed: int, iteration: int, salt: str, row: int) -> np.random.Generator:
   return np.random.default_rng([_seed(seed, iteration, salt), row])
 
 
-def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-  files.write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  return [json.loads(line) for line in (files.read_text(path) or "").splitlines() if line.strip()]
+write_jsonl, read_jsonl = files.write_jsonl, files.read_jsonl
 
 
 def params_digest(tree: PyTree) -> str:
@@ -685,10 +679,7 @@ class OnlineRun:
     self._stop_if_asked(preemption, state, k, "evaluated")
     files.write_text(self.path(k, "end.json"), json.dumps(
         {"step": k * self.steps, "policy_digest": end_digest}, indent=1))
-    return {"state": state, "iteration": k, "judged": {
-        key: judged[key] for key in ("pairs", "prompts", "dropped_identical", "dropped_tie",
-                                     "judged_pairs_per_second", "ranker")},
-        "evaluation": evaluated, "judge_calls": calls.as_dict(), "policy_digest": end_digest}
+    return _summary(state, k, judged, evaluated, calls, end_digest)
 
   def finished_iteration(self, k: int, state) -> dict[str, Any]:
     judged = files.read_json(self.path(k, "judged.json"))
@@ -697,11 +688,7 @@ class OnlineRun:
     if judged is None or evaluated is None or end is None:
       raise ValueError(f"{self.iteration_dir(k)}: iteration {k} is finished in the checkpoint "
                        f"but its judged.json, evaluation.json or end.json is missing")
-    return {"state": state, "iteration": k, "judged": {
-        key: judged[key] for key in ("pairs", "prompts", "dropped_identical", "dropped_tie",
-                                     "judged_pairs_per_second", "ranker")},
-        "evaluation": evaluated, "judge_calls": self.calls_on_disk(k).as_dict(),
-        "policy_digest": end["policy_digest"]}
+    return _summary(state, k, judged, evaluated, self.calls_on_disk(k), end["policy_digest"])
 
   def metrics_row(self, k: int, judged, evaluated, calls: Calls) -> dict[str, float]:
     vs_sft, vs_previous = evaluated["vs_sft"], evaluated["vs_previous"]
@@ -726,6 +713,15 @@ class OnlineRun:
     if jax.process_index() != 0:
       return
     write_report(self.workdir, self.user_config, results, self.eval_spec)
+
+
+def _summary(state, k: int, judged: Mapping[str, Any], evaluated: Mapping[str, Any],
+             calls: Calls, digest: str) -> dict[str, Any]:
+  """An iteration's result: its state, pair counts, evaluation, judge calls and end digest."""
+  keys = ("pairs", "prompts", "dropped_identical", "dropped_tie", "judged_pairs_per_second",
+          "ranker")
+  return {"state": state, "iteration": k, "judged": {key: judged[key] for key in keys},
+          "evaluation": evaluated, "judge_calls": calls.as_dict(), "policy_digest": digest}
 
 
 def after_phase(iteration: int, phase: str) -> None:
