@@ -2,6 +2,7 @@
 
   python benchmarks/frontier.py --output /tmp/frontier            # the full sweep (hours on a CPU)
   python benchmarks/frontier.py --output /tmp/frontier --quick    # 2 values per method, 1 seed
+  python benchmarks/frontier.py --output /tmp/frontier --workers 2  # points trained 2 at a time
 
 The demo's SFT policy and its judged samples are made once in <output>/shared (the demo's own
 `sft` and `samples` stages) and shared by every point. Each point is one training run from SFT
@@ -25,8 +26,11 @@ against KL, one curve per method, the seed spread as error bars).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -35,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dro_jax import configs, demo, files, train  # noqa: E402
+from dro_jax import configs, console, demo, files, train  # noqa: E402
 
 # method: (demo stage it starts from, loss, the swept key, its default, extra settings)
 METHODS = {
@@ -53,6 +57,7 @@ NO_SCALE_LEARNING_RATES = (3e-4, 1e-3, 3e-3)
 ABLATION = (("double_multiple", "value"), ("double_single", "value"),
             ("single_multiple", "value"), ("single_multiple", "policy"),
             ("single_single", "value"), ("single_single", "policy"))
+POLL_S = 10.0  # how often a worker waiting on another's points looks at frontier.json
 KL_TOLERANCE = 0.05  # nats: a KL drop smaller than this (or than 2 seed sd) is not a violation
 
 
@@ -109,8 +114,12 @@ class Frontier:
     name = f"{method}|{tag}|{seed}"
     if name in self.points:
       return self.points[name]
-    folder = "".join(c if c.isalnum() or c in "-_." else "_" for c in method)
-    workdir = os.path.join(self.output, "points", folder, tag, f"seed_{seed}")
+    self.reload()
+    if name in self.points:
+      return self.points[name]
+    workdir = self.workdir(name)
+    if not self.claim(workdir):
+      return None  # another worker is training it
     config = self.config(method, value, seed, extra)
     start = time.perf_counter()
     record: dict[str, Any] = {"method": method, "value": float(value), "label": tag,
@@ -127,40 +136,123 @@ class Frontier:
     print(f"[frontier] {method} {METHODS[method][2]}={tag} seed {seed}: "
           + ("diverged" if record["diverged"] else
              f"win rate {record['win_rate']:.1%} KL {record['kl']:.3f}"), flush=True)
-    self.points[name] = record
-    files.write_text(self.path, json.dumps(self.points, indent=1))
+    with self.locked():
+      self.points = {**(files.read_json(self.path) or {}), **self.points, name: record}
+      files.write_text(self.path, json.dumps(self.points, indent=1))
+    os.remove(workdir + ".claim")
     return record
+
+  def workdir(self, name: str) -> str:
+    method, tag, seed = name.split("|")
+    folder = "".join(c if c.isalnum() or c in "-_." else "_" for c in method)
+    return os.path.join(self.output, "points", folder, tag, f"seed_{seed}")
+
+  @contextlib.contextmanager
+  def locked(self):
+    """frontier.json's lock: every worker merges its points into the file under it."""
+    with open(self.path + ".lock", "a") as handle:
+      fcntl.flock(handle, fcntl.LOCK_EX)
+      try:
+        yield
+      finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+  def reload(self) -> None:
+    with self.locked():
+      self.points = {**self.points, **(files.read_json(self.path) or {})}
+
+  def claimed(self, workdir: str) -> bool:
+    """Whether a live process other than this one is training the point in `workdir`."""
+    try:
+      with open(workdir + ".claim") as handle:
+        owner = int(handle.read().strip() or 0)
+    except (OSError, ValueError):
+      return False
+    return owner != os.getpid() and _alive(owner)
+
+  def claim(self, workdir: str) -> bool:
+    """Whether this process may train the point: its claim file holds the trainer's pid, and a
+    claim whose process is gone (a stopped run) is taken over."""
+    os.makedirs(os.path.dirname(workdir), exist_ok=True)
+    path = workdir + ".claim"
+    for _ in range(2):
+      try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        if self.claimed(workdir):
+          return False
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(path)
+        continue
+      with os.fdopen(descriptor, "w") as handle:
+        handle.write(str(os.getpid()))
+      return True
+    return False
+
+  def wait(self, names: list[str]) -> list[dict[str, Any]]:
+    """The points `names`, waiting for the workers training any of them. Called after this
+    process has tried every one of them, so a point neither done nor claimed by a live worker was
+    left by one that failed."""
+    while True:
+      self.reload()
+      missing = [name for name in names if name not in self.points]
+      if not missing:
+        return [self.points[name] for name in names]
+      lost = [name for name in missing if not self.claimed(self.workdir(name))]
+      if lost:
+        self.reload()
+        lost = [name for name in lost if name not in self.points]
+        if lost:
+          raise RuntimeError(f"frontier: {len(lost)} points (e.g. {lost[0]}) were left by a "
+                             f"worker that stopped; run the same command again to train them")
+      time.sleep(POLL_S)
 
   def values(self, method: str) -> list[float]:
     default = METHODS[method][3]
     return [default * factor for factor in (QUICK_FACTORS if self.quick else FACTORS)]
 
   def run(self) -> None:
-    for method in METHODS:
-      extra = {}
-      if method == "DRO-V (no 1/τ)":
-        extra = {"optimizer.learning_rate": self.best_no_scale_rate()}
-      for value in self.values(method):
-        for seed in self.seeds:
-          self.point(method, value, seed, extra)
+    """Every point, in an order that leaves the choices made from earlier points (the no-1/τ
+    learning rate, the ablation's τ) as late as possible, so that parallel workers keep busy."""
+    rate_points = [] if self.quick else [
+        ("DRO-V (no 1/τ)", 1.0, seed, {"optimizer.learning_rate": rate}, f"lr_{rate:g}")
+        for rate in NO_SCALE_LEARNING_RATES for seed in self.seeds]
+    for method, value, seed, extra, label in rate_points:
+      self.point(method, value, seed, extra, label=label)
+    swept = [m for m in METHODS if m != "DRO-V (no 1/τ)"]
+    names = [self.sweep_points(method) for method in swept]
+    for points in names:
+      for method, value, seed in points:
+        self.point(method, value, seed)
+    extra = {"optimizer.learning_rate": self.best_no_scale_rate(rate_points)}
+    no_scale = self.sweep_points("DRO-V (no 1/τ)")
+    for method, value, seed in no_scale:
+      self.point(method, value, seed, extra)
+    ablation = []
     if not self.quick:
+      self.wait([f"{m}|{v:g}|{s}" for m, v, s in self.sweep_points("DRO-V")])
       tau = self.best_value("DRO-V")
-      for variant, chain in ABLATION:
-        for seed in self.seeds:
-          self.point("DRO-V", tau, seed, {"dro.value_function": variant,
-                                          "dro.value_optimizer": chain},
-                     label=f"ablation_{variant}_{chain}_{tau:g}")
+      ablation = [({"dro.value_function": variant, "dro.value_optimizer": chain},
+                   f"ablation_{variant}_{chain}_{tau:g}", seed)
+                  for variant, chain in ABLATION for seed in self.seeds]
+      for extra_, label, seed in ablation:
+        self.point("DRO-V", tau, seed, extra_, label=label)
+    self.wait([f"{m}|{v:g}|{s}" for points in names + [no_scale] for m, v, s in points]
+              + [f"DRO-V|{label}|{seed}" for _, label, seed in ablation])
 
-  def best_no_scale_rate(self) -> float:
+  def sweep_points(self, method: str) -> list[tuple[str, float, int]]:
+    return [(method, value, seed) for value in self.values(method) for seed in self.seeds]
+
+  def best_no_scale_rate(self, rate_points) -> float:
     """The learning rate (of three) at which DRO-V without the 1/τ scale does best at τ = 1."""
     if self.quick:
       return self.demo.demo.align_lr
+    runs = self.wait([f"{m}|{label}|{seed}" for m, _, seed, _, label in rate_points])
     rates = {}
-    for rate in NO_SCALE_LEARNING_RATES:
-      runs = [self.point("DRO-V (no 1/τ)", 1.0, seed, {"optimizer.learning_rate": rate},
-                         label=f"lr_{rate:g}") for seed in self.seeds]
-      rates[rate] = np.mean([r["win_rate"] if not r["diverged"] else 0.0 for r in runs])
-    return max(rates, key=rates.get)
+    for (_, _, _, extra, _), run in zip(rate_points, runs):
+      rates.setdefault(extra["optimizer.learning_rate"], []).append(
+          run["win_rate"] if not run["diverged"] else 0.0)
+    return max(rates, key=lambda rate: np.mean(rates[rate]))
 
   def best_value(self, method: str) -> float:
     curve = self.curve(method)
@@ -288,6 +380,16 @@ def plot(curves: dict[str, list[dict[str, Any]]], path: str) -> None:
   figure.savefig(path, dpi=100)
 
 
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--output", required=True)
@@ -298,10 +400,29 @@ def main(argv=None) -> None:
                       "<output>/data_cache)")
   parser.add_argument("--sft", default=None, help="an SFT workdir of the demo's model to start "
                       "from (default: trained in <output>/shared/sft)")
+  parser.add_argument("--workers", type=int, default=1, help="points trained at once, each "
+                      "worker a process of its own (default 1)")
+  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+  console.initialize_backends()  # without the start-up notices of devices this machine lacks
   frontier = Frontier(args.output, args.quick, seeds, data_cache=args.data_cache, sft=args.sft)
-  frontier.run()
+  # The shared SFT policy and samples exist now: the extra workers only train points.
+  argv = list(sys.argv[1:] if argv is None else argv)
+  workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--worker",
+                               "--workers", "1"]) for _ in range(max(args.workers, 1) - 1)]
+  try:
+    frontier.run()
+  except BaseException:
+    for worker in workers:
+      worker.terminate()
+    raise
+  finally:
+    for worker in workers:
+      if worker.wait() != 0 and not args.worker:
+        print(f"[frontier] a worker exited with {worker.returncode}", file=sys.stderr)
+  if args.worker:
+    return
   command = "python benchmarks/frontier.py --output DIR" + (" --quick" if args.quick else "")
   print(write(frontier, command), flush=True)
 

@@ -16,6 +16,7 @@ import pytest
 
 from dro_jax import configs, demo
 
+import readme_commands
 import run_helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -102,17 +103,31 @@ def test_dro_v_beats_sft_on_held_out_prompts(demo_results):
 
 
 @pytest.mark.slow
-def test_the_readme_evaluate_example_runs_on_the_demo_workdirs(demo_results, tmp_path, capsys):
-  """README: `python -m dro_jax.evaluate --policy /tmp/demo/dro --baseline /tmp/demo/sft`, with
-  no prompts and no judge: the demo's held-out prompts and judge, 400 comparisons."""
-  from dro_jax import evaluate
+def test_the_readme_commands_after_the_demo_run_on_its_workdirs(demo_results, tmp_path, capsys,
+                                                               monkeypatch):
+  """The README's evaluate, export and sample commands as written, on a copy of the demo's
+  workdirs at /tmp/demo: evaluate with no prompts and no judge takes the demo's held-out prompts
+  and judge (400 comparisons); export writes a Hugging Face folder; sample writes JSONL."""
+  from dro_jax import evaluate, export, sample
   workdir, _ = demo_results
-  report = evaluate.main(["--policy", str(workdir / "dro"), "--baseline", str(workdir / "sft"),
-                          "--output", str(tmp_path)])
+  shutil.copytree(workdir, tmp_path / "demo", ignore=shutil.ignore_patterns("evaluation"))
+  monkeypatch.chdir(tmp_path)
+
+  def words(prefix):
+    return readme_commands.argv(readme_commands.command(prefix), tmp_path)[3:]
+
+  report = evaluate.main(words("python -m dro_jax.evaluate"))
   first = capsys.readouterr().out.splitlines()[0]
   assert first.startswith("win_rate ") and "(n=400, " in first
   assert report["judge"] == "demo" and report["prompts"] == 400
   assert report["win_rate"] > 0.5 and report["policy_reward"] > report["baseline_reward"]
+  assert list((tmp_path / "demo" / "dro" / "evaluation").glob("step_*/evaluation.json"))
+  folder = pathlib.Path(export.main(words("python -m dro_jax.export")))
+  assert (folder / "config.json").is_file() and (folder / "model.safetensors").stat().st_size
+  (tmp_path / "prompts.txt").write_text("Reply to: cat\nReply to: two dogs\n")
+  rows = sample.main(words("python -m dro_jax.sample"))
+  assert len(rows) == 2 * 4 and (tmp_path / "responses.jsonl").is_file()
+  assert {row["prompt_index"] for row in rows} == {0, 1}
 
 
 @pytest.mark.slow
@@ -126,8 +141,12 @@ def test_negated_rewards_make_dro_v_lose(tmp_path, demo_sft, demo_cache):
 
 
 def _cli(workdir) -> list[str]:
-  return [sys.executable, "-m", "dro_jax.main", f"--config={ROOT}/configs/demo.py:{ARG}",
-          f"--workdir={workdir}"]
+  """The README's first command's demo run, at the tests' reduced scale."""
+  quickstart = readme_commands.command("python3 -m venv").split(" && ")
+  assert quickstart[-1].startswith("python -m dro_jax.main --config configs/demo.py ")
+  words = readme_commands.argv(quickstart[-1], workdir.parent, replace={
+      "configs/demo.py": f"{ROOT}/configs/demo.py:{ARG}", "/tmp/demo": str(workdir)})
+  return [sys.executable, *words[1:]]
 
 
 @pytest.mark.slow

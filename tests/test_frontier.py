@@ -58,3 +58,53 @@ def test_matched_kl_and_monotonicity_on_made_up_curves():
   assert rates["DPO"][0] == pytest.approx(0.55 + 0.2 * (levels[0] - 0.1))
   violations = frontier.monotonicity(curves)
   assert len(violations) == 1 and violations[0].startswith("KTO")
+
+
+def _fake_frontier(frontier, output, monkeypatch, trained):
+  """A Frontier whose points train instantly: each point's metrics follow from its settings."""
+  monkeypatch.setattr(frontier.train, "run", lambda config, workdir: trained.append(workdir))
+  monkeypatch.setattr(frontier.demo, "finished", lambda workdir, steps: False)
+  monkeypatch.setattr(frontier.demo, "load_policy", lambda workdir, demo: workdir)
+  monkeypatch.setattr(frontier, "POLL_S", 0.01)
+  run = object.__new__(frontier.Frontier)
+  run.output, run.quick, run.seeds, run.points, run.demo = str(output), False, [0, 1], {}, None
+  run.path = str(output / "frontier.json")
+  run.config = lambda method, value, seed, extra: type("Config", (), {"total_steps": 1})()
+
+  def evaluate(policy, workdir):
+    value = float(workdir.split("/")[-2].split("_")[-1]) if "_" in workdir.split("/")[-2] else \
+        float(workdir.split("/")[-2])
+    return {"win_rate": 0.5 + 0.01 * (value == 0.3), "win_rate_low": 0.4, "win_rate_high": 0.6,
+            "policy_reward": 0.0, "kl": 1.0 / value, "policy_length": 5.0}
+  run.evaluate = evaluate
+  return run
+
+
+def test_the_full_sweep_order_learning_rate_and_ablation_tau(tmp_path, monkeypatch):
+  """Without training: every point once, the no-1/τ points at the chosen learning rate, the
+  ablation at DRO-V's best τ, a claim left by a stopped process taken over, and a live one
+  (another process's) waited for."""
+  frontier = _frontier_module()
+  trained = []
+  run = _fake_frontier(frontier, tmp_path, monkeypatch, trained)
+  stale = pathlib.Path(run.workdir("DPO|0.5|0") + ".claim")
+  stale.parent.mkdir(parents=True)
+  stale.write_text("999999999")  # no such process
+  run.run()
+  sweeps = (len(frontier.METHODS) * len(frontier.FACTORS) + len(frontier.NO_SCALE_LEARNING_RATES)
+            + len(frontier.ABLATION)) * len(run.seeds)
+  assert len(trained) == len(set(trained)) == len(run.points) == sweeps
+  assert not list(tmp_path.rglob("*.claim"))
+  ablation = {p["label"] for p in run.points.values() if p["label"].startswith("ablation_")}
+  assert all(label.endswith("_0.3") for label in ablation)  # DRO-V's best τ: 0.3 here
+  text = frontier.write(run, "frontier")
+  assert "## DRO-V value functions at its best τ" in text
+  # A point claimed by a live process (this test's parent) is not trained here: it is waited for.
+  claimed = run.workdir("KTO|0.1|0") + ".claim"
+  del run.points["KTO|0.1|0"]
+  (tmp_path / "frontier.json").write_text(json.dumps(run.points))
+  pathlib.Path(claimed).write_text(str(__import__("os").getppid()))
+  assert run.point("KTO", 0.1, 0) is None
+  pathlib.Path(claimed).unlink()
+  with pytest.raises(RuntimeError, match="run the same command again"):
+    run.wait(["KTO|0.1|0"])

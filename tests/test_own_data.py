@@ -18,6 +18,7 @@ import pytest
 from dro_jax import configs, datasets, errors, step, train, vocabulary
 from dro_jax import main as main_lib
 from dro_jax.data import tasks
+import readme_commands
 from run_helpers import cli_env, read_metrics, shrink, write_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -104,12 +105,9 @@ def test_the_corpus_reads_jsonl_fields_and_text_lines(tmp_path):
 
 def test_the_readme_command_trains_a_vocabulary(tmp_path):
   """The command as the README shows it, run in a folder that has `my_data/`."""
-  readme = (ROOT / "README.md").read_text()
-  commands = re.findall(r"^python -m dro_jax\.vocabulary .*$", readme, flags=re.M)
-  assert commands, "the README shows the vocabulary command"
   write_corpus(tmp_path / "my_data")
   env = {"PATH": "", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
-  argv = shlex.split(commands[0])
+  argv = shlex.split(readme_commands.command("python -m dro_jax.vocabulary"))
   result = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stdout + result.stderr
@@ -125,6 +123,36 @@ def test_the_readme_command_trains_a_vocabulary(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
       "error: --input nothing_here: no such file or folder"]
+
+
+@pytest.mark.slow
+def test_the_readme_own_data_commands_run_as_written(tmp_path, demo_cache):
+  """The README's three commands in a folder with `my_data/` (prompt/response files for SFT and
+  its held-out split, thumbs-labelled records for KTO): a vocabulary, SFT on the files with the
+  held-out metrics from eval_files, KTO from that SFT with the labels read from `thumbs`."""
+  write_corpus(tmp_path / "my_data")
+  write_jsonl(tmp_path / "my_data" / "sft_eval.jsonl", single_rows(12, seed=5))
+  rng = random.Random(6)
+  write_jsonl(tmp_path / "my_data" / "thumbs.jsonl",
+              [{"prompt": f"{words(rng, 3)} {i}", "response": words(rng, 3), "thumbs": i % 3 != 0}
+               for i in range(40)])
+  env = cli_env(tmp_path, demo_cache, "own_data_cli_cache")
+  for prefix in ("python -m dro_jax.vocabulary",
+                 "python -m dro_jax.main --config configs/sft.py:size=tiny --workdir /tmp/own_sft",
+                 "python -m dro_jax.main --config configs/kto.py:size=tiny,init=/tmp/own_sft"):
+    words_ = readme_commands.argv(readme_commands.command(prefix), tmp_path)
+    words_ = [f"{ROOT}/{w}" if w.startswith("configs/") else w for w in words_]
+    result = subprocess.run([sys.executable, *words_[1:]], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (prefix, (result.stdout + result.stderr)[-3000:])
+  sft = read_metrics(tmp_path / "own_sft")
+  assert sft[-1]["step"] == 200
+  assert [row for row in sft if any(key.startswith("eval/") for key in row)]
+  kto = read_metrics(tmp_path / "own_kto")
+  assert kto[-1]["step"] == 200
+  config = json.loads((tmp_path / "own_kto" / "config.json").read_text())
+  assert config["init_checkpoint"] == str(tmp_path / "own_sft")
+  assert config["data"]["fields"] == "label:thumbs"
 
 
 def test_a_vocabulary_with_other_ids_is_refused_with_the_fix(tmp_path, own_vocabulary):

@@ -49,3 +49,55 @@ def test_the_readme_names_only_files_the_repository_holds():
       continue
     assert (root / name).exists(), name
   assert "SPEC.md" not in text and "DATASETS.md" not in text
+
+
+# Each README command not marked "# not run here: ..." and the test file that runs it, found there
+# by the same prefix (tests/readme_commands.py).
+RUN_BY = {
+    "python3 -m venv": "tests/test_demo.py",  # the install is .ci/run's (checked below)
+    "python -m pytest": ".ci/run",
+    "pip install -e": ".ci/run",
+    "python -m dro_jax.evaluate": "tests/test_demo.py",
+    "python -m dro_jax.export": "tests/test_demo.py",
+    "python -m dro_jax.sample": "tests/test_demo.py",
+    "python -m dro_jax.main --config configs/dro.py:size=tiny,value=": "tests/test_readme_recipes.py",
+    "python -m dro_jax.main --config configs/sft.py:size=tiny --workdir /tmp/sft":
+        "tests/test_readme_recipes.py",
+    "python -m dro_jax.main --config configs/dro.py:size=tiny,init=": "tests/test_readme_recipes.py",
+    "python -m dro_jax.main --config configs/dpo.py:size=tiny,tr=soft":
+        "tests/test_readme_recipes.py",
+    "python -m dro_jax.vocabulary": "tests/test_own_data.py",
+    "python -m dro_jax.main --config configs/sft.py:size=tiny --workdir /tmp/own_sft":
+        "tests/test_own_data.py",
+    "python -m dro_jax.main --config configs/kto.py:size=tiny,init=/tmp/own_sft":
+        "tests/test_own_data.py",
+}
+
+
+def test_every_readme_command_is_run_by_a_test_or_says_why_not():
+  import readme_commands
+  root = README.parent
+  for command, comments in readme_commands.commands():
+    if readme_commands.exempt(comments):
+      reason = next(c for c in comments if c.startswith(readme_commands.NOT_RUN))
+      assert len(reason) > len(readme_commands.NOT_RUN) + 10, command
+      continue
+    owners = [prefix for prefix in RUN_BY if command.startswith(prefix)]
+    assert len(owners) == 1, f"no test runs this README command: {command}"
+  for prefix, owner in RUN_BY.items():
+    text = (root / owner).read_text()
+    if owner == ".ci/run":
+      continue
+    readme_commands.command(prefix)  # exactly one unmarked command
+    assert f'"{prefix}' in text or f"'{prefix}" in text, (prefix, owner)
+
+
+def test_ci_installs_what_the_readme_installs_and_runs_its_test_command():
+  import readme_commands
+  ci = (README.parent / ".ci" / "run").read_text().splitlines()
+  extras = set(re.search(r'-e "\.\[([\w,]+)\]"', next(line for line in ci if " -e " in line))
+               .group(1).split(","))
+  for command, _ in readme_commands.commands():
+    for wanted in re.findall(r'pip install -e "\.\[([\w,]+)\]"', command):
+      assert set(wanted.split(",")) <= extras, command
+  assert ci[-1] == readme_commands.command("python -m pytest")

@@ -1,0 +1,56 @@
+"""The README's shell commands, as the tests that run them read them.
+
+A command is a line of a ```bash block (with its `\\` continuations). The comment lines right
+above it (up to the previous command or a blank line) belong to it: one that reads
+"# not run here: <reason>" exempts it from the tests, and every other command is run by a test
+named in tests/test_readme.py (RUN_BY), with only its `/tmp/...` folders put under pytest's own.
+"""
+
+import pathlib
+import re
+import shlex
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+NOT_RUN = "# not run here: "
+
+
+def commands() -> list[tuple[str, list[str]]]:
+  """(command, the comment lines above it) for every command of every bash block."""
+  found = []
+  for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+    comments: list[str] = []
+    lines = iter(block.splitlines())
+    for line in lines:
+      line = line.strip()
+      if not line:
+        comments = []
+      elif line.startswith("#"):
+        comments.append(line)
+      else:
+        while line.endswith("\\"):
+          line = line[:-1].rstrip() + " " + next(lines).strip()
+        found.append((line, comments))
+        comments = []
+  return found
+
+
+def exempt(comments: list[str]) -> bool:
+  return any(c.startswith(NOT_RUN) for c in comments)
+
+
+def command(prefix: str) -> str:
+  """The one command that a test runs, found by how it starts."""
+  matches = [c for c, comments in commands() if c.startswith(prefix) and not exempt(comments)]
+  assert len(matches) == 1, f"README commands starting with {prefix!r}: {matches}"
+  return matches[0]
+
+
+def argv(text: str, tmp, replace: dict[str, str] | None = None) -> list[str]:
+  """A README command's words: `replace`'s strings swapped first, then its other /tmp/ folders
+  put under `tmp`."""
+  mark = "\x00"
+  text = text.replace("/tmp/", mark)
+  for old, new in (replace or {}).items():
+    text = text.replace(old.replace("/tmp/", mark), new.replace("/tmp/", "/tmp" + mark))
+  return [word.replace("/tmp" + mark, "/tmp/").replace(mark, f"{tmp}/")
+          for word in shlex.split(text)]
