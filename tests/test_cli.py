@@ -21,6 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = ("sft", "dro", "dro_p", "kto", "dpo", "ipo", "reward_model", "preference_model")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_runs_three_steps_at_size_tiny(recipe, demo_cache, tmp_path):
   config = shrink(configs.load(recipe, "size=tiny"), demo_cache)
@@ -52,6 +53,7 @@ def test_every_recipe_runs_three_steps_at_size_tiny(recipe, demo_cache, tmp_path
       checkpointer.close()
 
 
+@pytest.mark.slow
 def test_tensorboard_loss_equals_the_jsonl(demo_cache, tmp_path):
   import tensorflow as tf
   config = shrink(configs.load("sft", "size=tiny"), demo_cache, steps=4)
@@ -189,6 +191,7 @@ def test_sigterm_saves_the_current_step_exits_143_and_resumes_exactly(
   _assert_resumes_to_the_uninterrupted_run(workdir, uninterrupted, env, last_step)
 
 
+@pytest.mark.slow
 def test_a_nonfinite_loss_stops_the_cli_with_the_step_and_metric(tmp_path, demo_cache):
   result = subprocess.run(
       cli(tmp_path / "w", "--config.total_steps=6", "--config.eval_every=0",

@@ -181,6 +181,7 @@ def test_order_is_a_function_of_seed_and_epoch(tmp_path, vocabulary, new_name, o
   assert not np.array_equal(other_seed, epochs[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("taken", [3, 7])  # Within the first epoch, and into the second.
 def test_resume_continues_with_the_next_batch(tmp_path, vocabulary, new_name, order, taken):
   name = single_task(tmp_path, vocabulary, new_name(), make_rows(21))
@@ -230,6 +231,7 @@ def test_resume_refuses_a_legacy_position_mid_epoch_in_memory(tmp_path, vocabula
   assert "\n" not in str(raised.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("taken", [0, 3, 6])  # epoch boundaries: before, after one, after two
 def test_resume_continues_a_legacy_position_at_an_epoch_boundary(tmp_path, vocabulary, new_name,
                                                                  order, taken):
@@ -279,6 +281,7 @@ def test_resume_refuses_a_different_setup(tmp_path, vocabulary, new_name):
 @pytest.mark.parametrize("change", [
     {"feature_lengths": {"inputs": 24, "targets": 12}}, {"shuffle": False},
     {"reward_mode": "normalized"}, {"num_epochs": 3}])
+@pytest.mark.slow
 def test_resume_refuses_a_changed_stream_setting(tmp_path, vocabulary, new_name, change):
   """Each of these gives other batches after the resume point, so none may change silently."""
   name = single_task(tmp_path, vocabulary, new_name(), make_rows(12))

@@ -89,6 +89,7 @@ def assert_same_run(run, reference_run, name):
                                  err_msg=f"{name}: {key}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
 @pytest.mark.parametrize("name,arg", SHARDED_RUNS)
 def test_sharded_runs_equal_one_device(one_device_runs, name, arg, mesh_shape):
@@ -106,6 +107,7 @@ def test_sharded_runs_equal_one_device(one_device_runs, name, arg, mesh_shape):
     assert kernel.addressable_shards[0].data.shape == (32 // 4, 32 // 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,arg", MICROBATCH_RUNS)
 def test_four_microbatches_give_the_same_update(one_device_runs, name, arg):
   """M = 4 on a (2, 1, 1) mesh; every zero-weight row sits in microbatch 3."""

@@ -146,6 +146,7 @@ SAMPLING = decoding.SamplingParams(max_decode_length=8)
 BATCH = 16  # one sampler and one scorer shape for every test here (each compiles in seconds)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_against_itself(loaded):
   policy, vocabulary = loaded
   prompts = synthetic.eval_prompts(48)
@@ -273,6 +274,7 @@ def test_cli_errors(sft_workdir, tmp_path):
     evaluate.read_prompts(str(prompts))
 
 
+@pytest.mark.slow
 def test_keep_best_checkpoint_by_win_rate(sft_workdir, tmp_path, demo_cache, monkeypatch):
   """The periodic judged evaluation's win rate picks the checkpoint kept as best (max), next to
   the latest; the evaluation itself runs for real, its win rates are then scripted."""

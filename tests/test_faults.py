@@ -53,6 +53,7 @@ def nan_at_batch(monkeypatch):
   return inject
 
 
+@pytest.mark.slow
 def test_nonfinite_stop_names_step_and_metric_and_keeps_the_last_checkpoint(
     demo_cache, tmp_path, nan_at_batch):
   nan_at_batch(5)
@@ -87,6 +88,7 @@ def test_nonfinite_stop_names_step_and_metric_and_keeps_the_last_checkpoint(
   assert all(row["step"] < 5 or not row.get("finite", 1) for row in read_metrics(tmp_path))
 
 
+@pytest.mark.slow
 def test_nonfinite_skip_finishes_with_one_skipped_step(demo_cache, tmp_path, nan_at_batch):
   nan_at_batch(3)
   config = small_dro(demo_cache, 6, on_nonfinite="skip")
@@ -107,6 +109,7 @@ def test_skip_leaves_the_state_unchanged_on_a_nonfinite_step():
   assert int(kept.step) == 4
 
 
+@pytest.mark.slow
 def test_a_truncated_newest_checkpoint_is_moved_aside_and_the_run_resumes(
     demo_cache, tmp_path, capsys):
   config = small_dro(demo_cache, 6)

@@ -317,6 +317,7 @@ def test_cudnn_attention_matches_the_einsum_path_on_gpu():
 # -------------------------------------------------------------------------- through the engine
 
 
+@pytest.mark.slow
 def test_a_scanned_run_takes_the_unrolled_runs_steps_from_a_t5x_checkpoint(fixtures_dir, tmp_path):
   """DRO-V with Adafactor (the optimizer's per-matrix statistics per stacked layer), started from
   a real T5X checkpoint read into the scanned layout: the same losses and parameters as the

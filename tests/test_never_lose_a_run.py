@@ -64,6 +64,7 @@ def copy_of(dro_workdir, tmp_path) -> pathlib.Path:
   return workdir
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_optimizer_option_is_refused_and_touches_nothing(
     dro_workdir, tmp_path, demo_cache):
   workdir = copy_of(dro_workdir, tmp_path)
@@ -158,6 +159,7 @@ def _start_and_interrupt(workdir, env, log, sig):
   return process
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_current_step_and_a_restart_resumes(tmp_path, demo_cache):
   workdir = tmp_path / "interrupted"
   env = cli_env(tmp_path, demo_cache)
@@ -212,6 +214,7 @@ def _damage(step_dir: pathlib.Path, kind: str) -> list[pathlib.Path]:
 @pytest.mark.parametrize("kind", ["array chunks (truncated)", "array chunks (deleted)",
                                   "manifest (truncated)", "item metadata (deleted)",
                                   "item metadata (truncated)", "data position (deleted)"])
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_set_aside_intact_and_the_run_resumes(
     kind, dro_workdir, tmp_path, demo_cache, capsys):
   workdir = copy_of(dro_workdir, tmp_path)

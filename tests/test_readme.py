@@ -18,6 +18,7 @@ def test_the_readme_has_runnable_snippets():
   assert all(code.startswith("# not run here: ") for code in snippets() if code.startswith("# not"))
 
 
+@pytest.mark.slow
 def test_each_readme_snippet_runs_on_its_own(demo_cache, monkeypatch):
   """Each snippet in a fresh namespace, as a reader pastes it: none leans on an earlier one."""
   from dro_jax.data import synthetic

@@ -123,6 +123,7 @@ def loss_rows(workdir):
   return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["dro", "kto", "dpo"])
 def test_the_cache_gives_the_losses_of_the_reference_scored_in_the_step(
     recipe, demo_cache, tmp_path, monkeypatch, capsys):
@@ -154,6 +155,7 @@ def test_the_cache_gives_the_losses_of_the_reference_scored_in_the_step(
   assert rows[2]["loss"] != pytest.approx(rows[0]["loss"], rel=1e-3)  # the policy moved
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_cache(demo_cache, tmp_path, capsys):
   workdir = str(tmp_path)
 

@@ -42,6 +42,7 @@ def tiny():
   return t5_lib.T5(config), t5_lib.init_params(config, jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow
 def test_pairs_in_one_pass_equal_separate_scoring(tiny):
   model, params = tiny
   rng = np.random.default_rng(1)

@@ -204,6 +204,7 @@ def test_gradient_temp_memory_goes_down_for_bfloat16_logits(projection):
 # ----------------------------------------------------------------------- one encoder per prompt
 
 
+@pytest.mark.slow
 def test_score_many_equals_one_encoder_pass_per_target_set(tiny):
   _, model, params, _ = tiny
   batch = _batch(256)
@@ -242,6 +243,7 @@ def _objective_grads(objective, policy, reference, batch, num_microbatches=1):
   return metrics, grads["policy"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["dpo", "kto"])  # IPO shares DPO's objective
 @pytest.mark.parametrize("num_microbatches", [1, 2])
 def test_objective_loss_and_gradients_match_the_plain_scoring(tiny, loss, num_microbatches):

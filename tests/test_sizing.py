@@ -53,6 +53,7 @@ def test_libtpu_is_installed():
     assert len({tuple(device.coords) for device in devices}) == 8, topology
 
 
+@pytest.mark.slow
 def test_report_is_the_compiles_memory_analysis(tiny_dro):
   config, compiled, report = tiny_dro
   stats = compiled.memory_analysis()
@@ -187,6 +188,7 @@ def test_cli_prints_and_writes_the_report(tmp_path, capsys):
   assert report["fits"] and not report["suggestions"] and report["compiler_error"] is None
 
 
+@pytest.mark.slow
 def test_the_module_entry_point_and_its_errors(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
 

@@ -18,6 +18,7 @@ PUBLISHED_SIZES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PUBLISHED_SIZES))
 def test_presets_have_the_published_sizes(name):
   abstract = nn.unbox(t5_lib.abstract_params(t5_lib.get_config(name)))

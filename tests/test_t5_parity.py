@@ -37,6 +37,7 @@ def _relative_error(ours, reference, valid):
   return np.abs(ours - reference)[valid].max() / np.abs(reference[valid]).max()
 
 
+@pytest.mark.slow
 def test_logits_and_scores_match_transformers(hf_model_dir, batch):
   family, hf_model, directory = hf_model_dir
   config, params = checkpoints.load_hf_t5(directory, dtype="float32")

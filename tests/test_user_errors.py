@@ -91,6 +91,7 @@ def test_pairs_given_to_a_single_trajectory_recipe(tmp_path, demo_cache, vocabul
                         "configs/dpo.py", "configs/ipo.py")
 
 
+@pytest.mark.slow
 def test_an_oversized_vocabulary_gets_the_fix(tmp_path, demo_cache, vocabulary):
   rows = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a b", "response": "c d"}] * 4)
   result, output, workdir = driver(tmp_path, demo_cache, "sft.py:size=tiny",
@@ -108,6 +109,7 @@ def test_an_unknown_override_names_the_closest_key(tmp_path, demo_cache):
                         "did you mean --config.optimizer.learning_rate?")
 
 
+@pytest.mark.slow
 def test_the_traceback_on_request(tmp_path, demo_cache):
   env = {**cli_env(tmp_path, demo_cache, "user_errors_cache"), errors.TRACEBACK_ENV: "1"}
   result, output, _ = driver(tmp_path, demo_cache, "dro.py:size=tiny",
@@ -147,6 +149,7 @@ def test_random_init_warning_only_for_alignment_recipes():
   assert main_lib.random_init_warning(configs.load("dpo", "size=tiny,init=/some/sft")) is None
 
 
+@pytest.mark.slow
 def test_an_alignment_run_from_random_init_warns_once_and_prints_no_start_up_noise(
     tmp_path, demo_cache):
   """JAX_PLATFORMS unset: JAX starts every backend it has (libtpu's too, where installed)."""
@@ -217,6 +220,7 @@ def tiny_policy(tmp_path_factory, demo_cache):
   return workdir
 
 
+@pytest.mark.slow
 def test_sample_writes_responses_as_jsonl(tmp_path, demo_cache, tiny_policy):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("what is two plus two\n\nname a colour\n")
