@@ -278,22 +278,45 @@ class Frontier:
 
 
 def matched(curves: dict[str, list[dict[str, Any]]]) -> tuple[list[float], dict[str, list]]:
-  """Three KL levels every method reaches, and each method's interpolated win rate there."""
-  ranges = {m: [r["kl"] for r in rows if np.isfinite(r["kl"])] for m, rows in curves.items()}
-  ranges = {m: kls for m, kls in ranges.items() if kls}
+  """Three KL levels inside the KL range of as many methods as possible (all of them when their
+  ranges overlap), and each method's win rate there, interpolated between its measured points;
+  None at a level outside the method's own range (no extrapolation)."""
+  ranges = {}
+  for method, rows in curves.items():
+    kls = [r["kl"] for r in rows if np.isfinite(r["kl"])]
+    if kls:
+      ranges[method] = (min(kls), max(kls))
   if not ranges:
     return [], {}
-  low = max(min(kls) for kls in ranges.values())
-  high = min(max(kls) for kls in ranges.values())
+
+  def covering(x):
+    return [m for m, (low, high) in ranges.items() if low <= x <= high]
+
+  def span(methods):
+    if not methods:
+      return (0.0, 0.0)
+    return (max(ranges[m][0] for m in methods), min(ranges[m][1] for m in methods))
+
+  ends = sorted({kl for pair in ranges.values() for kl in pair})
+  candidates = ends + [(a + b) / 2 for a, b in zip(ends, ends[1:])]
+  best = max(candidates, key=lambda x: (len(covering(x)), span(covering(x))[1]
+                                         - span(covering(x))[0]))
+  low, high = span(covering(best))
   if not high > low:
     return [], {}
-  levels = list(np.linspace(low, high, 5)[1:4])
-  rates = {}
-  for method, rows in curves.items():
-    finite = sorted((r["kl"], r["win_rate"]) for r in rows if np.isfinite(r["kl"]))
-    kls, wins = zip(*finite)
-    rates[method] = [float(np.interp(level, kls, wins)) for level in levels]
-  return levels, rates
+  levels = [float(level) for level in np.linspace(low, high, 5)[1:4]]
+  return levels, {method: interpolate(rows, levels) for method, rows in curves.items()
+                  if method in ranges}
+
+
+def interpolate(rows: list[dict[str, Any]], levels: list[float]) -> list[float | None]:
+  """Win rate at each KL level, linear between the measured points; None outside their range."""
+  finite = sorted((r["kl"], r["win_rate"]) for r in rows if np.isfinite(r["kl"]))
+  if not finite:
+    return [None] * len(levels)
+  kls, wins = zip(*finite)
+  return [float(np.interp(level, kls, wins)) if kls[0] <= level <= kls[-1] else None
+          for level in levels]
 
 
 def monotonicity(curves: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -327,7 +350,23 @@ def write(frontier: Frontier, command: str) -> str:
     lines += ["| method | " + " | ".join(f"KL {level:.2f}" for level in levels) + " |",
               "|---|" + "---|" * len(levels)]
     for method, values in rates.items():
-      lines.append(f"| {method} | " + " | ".join(f"{v:.1%}" for v in values) + " |")
+      # Each seed's own curve interpolated too: the spread over seeds at the same KL.
+      by_seed = [interpolate([p for p in frontier.sweep(method) if p["seed"] == seed
+                              and not p["diverged"]], levels) for seed in frontier.seeds]
+      cells = []
+      for i, value in enumerate(values):
+        spread = [seed[i] for seed in by_seed if seed[i] is not None]
+        cells.append("—" if value is None else f"{value:.1%}" + (
+            f" ± {np.std(spread, ddof=1):.1%}" if len(spread) > 1 else ""))
+      lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    apart = {m: (min(r["kl"] for r in curves[m]), max(r["kl"] for r in curves[m]))
+             for m, values in rates.items() if None in values}
+    if apart:
+      lines += ["", "Interpolated between each method's measured points (means over seeds; ± the sd "
+                "over seeds of each seed's own curve interpolated); — is a "
+                "level outside the method's measured KL range: " + "; ".join(
+                    f"{m} spans KL {low:.2f} to {high:.2f}" for m, (low, high) in apart.items())
+                + "."]
   else:
     lines.append("The methods' KL ranges do not overlap: no matched comparison.")
   violations = monotonicity(curves)

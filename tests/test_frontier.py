@@ -108,3 +108,15 @@ def test_the_full_sweep_order_learning_rate_and_ablation_tau(tmp_path, monkeypat
   pathlib.Path(claimed).unlink()
   with pytest.raises(RuntimeError, match="run the same command again"):
     run.wait(["KTO|0.1|0"])
+
+
+def test_matched_kl_levels_leave_out_a_method_whose_range_does_not_overlap():
+  """A method whose KL stays far above the others' (a reference that follows the policy) does not
+  empty the comparison: the levels are where the others meet; it gets none there."""
+  frontier = _frontier_module()
+  curves = {name: [{"value": 1.0, "kl": low, "kl_sd": 0.0, "win_rate": 0.6},
+                   {"value": 0.1, "kl": high, "kl_sd": 0.0, "win_rate": 0.8}]
+            for name, low, high in (("A", 0.1, 2.0), ("B", 0.5, 3.0), ("C", 3.2, 3.6))}
+  levels, rates = frontier.matched(curves)
+  assert len(levels) == 3 and 0.5 < levels[0] < levels[-1] < 2.0
+  assert rates["C"] == [None, None, None] and None not in rates["A"] + rates["B"]
