@@ -401,6 +401,7 @@ def write(frontier: Frontier, command: str) -> str:
 def plot(curves: dict[str, list[dict[str, Any]]], path: str) -> None:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
+  from matplotlib.ticker import FuncFormatter
   figure = Figure(figsize=(7, 5))
   FigureCanvasAgg(figure)
   axis = figure.subplots()
@@ -411,7 +412,13 @@ def plot(curves: dict[str, list[dict[str, Any]]], path: str) -> None:
                     xerr=[r["kl_sd"] for r in rows], yerr=[r["win_rate_sd"] for r in rows],
                     marker="o", capsize=3, label=method)
   axis.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
-  axis.set(xscale="symlog", xlabel="KL(π‖SFT), nats per answer (policy's own samples)",
+  # Logarithmic above 0.01 nats (KLs span four decades), linear below it (an estimate near 0 can
+  # come out negative).
+  axis.set_xscale("symlog", linthresh=0.01)
+  top = max([r["kl"] for rows in curves.values() for r in rows if np.isfinite(r["kl"])] + [1.0])
+  axis.set_xticks([t for t in (0, 0.01, 0.1, 1, 10, 100) if t <= 10 * top])
+  axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+  axis.set(xlabel="KL(π‖SFT), nats per answer (policy's own samples)",
            ylabel="win rate against SFT (mean ± sd over seeds)",
            title="Reward-KL frontier on the demo task")
   axis.legend(fontsize=8)
