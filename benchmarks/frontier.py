@@ -438,7 +438,8 @@ def _alive(pid: int) -> bool:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--output", required=True)
+  parser.add_argument("--output", required=True, help="the folder of the points, frontier.json, "
+                      "frontier.md and frontier.png")
   parser.add_argument("--quick", action="store_true",
                       help="2 values per method, 1 seed, a smaller demo and evaluation")
   parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
