@@ -111,7 +111,7 @@ class Frontier:
             label: str | None = None) -> dict[str, Any]:
     extra = dict(extra or {})
     tag = label or f"{value:g}"
-    name = f"{method}|{tag}|{seed}"
+    name = point_name(method, tag, seed)
     if name in self.points:
       return self.points[name]
     self.reload()
@@ -230,15 +230,15 @@ class Frontier:
       self.point(method, value, seed, extra)
     ablation = []
     if not self.quick:
-      self.wait([f"{m}|{v:g}|{s}" for m, v, s in self.sweep_points("DRO-V")])
+      self.wait([point_name(m, f"{v:g}", s) for m, v, s in self.sweep_points("DRO-V")])
       tau = self.best_value("DRO-V")
       ablation = [({"dro.value_function": variant, "dro.value_optimizer": chain},
                    f"ablation_{variant}_{chain}_{tau:g}", seed)
                   for variant, chain in ABLATION for seed in self.seeds]
       for extra_, label, seed in ablation:
         self.point("DRO-V", tau, seed, extra_, label=label)
-    self.wait([f"{m}|{v:g}|{s}" for points in names + [no_scale] for m, v, s in points]
-              + [f"DRO-V|{label}|{seed}" for _, label, seed in ablation])
+    self.wait([point_name(m, f"{v:g}", s) for points in names + [no_scale] for m, v, s in points]
+              + [point_name("DRO-V", label, seed) for _, label, seed in ablation])
 
   def sweep_points(self, method: str) -> list[tuple[str, float, int]]:
     return [(method, value, seed) for value in self.values(method) for seed in self.seeds]
@@ -247,7 +247,7 @@ class Frontier:
     """The learning rate (of three) at which DRO-V without the 1/τ scale does best at τ = 1."""
     if self.quick:
       return self.demo.demo.align_lr
-    runs = self.wait([f"{m}|{label}|{seed}" for m, _, seed, _, label in rate_points])
+    runs = self.wait([point_name(m, label, seed) for m, _, seed, _, label in rate_points])
     rates = {}
     for (_, _, _, extra, _), run in zip(rate_points, runs):
       rates.setdefault(extra["optimizer.learning_rate"], []).append(
@@ -289,19 +289,17 @@ def matched(curves: dict[str, list[dict[str, Any]]]) -> tuple[list[float], dict[
   if not ranges:
     return [], {}
 
-  def covering(x):
-    return [m for m, (low, high) in ranges.items() if low <= x <= high]
-
-  def span(methods):
+  def span(x):
+    """The methods whose range holds KL x: how many, and the range they all share."""
+    methods = [m for m, (low, high) in ranges.items() if low <= x <= high]
     if not methods:
-      return (0.0, 0.0)
-    return (max(ranges[m][0] for m in methods), min(ranges[m][1] for m in methods))
+      return 0, 0.0, 0.0
+    return (len(methods), max(ranges[m][0] for m in methods),
+            min(ranges[m][1] for m in methods))
 
   ends = sorted({kl for pair in ranges.values() for kl in pair})
   candidates = ends + [(a + b) / 2 for a, b in zip(ends, ends[1:])]
-  best = max(candidates, key=lambda x: (len(covering(x)), span(covering(x))[1]
-                                         - span(covering(x))[0]))
-  low, high = span(covering(best))
+  _, low, high = max((span(x) for x in candidates), key=lambda s: (s[0], s[2] - s[1]))
   if not high > low:
     return [], {}
   levels = [float(level) for level in np.linspace(low, high, 5)[1:4]]
@@ -424,6 +422,11 @@ def plot(curves: dict[str, list[dict[str, Any]]], path: str) -> None:
   axis.legend(fontsize=8)
   figure.tight_layout()
   figure.savefig(path, dpi=100)
+
+
+def point_name(method: str, tag: str, seed: int) -> str:
+  """A point's name in frontier.json (and its workdir, `Frontier.workdir`)."""
+  return f"{method}|{tag}|{seed}"
 
 
 def _alive(pid: int) -> bool:

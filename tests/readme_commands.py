@@ -45,12 +45,8 @@ def command(prefix: str) -> str:
   return matches[0]
 
 
-def argv(text: str, tmp, replace: dict[str, str] | None = None) -> list[str]:
-  """A README command's words: `replace`'s strings swapped first, then its other /tmp/ folders
-  put under `tmp`."""
-  mark = "\x00"
-  text = text.replace("/tmp/", mark)
-  for old, new in (replace or {}).items():
-    text = text.replace(old.replace("/tmp/", mark), new.replace("/tmp/", "/tmp" + mark))
-  return [word.replace("/tmp" + mark, "/tmp/").replace(mark, f"{tmp}/")
-          for word in shlex.split(text)]
+def argv(text: str, tmp) -> list[str]:
+  """A README command's words, its /tmp/ folders put under `tmp` and its `configs/...` recipes
+  under the repository's root (so that it runs from any folder)."""
+  words = [word.replace("/tmp/", f"{tmp}/") for word in shlex.split(text)]
+  return [f"{README.parent}/{word}" if word.startswith("configs/") else word for word in words]

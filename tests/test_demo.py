@@ -144,8 +144,9 @@ def _cli(workdir) -> list[str]:
   """The README's first command's demo run, at the tests' reduced scale."""
   quickstart = readme_commands.command("python3 -m venv").split(" && ")
   assert quickstart[-1].startswith("python -m dro_jax.main --config configs/demo.py ")
-  words = readme_commands.argv(quickstart[-1], workdir.parent, replace={
-      "configs/demo.py": f"{ROOT}/configs/demo.py:{ARG}", "/tmp/demo": str(workdir)})
+  words = readme_commands.argv(quickstart[-1], workdir.parent)
+  assert words[words.index("--workdir") + 1] == str(workdir)  # /tmp/demo, as with_sft makes it
+  words[words.index("--config") + 1] += f":{ARG}"
   return [sys.executable, *words[1:]]
 
 

@@ -141,7 +141,6 @@ def test_the_readme_own_data_commands_run_as_written(tmp_path, demo_cache):
                  "python -m dro_jax.main --config configs/sft.py:size=tiny --workdir /tmp/own_sft",
                  "python -m dro_jax.main --config configs/kto.py:size=tiny,init=/tmp/own_sft"):
     words_ = readme_commands.argv(readme_commands.command(prefix), tmp_path)
-    words_ = [f"{ROOT}/{w}" if w.startswith("configs/") else w for w in words_]
     result = subprocess.run([sys.executable, *words_[1:]], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (prefix, (result.stdout + result.stderr)[-3000:])

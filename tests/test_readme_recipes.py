@@ -18,10 +18,9 @@ PREFIXES = ("python -m dro_jax.main --config configs/dro.py:size=tiny,value=",
 @pytest.mark.slow
 def test_the_readme_training_commands_run_as_written(tmp_path, demo_cache):
   env = run_helpers.cli_env(tmp_path, demo_cache, "readme_recipes_cache")
-  root = readme_commands.README.parent
   for prefix in PREFIXES:
     words = readme_commands.argv(readme_commands.command(prefix), tmp_path)
-    result = subprocess.run([sys.executable, *words[1:]], cwd=root, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, *words[1:]], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
