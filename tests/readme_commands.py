@@ -3,7 +3,8 @@
 A command is a line of a ```bash block (with its `\\` continuations). The comment lines right
 above it (up to the previous command or a blank line) belong to it: one that reads
 "# not run here: <reason>" exempts it from the tests, and every other command is run by a test
-named in tests/test_readme.py (RUN_BY), with only its `/tmp/...` folders put under pytest's own.
+named in tests/test_readme.py (RUN_BY), with only its `/tmp/...` folders put under pytest's own
+and its recipe paths made absolute.
 """
 
 import pathlib

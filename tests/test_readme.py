@@ -1,11 +1,13 @@
-"""Every Python snippet of the README runs as written (those marked `# not run` excepted)."""
+"""Every Python snippet of the README runs as written (those marked `# not run` excepted), every
+shell command is run by a named test or says why not, and the README names only files here."""
 
-import pathlib
 import re
 
 import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+import readme_commands
+
+README = readme_commands.README
 
 
 def snippets() -> list[str]:
@@ -76,7 +78,6 @@ RUN_BY = {
 
 
 def test_every_readme_command_is_run_by_a_test_or_says_why_not():
-  import readme_commands
   root = README.parent
   for command, comments in readme_commands.commands():
     if readme_commands.exempt(comments):
@@ -86,15 +87,14 @@ def test_every_readme_command_is_run_by_a_test_or_says_why_not():
     owners = [prefix for prefix in RUN_BY if command.startswith(prefix)]
     assert len(owners) == 1, f"no test runs this README command: {command}"
   for prefix, owner in RUN_BY.items():
-    text = (root / owner).read_text()
-    if owner == ".ci/run":
+    if owner == ".ci/run":  # checked by the next test
       continue
     readme_commands.command(prefix)  # exactly one unmarked command
+    text = (root / owner).read_text()
     assert f'"{prefix}' in text or f"'{prefix}" in text, (prefix, owner)
 
 
 def test_ci_installs_what_the_readme_installs_and_runs_its_test_command():
-  import readme_commands
   ci = (README.parent / ".ci" / "run").read_text().splitlines()
   extras = set(re.search(r'-e "\.\[([\w,]+)\]"', next(line for line in ci if " -e " in line))
                .group(1).split(","))
