@@ -19,7 +19,7 @@ jax.config.update("jax_compilation_cache_dir",
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 # The reduced demo of the tests: SFT 450 steps, 300 feedback prompts x 4 samples, 120 DRO-V steps.
@@ -28,9 +28,9 @@ DEMO_TEST_ARG = "scale=0.3,methods=dro"
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
-  path = SHARED / "fixtures"
-  assert path.is_dir(), f"the shared fixtures are expected at {path}"
-  return path
+  """Real T5X checkpoints written by t5x, with t5x's outputs on them (tests/fixtures/README.md)."""
+  assert FIXTURES.is_dir(), f"the test fixtures are expected at {FIXTURES}"
+  return FIXTURES
 
 
 @pytest.fixture
