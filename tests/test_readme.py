@@ -1,5 +1,6 @@
-"""Every Python snippet of the README runs as written (those marked `# not run` excepted), every
-shell command is run by a named test or says why not, and the README names only files here."""
+"""Every Python snippet of the README and the docs pages runs as written (those marked `# not run`
+excepted), every shell command is run by a named test or says why not, and the pages name only
+files here."""
 
 import re
 
@@ -11,7 +12,8 @@ README = readme_commands.README
 
 
 def snippets() -> list[str]:
-  return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+  return [code for page in readme_commands.pages()
+          for code in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)]
 
 
 def test_the_readme_has_runnable_snippets():
@@ -40,17 +42,19 @@ def test_each_readme_snippet_runs_on_its_own(demo_cache, monkeypatch):
   assert sampled[0]["out"].tokens.shape[0] == 8 * 4
 
 
-def test_the_readme_names_only_files_the_repository_holds():
-  """Links and backticked paths in the README point at files here (no SPEC.md, DATASETS.md)."""
-  root = README.parent
-  text = README.read_text()
-  for name in re.findall(r"\]\(([\w./-]+\.(?:md|py|png|ipynb))\)", text):
-    assert (root / name).exists(), name
+@pytest.mark.parametrize("page", readme_commands.pages(), ids=lambda page: page.name)
+def test_the_pages_name_only_files_the_repository_holds(page):
+  """Links (relative to the page) and backticked paths (relative to the root) in the README and
+  the docs pages point at files here (no SPEC.md, DATASETS.md)."""
+  root = readme_commands.ROOT
+  text = page.read_text()
+  for name in re.findall(r"\]\(([\w./-]+\.(?:md|py|png|ipynb|json))(?:#[\w-]*)?\)", text):
+    assert (page.parent / name).exists(), (page.name, name)
   for name in re.findall(r"`((?:docs|configs|benchmarks|notebooks|dro_jax|tests|launch)/[\w./-]+)`",
                          text):
     if "<" in name or "*" in name or name.endswith("/"):
       continue
-    assert (root / name).exists(), name
+    assert (root / name).exists(), (page.name, name)
   assert "SPEC.md" not in text and "DATASETS.md" not in text
 
 
@@ -85,7 +89,7 @@ def test_every_readme_command_is_run_by_a_test_or_says_why_not():
       assert len(reason) > len(readme_commands.NOT_RUN) + 10, command
       continue
     owners = [prefix for prefix in RUN_BY if command.startswith(prefix)]
-    assert len(owners) == 1, f"no test runs this README command: {command}"
+    assert len(owners) == 1, f"no test runs this command of the README or docs: {command}"
   for prefix, owner in RUN_BY.items():
     if owner == ".ci/run":  # checked by the next test
       continue
@@ -96,7 +100,7 @@ def test_every_readme_command_is_run_by_a_test_or_says_why_not():
 
 def test_ci_installs_what_the_readme_installs_and_runs_its_test_command():
   ci = (README.parent / ".ci" / "run").read_text().splitlines()
-  extras = set(re.search(r'-e "\.\[([\w,]+)\]"', next(line for line in ci if " -e " in line))
+  extras = set(re.search(r'-e "\.\[([\w,]+)\]"', next(line for line in ci if "pip install" in line and " -e " in line))
                .group(1).split(","))
   for command, _ in readme_commands.commands():
     for wanted in re.findall(r'pip install -e "\.\[([\w,]+)\]"', command):
