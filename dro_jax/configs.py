@@ -5,11 +5,18 @@ convention), e.g. `configs/dro.py:size=large,value=double_single,tau=0.5`. `pars
 an arg the recipe does not know, naming it. The returned ConfigDict is locked: a mistyped
 `--config.x=...` override fails naming the key. Fields without a default are
 `placeholder(type)`, so they can still be set from the command line.
+
+Where each value came from (`origins`, shown by --print_config): "default" (base_config),
+"recipe" (the recipe file), "recipe arg" (its `:k=v` args), "size preset" (what `size=` fills in,
+only into keys still at their default), "command line" (`--config.x=...`), "init checkpoint" (the
+model's dimensions, read from `init_checkpoint`), or "set after loading" (changed in code).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import weakref
+from typing import Any, Iterable, Mapping
 
 import ml_collections
 from ml_collections import config_dict
@@ -21,6 +28,117 @@ FAMILIES = ("t5_1_1", "flan_t5", "t5_1_0")
 TRUST_REGIONS = {"none": "frozen", "soft": "soft", "hard": "hard", "hybrid": "trl"}
 COMMON_ARGS = {"size": "tiny", "family": "t5_1_1", "tr": "none", "task": "", "steps": "",
                "batch": "", "lr": "", "init": "", "alpha": "", "sync_every": ""}
+
+
+# ---------------------------------------------------------------------------------- provenance
+
+ORIGINS = ("default", "recipe", "recipe arg", "size preset", "command line", "init checkpoint")
+CHANGED = "set after loading"  # a value that differs from the one its origin recorded
+# id(config) -> (a weak reference to it, {dotted key: (origin, value it was given)}).
+_PROVENANCE: dict[int, tuple[Any, dict[str, tuple[str, Any]]]] = {}
+
+
+def _records(config: ml_collections.ConfigDict, create: bool = False
+             ) -> dict[str, tuple[str, Any]] | None:
+  entry = _PROVENANCE.get(id(config))
+  if entry is not None and entry[0]() is config:
+    return entry[1]
+  if not create:
+    return None
+  key = id(config)
+  records: dict[str, tuple[str, Any]] = {}
+  _PROVENANCE[key] = (weakref.ref(config, lambda _: _PROVENANCE.pop(key, None)), records)
+  return records
+
+
+def _values(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {key: value for key, value, _ in flat_items(config)}
+
+
+def mark(config: ml_collections.ConfigDict, origin: str,
+         keys: Iterable[str] | None = None) -> None:
+  """Records `origin` for `keys` (dotted) at their current values; None: every key whose value
+  differs from the one recorded (or that has no record yet)."""
+  records = _records(config, create=True)
+  values = _values(config)
+  if keys is None:
+    keys = [key for key, value in values.items()
+            if key not in records or records[key][1] != value]
+  for key in keys:
+    if key in values:
+      records[key] = (origin, values[key])
+
+
+def origins(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """{dotted key: where its value came from} (ORIGINS, or CHANGED); {} for a config that was not
+  made by a recipe here (a copy, a config.json)."""
+  records = _records(config)
+  if records is None:
+    return {}
+  result = {}
+  for key, value in _values(config).items():
+    origin, recorded = records.get(key, (CHANGED, None))
+    result[key] = origin if recorded == value else CHANGED
+  return result
+
+
+def origin(config: ml_collections.ConfigDict, key: str) -> str | None:
+  """Where `config`'s dotted `key` got its value; None when the config has no record."""
+  return origins(config).get(key)
+
+
+def _set(config: ml_collections.ConfigDict, key: str, value: Any, origin_name: str) -> None:
+  target = config
+  *parents, leaf = key.split(".")
+  for parent in parents:
+    target = target[parent]
+  target[leaf] = value
+  mark(config, origin_name, [key])
+
+
+def apply_size_preset(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> list[str]:
+  """Sets each dotted key of `values` where the key still holds its default (what base_config
+  gave it), and marks it "size preset"; a value the recipe, its args or anyone else set stays.
+  Returns the keys it set."""
+  mark(config, "recipe")  # what the recipe changed so far is the recipe's
+  current = origins(config)
+  applied = []
+  for key, value in values.items():
+    if current.get(key) == "default":
+      _set(config, key, value, "size preset")
+      applied.append(key)
+  return applied
+
+
+def command_line_keys(argv: Iterable[str], flag: str = "config") -> list[str]:
+  """The dotted keys that `--config.KEY=...` / `--config.KEY VALUE` overrides in `argv` name."""
+  keys = []
+  for word in argv:
+    for prefix in (f"--{flag}.", f"-{flag}."):
+      if word.startswith(prefix):
+        keys.append(word[len(prefix):].split("=", 1)[0])
+        break
+  return keys
+
+
+# ------------------------------------------------------------------------- recipes and paths
+
+
+def display_path(path: str) -> str:
+  """`path` as the user can type it from the working folder: relative when under it, else
+  absolute."""
+  absolute = os.path.abspath(path)
+  try:
+    relative = os.path.relpath(absolute)
+  except ValueError:  # another drive
+    return absolute
+  return absolute if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
+def recipe_path(name: str) -> str:
+  """The repository's `configs/NAME.py`, as display_path shows it."""
+  import pathlib
+  return display_path(str(pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"))
 
 
 def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,11 +155,12 @@ def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def recipes(directory: str | None = None) -> list[str]:
-  """The recipe files of `configs/` (the repository's, or `directory`), as `configs/NAME.py`."""
+  """The recipe files of `configs/` (the repository's, or `directory`), as paths that exist from
+  the working folder (display_path)."""
   import pathlib
   folder = pathlib.Path(directory) if directory else (
       pathlib.Path(__file__).resolve().parents[1] / "configs")
-  return sorted(f"{folder.name}/{path.name}" for path in folder.glob("*.py")
+  return sorted(display_path(str(path)) for path in folder.glob("*.py")
                 if not path.name.startswith("_"))
 
 
@@ -60,10 +179,14 @@ def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> list[tupl
 
 
 def describe(config: ml_collections.ConfigDict) -> str:
-  """Every key with its value, one per line (`key = value  # type`), as --print_config shows."""
+  """Every key with its value, one per line, as --print_config shows: `key = value  # type,
+  origin` (origins(); the type alone for a config without a record)."""
   rows = flat_items(config)
+  sources = origins(config)
   width = max(len(key) for key, _, _ in rows)
-  return "\n".join(f"{key:<{width}} = {value!r}  # {kind}" for key, value, kind in rows)
+  return "\n".join(f"{key:<{width}} = {value!r}  # {kind}"
+                   + (f", {sources[key]}" if key in sources else "")
+                   for key, value, kind in rows)
 
 
 def closest_key(config: ml_collections.ConfigDict, key: str) -> str | None:
@@ -90,10 +213,10 @@ def parse_arg(arg: str | None, recipe: str, **defaults: Any) -> ml_collections.C
     if not item.strip():
       continue
     if "=" not in item:
-      raise ValueError(f"configs/{recipe}.py: arg {item!r} is not key=value")
+      raise ValueError(f"{recipe_path(recipe)}: arg {item!r} is not key=value")
     key, value = (part.strip() for part in item.split("=", 1))
     if key not in known:
-      raise ValueError(f"configs/{recipe}.py: unknown arg {key!r}; known args: {sorted(known)}")
+      raise ValueError(f"{recipe_path(recipe)}: unknown arg {key!r}; known args: {sorted(known)}")
     values[key] = type(known[key])(value) if known[key] != "" else value
   if values["size"] not in SIZES:
     raise ValueError(f"arg size={values['size']!r}: choose from {SIZES}")
@@ -178,8 +301,11 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
       {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0})
   config.dpo = ml_collections.ConfigDict({"beta": 0.1, "label_smoothing": 0.0})
   config.ipo = ml_collections.ConfigDict({"tau": 0.1})
+  # The preference model's two label ids, or pieces; unset: chosen from the run's vocabulary
+  # (dro_jax.vocabulary.preference_labels), and config.json records both ids and pieces.
   config.preference = ml_collections.ConfigDict(
-      {"a_token": placeholder(int), "b_token": placeholder(int)})
+      {"a_token": placeholder(int), "b_token": placeholder(int),
+       "a_piece": placeholder(str), "b_piece": placeholder(str)})
   # Judged evaluation every eval_every steps (periodic_evaluation.py); off without a judge.
   config.evaluation = ml_collections.ConfigDict({
       # A judge spec (dro_jax.judges): demo, reward_model:DIR, preference_model:DIR,
@@ -191,6 +317,10 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
       "max_decode_length": placeholder(int),  # default: max_target_length
   })
   config.data = ml_collections.ConfigDict({
+      # True: the run is on the embedded demo task (configs/demo.py, demo_online.py, online.py at
+      # size=tiny without init or task); data of the user's own beside it is refused. A training
+      # recipe given no data at all trains on the demo task and records True in config.json.
+      "demo": False,
       "task": placeholder(str),  # a registered seqio Task or Mixture; None: the demo task
       # default: data.task; with data.eval_files, the Task made from the files (their split
       # data.eval_split: eval/ metrics and held-out prompts of judged evaluation)
@@ -218,32 +348,30 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
       "truncate": True,
       "cache_dir": placeholder(str),  # demo data cache (default: dro_jax's)
   })
+  mark(config, "default")
+  mark(config, "size preset", ["model.preset"])  # from the recipe's size and family args
   return config
+
+
+# What size=tiny fills in (keys still at their default only): a model that trains on a laptop
+# CPU in seconds, short sequences, frequent logs.
+TINY_PRESET = {"max_input_length": 16, "max_target_length": 12, "batch_size": 16,
+               "total_steps": 200, "checkpoint_every": 100, "eval_every": 100, "log_every": 10,
+               "eval_batches": 2}
 
 
 def finalize(config: ml_collections.ConfigDict,
              args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Applies the common args (task, steps, batch, lr, init, alpha, sync_every); locks it."""
-  if args.task:
-    config.data.task = args.task
-  if args.steps:
-    config.total_steps = int(args.steps)
-  if args.batch:
-    config.batch_size = int(args.batch)
-  if args.lr:
-    config.optimizer.learning_rate = float(args.lr)
-  if args.init:
-    config.init_checkpoint = args.init
-  if args.alpha:  # the trust-region rule's α and period, over the `tr` preset's
-    config.reference.alpha = float(args.alpha)
-  if args.sync_every:
-    config.reference.sync_every = int(args.sync_every)
+  """Applies the common args (task, steps, batch, lr, init, alpha, sync_every) and the size
+  preset (into the keys still at their default); locks it."""
+  mark(config, "recipe")
+  for arg, key, kind in (("task", "data.task", str), ("steps", "total_steps", int),
+                         ("batch", "batch_size", int), ("lr", "optimizer.learning_rate", float),
+                         ("init", "init_checkpoint", str), ("alpha", "reference.alpha", float),
+                         ("sync_every", "reference.sync_every", int)):
+    if args[arg]:
+      _set(config, key, kind(args[arg]), "recipe arg")
   if args.size == "tiny":
-    # The tiny model runs on a laptop CPU in seconds: short sequences, frequent logs.
-    config.max_input_length, config.max_target_length = 16, 12
-    config.batch_size = config.batch_size if args.batch else 16
-    config.total_steps = config.total_steps if args.steps else 200
-    config.checkpoint_every, config.eval_every, config.log_every = 100, 100, 10
-    config.eval_batches = 2
+    apply_size_preset(config, TINY_PRESET)
   config.lock()
   return config

@@ -205,10 +205,19 @@ def resolve_model_config(config: ml_collections.ConfigDict, task: str) -> t5_lib
 
 
 def resolve_preference_tokens(config: ml_collections.ConfigDict, task: str) -> None:
+  """A preference model's two label ids and their pieces, into `config.preference` (config.json
+  records them): the config's, else chosen from the task's vocabulary
+  (`dro_jax.vocabulary.preference_labels`). Ids that are equal, unknown or outside the
+  vocabulary are refused (UserError) here, before the run writes anything."""
   if config.loss != "preference_model":
     return
-  vocabulary = datasets.vocabulary_of(task)
-  if config.preference.a_token is None:
-    config.preference.a_token = int(vocabulary.encode("A")[-1])
-  if config.preference.b_token is None:
-    config.preference.b_token = int(vocabulary.encode("B")[-1])
+  from dro_jax import vocabulary as vocabulary_lib
+  preference = config.preference
+  name = (f"the vocabulary {config.data.vocabulary}" if config.data.get("train_files")
+          and config.data.get("vocabulary") else f"the vocabulary of task {task}")
+  labels = vocabulary_lib.preference_labels(
+      datasets.vocabulary_of(task), a_token=preference.a_token, b_token=preference.b_token,
+      a_piece=preference.get("a_piece"), b_piece=preference.get("b_piece"), name=name)
+  preference.a_token, preference.b_token = labels.a_token, labels.b_token
+  preference.a_piece, preference.b_piece = labels.a_piece, labels.b_piece
+  logging.info("preference-model labels: %s", labels.describe())

@@ -66,7 +66,10 @@ def is_symmetric(judge: Judge) -> bool:
 
 
 def describe(judge: Judge) -> str:
-  return getattr(judge, "spec", None) or getattr(judge, "name", None) or type(judge).__name__
+  """The judge in words: its `description` (e.g. a preference model's label ids), else its spec
+  or name."""
+  return (getattr(judge, "description", None) or getattr(judge, "spec", None)
+          or getattr(judge, "name", None) or type(judge).__name__)
 
 
 def _check_lengths(prompts: Sequence[str], *columns: Sequence[str]) -> None:
@@ -164,7 +167,7 @@ class NoisyJudge:
       raise ValueError(f"noisy judge: the flip probability must be in [0, 1], got {flip}")
     self.judge, self.flip, self.seed = judge, float(flip), int(seed)
     self.symmetric = is_symmetric(judge)
-    self.spec = spec or f"noisy:{flip}:{describe(judge)}"
+    self.spec = spec or f"noisy:{flip}:{getattr(judge, 'spec', None) or describe(judge)}"
     if has_reward(judge):
       self.score = judge.score  # The clean reward: what the evaluation reports as reward.
 
@@ -265,8 +268,9 @@ class RewardModelJudge(_LearnedJudge):
 
 
 class PreferenceModelJudge(_LearnedJudge):
-  """A pairwise preference model: P(A better than B) from its "A" / "B" label logits, in the
-  order asked (not symmetric: `compare` asks both orders and averages)."""
+  """A pairwise preference model: P(A better than B) from its two label logits (the ids its
+  run recorded in config.json, `labels`), in the order asked (not symmetric: `compare` asks
+  both orders and averages). `description` names the workdir, step and label ids and pieces."""
 
   loss = "preference_model"
   symmetric = False
@@ -277,8 +281,18 @@ class PreferenceModelJudge(_LearnedJudge):
     tokens = self.run_config.preference
     if tokens.get("a_token") is None or tokens.get("b_token") is None:
       raise ValueError(f"{path}: config.json has no preference.a_token / b_token")
-    self._probability = _preference_function(self.model_config, int(tokens.a_token),
-                                             int(tokens.b_token))
+    a, b = int(tokens.a_token), int(tokens.b_token)
+    if a == b:
+      raise ValueError(f"{path}: config.json's preference.a_token and b_token are both {a}, so "
+                       f"this model cannot tell A from B; retrain it with two distinct labels "
+                       f"(configs/preference_model.py picks them from the vocabulary)")
+    from dro_jax import vocabulary as vocabulary_lib
+    pieces = [tokens.get(key) or vocabulary_lib.piece_of(self.vocabulary, token)
+              for key, token in (("a_piece", a), ("b_piece", b))]
+    self.labels = {"a_token": a, "b_token": b, "a_piece": pieces[0], "b_piece": pieces[1]}
+    self.description = (f"{self.spec} (step {self.step}; labels A = id {a} {pieces[0]!r}, "
+                        f"B = id {b} {pieces[1]!r})")
+    self._probability = _preference_function(self.model_config, a, b)
 
   def _abstract(self) -> Any:
     from dro_jax.models import t5 as t5_lib

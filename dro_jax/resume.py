@@ -24,7 +24,9 @@ ALLOWED = ("total_steps", "eval_every", "eval_batches", "checkpoint_every", "log
            "max_consecutive_skips", "evaluation.", "data.cache_dir", "accept_config_change",
            # auto / on / off: a state that then lacks its reference is refused by name when it
            # is restored (reference_cache.py), switching between auto and on is harmless.
-           "reference_cache")
+           "reference_cache",
+           # what the label ids are, for the record (the ids themselves are compared)
+           "preference.a_piece", "preference.b_piece")
 RECIPE_KEYS = ("loss", "runner")
 MISSING = object()
 
