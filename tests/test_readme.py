@@ -58,6 +58,20 @@ def test_the_pages_name_only_files_the_repository_holds(page):
   assert "SPEC.md" not in text and "DATASETS.md" not in text
 
 
+
+def test_the_readme_is_a_short_front_door_that_links_every_docs_page():
+  """The README stays under 250 lines, starts with the two commands, and links every docs page
+  (the rest of the documentation lives there), each of which exists."""
+  text = README.read_text()
+  assert len(text.splitlines()) < 250, len(text.splitlines())
+  first = [command for command, _ in readme_commands.page_commands(README)[:2]]
+  assert first[0].startswith("python3 -m venv") and first[1].startswith("python -m pytest tests")
+  linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)(?:#[\w-]*)?\)", text))
+  docs = {f"docs/{page.name}" for page in (readme_commands.ROOT / "docs").glob("*.md")}
+  assert docs <= linked, f"docs pages the README does not link: {sorted(docs - linked)}"
+  assert linked <= docs, f"README links to docs pages that do not exist: {sorted(linked - docs)}"
+
+
 # Each README command not marked "# not run here: ..." and the test file that runs it, found there
 # by the same prefix (tests/readme_commands.py).
 RUN_BY = {
