@@ -1,4 +1,4 @@
-"""The embedded demo over several seeds: wall time per run and the README's results table.
+"""The embedded demo over several seeds: wall time per run and the results table of docs/demo.md.
 
   python benchmarks/demo_seeds.py --workdir /tmp/demo_seeds               # seeds 0, 1, 2, one at a time
   python benchmarks/demo_seeds.py --workdir /tmp/demo_seeds --parallel 3  # all at once

@@ -53,6 +53,7 @@ def judge_config(model: str, task: str, *, cache_dir: str, seed: int = 0, steps:
   from dro_jax import configs
   config = configs.load(model, f"size=tiny,steps={steps},batch={batch},lr={learning_rate}")
   config.seed = seed
+  config.max_input_length = 16  # size=tiny keeps the recipes' own 1024
   config.mesh_shape = (1, 1, 1)  # one device: a model this small only slows down when split
   config.data.task = config.data.eval_task = task
   config.data.cache_dir = cache_dir

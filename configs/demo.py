@@ -53,5 +53,7 @@ def get_config(arg=None):
       # Alignment stages trained at once, each in its own process (1: one after another here).
       "workers": max(int(args.workers), 1),
   })
+  config.data.demo = True  # the embedded demo task, its vocabulary and judge
+  configs.mark(config, "recipe")
   config.lock()
   return config

@@ -18,7 +18,8 @@ def get_config(arg=None):
   args = configs.parse_arg(arg, "dro", value="double_multiple", tau=1.0, value_lr="",
                            value_optimizer="value")
   config = configs.base_config("dro", args)
-  config.total_steps = 40_000 if args.size in ("large", "base", "small") else 20_000
+  if args.size in ("large", "base", "small"):  # else base_config's 20k (tiny: the size preset's)
+    config.total_steps = 40_000
   config.dro.value_function = args.value
   config.dro.tau = args.tau
   if args.value_optimizer not in ("value", "policy"):

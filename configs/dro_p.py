@@ -11,7 +11,8 @@ from dro_jax import configs
 def get_config(arg=None):
   args = configs.parse_arg(arg, "dro_p", tau=1.0)
   config = configs.base_config("dro_p", args)
-  config.total_steps = 40_000
+  if args.size != "tiny":  # tiny: the size preset's
+    config.total_steps = 40_000
   config.dro.tau = args.tau
   config.data.reward_mode = "normalized"
   return configs.finalize(config, args)

@@ -13,7 +13,8 @@ from dro_jax import configs
 def get_config(arg=None):
   args = configs.parse_arg(arg, "kto", beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
   config = configs.base_config("kto", args)
-  config.total_steps = 40_000
+  if args.size != "tiny":  # tiny: the size preset's
+    config.total_steps = 40_000
   config.kto.beta = args.beta
   config.kto.desirable_weight = args.desirable_weight
   config.kto.undesirable_weight = args.undesirable_weight

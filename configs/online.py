@@ -6,9 +6,11 @@ Per iteration: sample `online.samples` answers per prompt from the current polic
 enhancer's best by a knock-out tournament under the preference model, pair (the main agent's
 sample against the best, or best against worst), label each pair with the oracle (a judge spec),
 then train IPO (or DPO) on the pairs, warm-started from the previous iterate. On `size=tiny`
-with no data it runs on the demo task and first trains SFT on the demo's demonstrations in
-<workdir>/sft (like configs/demo.py); elsewhere set `init_checkpoint` (an SFT policy) and the
-prompts (`data.task`'s train split, or `online.prompts_file`).
+with no `init` and no `task` it runs on the demo task (`data.demo=True`) and first trains SFT on
+the demo's demonstrations in <workdir>/sft (like configs/demo.py); elsewhere set
+`init_checkpoint` (an SFT policy: the model's dimensions are read from it) and the prompts
+(`data.task`'s train split, or `online.prompts_file`). size=tiny's settings fill only the keys
+nobody else set.
 
 Args (comma-separated k=v): size, family, task, steps (per iteration), batch, lr, init, loss (ipo
 | dpo), iterations, samples, pairing (enhancer | best_worst), oracle (a judge spec), reference
@@ -59,6 +61,12 @@ def get_config(arg=None):
       # trust-region rule `reference.alpha` / `reference.sync_every` says.
       "reference": args.reference,
       "prompts_file": ml_collections.config_dict.placeholder(str),  # JSONL "prompt" or lines
+      # Held-out prompts of each iteration's evaluation (the first evaluation.prompts of them);
+      # default: the task's (the demo's, or data.task / data.eval_files' eval split).
+      "eval_prompts_file": ml_collections.config_dict.placeholder(str),
+      # The KL guard: above this KL(π‖SFT) (nats per answer) an iteration is warned about, on
+      # the console and in online.md (healthy demo runs: 1-5; dro_jax/online.py DEFAULT_MAX_KL).
+      "max_kl": 10.0,
       "max_decode_length": ml_collections.config_dict.placeholder(int),  # max_target_length
       # SFT on the demo's demonstrations when no init_checkpoint is given (demo task only).
       "sft_steps": 1000, "sft_batch": 64, "sft_lr": 2e-3, "sft_examples": 40_000,
@@ -68,17 +76,17 @@ def get_config(arg=None):
   config.ipo.tau, config.dpo.beta = 0.1, 0.1
   config.reference_cache = "off"  # the reference is in the state (it may move)
   config.keep_best = 0
-  if tiny:  # the demo's model, lengths and optimizer settings
-    config.model.vocab_size = 128
-    config.model.emb_dim, config.model.num_heads, config.model.head_dim = 128, 4, 32
-    config.model.num_encoder_layers = config.model.num_decoder_layers = 2
-    config.model.mlp_dim = 384
-    config.compute_dtype = "float32"
-    config.mesh_shape = (1, 1, 1)
-    config.batch_size = 64
-    config.optimizer.learning_rate = 1e-3
-    config.optimizer.warmup_steps = 20
-    config.evaluation.prompts, config.evaluation.samples = 200, 2
+  if tiny:  # the demo's model and optimizer settings, into the keys still at their default
+    configs.apply_size_preset(config, {
+        "model.vocab_size": 128, "model.emb_dim": 128, "model.num_heads": 4,
+        "model.head_dim": 32, "model.num_encoder_layers": 2, "model.num_decoder_layers": 2,
+        "model.mlp_dim": 384, "compute_dtype": "float32", "mesh_shape": (1, 1, 1),
+        "batch_size": 64, "optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 20,
+        "evaluation.prompts": 200, "evaluation.samples": 2})
+    # The documented demo case: no SFT policy and no task given (a user's own prompts or data,
+    # given on the command line, are then refused by name: --config.data.demo=False).
+    if not args.init and not args.task:
+      config.data.demo = True
   config.evaluation.max_decode_length = ml_collections.config_dict.placeholder(int)
   configs.finalize(config, args)
   if args.steps:  # `steps` is per iteration
@@ -87,7 +95,5 @@ def get_config(arg=None):
   config.checkpoint_every = config.online.steps
   config.eval_every = 0  # evaluated once per iteration by the loop
   config.log_every = max(config.online.steps // 10, 1)
-  if tiny:
-    config.max_input_length, config.max_target_length = 16, 12
-    config.batch_size = int(args.batch) if args.batch else 64
+  configs.mark(config, "recipe")
   return config

@@ -304,16 +304,76 @@ def numeric(batch: Batch) -> Batch:
 # --------------------------------------------------------------- a finished run's task, by config
 
 
-def is_demo(run_config: ml_collections.ConfigDict) -> bool:
-  """Whether the run trained on the embedded demo task (the default when no data is given), its
-  judged samples included (the demo's alignment stages train on `dro_jax_demo_samples_*`)."""
+def _is_demo_task(task: str | None) -> bool:
+  """The embedded demo's own Tasks, and those over its judged samples (the demo's stages)."""
   from dro_jax.data import synthetic
+  return bool(task) and (task in synthetic.TASK_NAMES.values()
+                         or str(task).startswith(DEMO_DERIVED_PREFIXES))
+
+
+def is_demo(run_config: ml_collections.ConfigDict) -> bool:
+  """Whether the run is on the embedded demo task: its config's `data.demo` (set by the demo
+  configs, and recorded by `resolve_demo` for a training recipe given no data). A config.json
+  written before the key existed: no data given, or one of the demo's Tasks."""
   data = run_config.data
+  demo = data.get("demo")
+  if demo is not None:
+    return bool(demo)
   if data.get("train_files"):
     return False
-  task = data.get("task")
-  return (not task or task in synthetic.TASK_NAMES.values()
-          or str(task).startswith(DEMO_DERIVED_PREFIXES))
+  return not data.get("task") or _is_demo_task(data.get("task"))
+
+
+def _user_data(config: ml_collections.ConfigDict) -> list[str]:
+  """The keys that give data of the user's own (set, and not the demo's Tasks)."""
+  data = config.data
+  keys = [f"data.{key}" for key in ("train_files", "eval_files", "vocabulary", "register_module",
+                                    "adapter", "fields")
+          if data.get(key)]
+  keys += [f"data.{key}" for key in ("task", "eval_task")
+           if data.get(key) and not _is_demo_task(data.get(key))]
+  if "online" in config and config.online.get("prompts_file"):
+    keys.append("online.prompts_file")
+  return keys
+
+
+def resolve_demo(config: ml_collections.ConfigDict) -> None:
+  """Whether the run is on the demo task, decided before anything is written.
+
+  `data.demo=True` with data of the user's own is refused (UserError), naming the keys: the demo
+  never replaces what the user set. A training recipe given no data at all, or one of the
+  demo's Tasks, trains on the demo task: `data.demo` is recorded True (config.json says so).
+  """
+  from dro_jax import errors
+  data = config.data
+  if "demo" not in data:  # a config made before the key existed
+    return
+  own = _user_data(config)
+  if data.demo:
+    if own:
+      keys = ", ".join(f"--config.{key}" for key in own)
+      raise errors.UserError(
+          f"config.data.demo=True runs on the embedded demo task (its data and vocabulary), but "
+          f"{keys} give{'s' if len(own) == 1 else ''} data of your own: pass "
+          f"--config.data.demo=False to run on yours (configs/online.py: with init=<your SFT> or "
+          f"task=...), or drop {keys}")
+    return
+  runner = config.get("runner", "train")
+  given = data.get("train_files") or data.get("task")
+  if runner == "train" and not given:
+    if own:  # a vocabulary (say) with no data: the demo task would replace it
+      raise errors.UserError(
+          f"config.{own[0]} is set but the run has no data: give --config.data.train_files "
+          f"(your files) or --config.data.task (a registered Task), or drop --config.{own[0]} to "
+          f"train on the embedded demo task")
+    data.demo = True  # the recipe's documented default: the demo task
+  elif runner == "train" and not own and _is_demo_task(data.task):
+    data.demo = True
+  elif runner == "online" and not (given or config.online.get("prompts_file")):
+    raise errors.UserError(
+        "the online loop on your own task needs its prompts: --config.online.prompts_file=FILE "
+        "(JSONL with \"prompt\", or one per line) or --config.data.task / data.train_files; "
+        "the demo task is configs/online.py:size=tiny without init (or --config.data.demo=True)")
 
 
 def run_vocabulary(run_config: ml_collections.ConfigDict) -> str | None:

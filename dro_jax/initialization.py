@@ -125,6 +125,114 @@ def init_checkpoint_kind(path: str) -> str:
                    f"(no 'checkpoint' file)")
 
 
+# ------------------------------------------------------------- the model of an init checkpoint
+
+# The model's dimensions (config.model keys), taken from init_checkpoint when one is given.
+MODEL_DIM_KEYS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "num_encoder_layers",
+                  "num_decoder_layers", "mlp_dim", "mlp_activations", "logits_via_embedding")
+# Fields of T5Config that shape parameters but are no config key: they must agree.
+_FIXED_SHAPE_FIELDS = ("relative_attention_num_buckets",)
+# Where a value may come from and still give way to the checkpoint's.
+_YIELDING_ORIGINS = ("default", "recipe", "size preset", "init checkpoint")
+
+
+def _misfit(path: str, error: Exception) -> errors.UserError:
+  first = next((line.strip() for line in str(error).splitlines() if line.strip()), repr(error))
+  return errors.UserError(f"init_checkpoint {path}: its parameters do not fit this run's model "
+                          f"({first[:300]}); give a checkpoint of this model, or leave the "
+                          f"config.model dimensions to the checkpoint")
+
+
+def _check_fits(path: str, source: t5_lib.T5Config, model: t5_lib.T5Config) -> None:
+  for key in MODEL_DIM_KEYS + _FIXED_SHAPE_FIELDS:
+    if getattr(source, key) != getattr(model, key):
+      raise errors.UserError(
+          f"init_checkpoint {path}: its {key} is {getattr(source, key)!r} but this run's model "
+          f"has {getattr(model, key)!r}; leave config.model.{key} to the checkpoint (unset) or "
+          f"give a checkpoint of this model")
+
+
+def checkpoint_model_config(path: str) -> t5_lib.T5Config:
+  """The model an init checkpoint holds, from its description alone (no parameter is read): a
+  dro_jax workdir's config.json, a Hugging Face folder's config.json (and which tensors it
+  has), a T5X checkpoint's parameter shapes."""
+  from dro_jax import checkpoints
+  kind = init_checkpoint_kind(path)
+  try:
+    if kind == "workdir":
+      source = files.read_json(os.path.join(path, "config.json"))
+      if not isinstance(source, dict) or not isinstance(source.get("model"), dict):
+        raise errors.UserError(f"init_checkpoint {path}: the workdir has no config.json with a "
+                               f"model section; is it a dro_jax workdir?")
+      return step_lib.t5_config(ml_collections.ConfigDict(
+          {"model": source["model"], "compute_dtype": source.get("compute_dtype")}))
+    if kind == "hf":
+      hf_config = files.read_json(os.path.join(path, "config.json"))
+      names = checkpoints._hf_tensors(path)  # pylint: disable=protected-access (memory-mapped)
+      tied = bool(hf_config.get("tie_word_embeddings", True)) or "lm_head.weight" not in names
+      scaled = bool(hf_config.get("scale_decoder_outputs",
+                                  hf_config.get("tie_word_embeddings", True)))
+      # An explicit dtype: the default asks the backend, which multi-host runs start later.
+      return checkpoints.hf_config_to_t5(hf_config, tied_output=tied and scaled,
+                                         dtype="float32")
+    from flax import serialization
+    raw = checkpoints._read_bytes(f"{path.rstrip('/')}/checkpoint")  # pylint: disable=protected-access
+    target = serialization.msgpack_restore(raw)["optimizer"]["target"]
+    return checkpoints._t5x_config(target, "float32")  # pylint: disable=protected-access
+  except errors.UserError:
+    raise
+  except (ValueError, KeyError, TypeError, OSError) as error:
+    raise errors.UserError(f"init_checkpoint {path}: cannot read its model's description "
+                           f"({errors.one_line(error)})") from error
+
+
+def _shown(value: Any) -> Any:
+  return list(value) if isinstance(value, tuple) else value
+
+
+def resolve_init_dims(config: ml_collections.ConfigDict) -> list[str]:
+  """With `init_checkpoint`, the model's dimensions (MODEL_DIM_KEYS) become the checkpoint's,
+  written into `config.model` (config.json records them) over what a size preset or a recipe
+  gave; a value set on purpose (the command line, or in code after loading) that differs is
+  refused by name (UserError), before anything is written. Returns the keys it set."""
+  path = config.get("init_checkpoint")
+  if not path:
+    return []
+  from dro_jax import configs
+  source = checkpoint_model_config(path)
+  current = step_lib.t5_config(config)
+  sources = configs.origins(config)
+  differing = [key for key in MODEL_DIM_KEYS if getattr(source, key) != getattr(current, key)]
+  for key in differing:
+    origin = sources.get(f"model.{key}")
+    if config.model[key] is None or origin in _YIELDING_ORIGINS:
+      continue
+    have, want = _shown(getattr(current, key)), _shown(getattr(source, key))
+    named = (f"--config.model.{key}={have}" if origin == "command line" else
+             f"config.model.{key}={have!r}")
+    raise errors.UserError(
+        f"{named} conflicts with the init checkpoint {path}'s {want!r}: the model's dimensions "
+        f"come from init_checkpoint; drop {named.split('=')[0]}, or give an init_checkpoint "
+        f"whose {key} is {have!r}")
+  for key in _FIXED_SHAPE_FIELDS:
+    if getattr(source, key) != getattr(current, key):
+      raise errors.UserError(
+          f"init_checkpoint {path}: its {key} is {getattr(source, key)} where this model has "
+          f"{getattr(current, key)}; dro_jax cannot initialise from it")
+  if not differing:
+    return []
+  for key in MODEL_DIM_KEYS:  # every dimension, so that nothing is derived from the preset
+    value = getattr(source, key)
+    config.model[key] = (tuple(value) if key == "mlp_activations" else
+                         bool(value) if key == "logits_via_embedding" else int(value))
+  configs.mark(config, "init checkpoint", [f"model.{key}" for key in MODEL_DIM_KEYS])
+  resolved = step_lib.t5_config(config)
+  _check_fits(path, source, resolved)
+  logging.info("model dimensions from init_checkpoint %s: %s", path,
+               {key: getattr(resolved, key) for key in differing})
+  return list(differing)
+
+
 def load_init_policy(config, path: str, like: PyTree, shardings: PyTree) -> PyTree:
   """The initial policy parameters from `path`, read straight into their shards, in the layer
   layout this run uses (`model.scan_layers`) whatever the layout they were saved in."""
@@ -149,14 +257,25 @@ def load_init_policy(config, path: str, like: PyTree, shardings: PyTree) -> PyTr
     try:
       policy = scan_lib.read_in_layout(read, shardings, model_config,
                                        source_scanned=source_scanned)
+    except ValueError as error:  # orbax: a stored shape that is not the requested one
+      raise _misfit(path, error) from error
     finally:
       other.close()
     logging.info("policy initialised from %s step %d", path, step)
     return policy
   from dro_jax import checkpoints
   loader = checkpoints.load_hf_t5 if kind == "hf" else checkpoints.load_t5x
+
+  def read(source_shardings):
+    source_config, params = loader(path, source_shardings)
+    _check_fits(path, source_config, model_config)
+    return params
+
   # Published checkpoints are unrolled; a scanned run stacks them into its own shards.
-  params = scan_lib.read_in_layout(lambda s: loader(path, s)[1], shardings, model_config)
+  try:
+    params = scan_lib.read_in_layout(read, shardings, model_config)
+  except checkpoints.CheckpointError as error:
+    raise _misfit(path, error) from error
   logging.info("policy initialised from the %s checkpoint %s", kind, path)
   return params
 
@@ -193,6 +312,8 @@ def compile_step(config, mesh, rules, shardings: TrainState, example_batch: Batc
 def resolve_model_config(config: ml_collections.ConfigDict, task: str) -> t5_lib.T5Config:
   """The policy's T5Config; refuses a vocabulary larger than the model's embedding."""
   from dro_jax.data import tasks
+  datasets.resolve_demo(config)
+  resolve_init_dims(config)
   model_config = step_lib.t5_config(config)
   if config.init_checkpoint:
     fix = (f"the model's vocab_size comes from init_checkpoint {config.init_checkpoint}, so give "

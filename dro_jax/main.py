@@ -19,6 +19,23 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+
+
+def _own_package() -> None:
+  """Run from a folder that holds a folder named `dro_jax` (the clone's parent), `dro_jax` is a
+  namespace package over that folder, and its `configs/` shadows `dro_jax.configs`: the package's
+  path is pointed back at this file's folder, so every `dro_jax.X` is this package's module."""
+  package = sys.modules.get("dro_jax")
+  if package is not None and getattr(package, "__file__", None) is None:
+    package.__path__ = [os.path.dirname(os.path.abspath(__file__))]
+    package.__file__ = os.path.join(package.__path__[0], "__init__.py")
+    for name in [name for name, module in sys.modules.items()
+                 if name.startswith("dro_jax.") and getattr(module, "__file__", None) is None]:
+      del sys.modules[name]  # a namespace module picked up from that folder
+
+
+_own_package()
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -83,11 +100,17 @@ def _config_argument(argv: list[str]) -> str | None:
 
 
 def _recipes_hint(path: str) -> str:
-  from dro_jax import configs
-  names = configs.recipes()
+  """The recipe files, as paths that exist from the working folder."""
+  del path
+  try:
+    from dro_jax import configs
+    names = configs.recipes()
+    example = configs.recipe_path("sft")
+  except Exception:  # noqa: BLE001 (the hint must never hide the error it comes with)
+    return "give the path of a recipe file (configs/NAME.py in the dro_jax repository)"
   if not names:
     return "give the path of a recipe file"
-  return "the recipes: " + ", ".join(names) + " (e.g. --config configs/sft.py:size=tiny)"
+  return f"the recipes: {', '.join(names)} (e.g. --config {example}:size=tiny)"
 
 
 def _unknown_override(argv: list[str], config_argument: str) -> errors.UserError | None:
@@ -154,6 +177,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   if not _PRINT_CONFIG.value and not _WORKDIR.value:
     raise errors.UserError("give --workdir DIR (where checkpoints, metrics and config.json go; "
                            "a new folder or a run to resume)")
+  from dro_jax import configs
+  configs.mark(_CONFIG.value, "command line", configs.command_line_keys(argv))
   return rest
 
 
@@ -165,10 +190,12 @@ def preflight(config, workdir: str | None = None) -> None:
   exist or is not a checkpoint, data files that are missing, empty or of the wrong kind."""
   if config.runner not in RUNNERS:
     raise errors.UserError(f"config.runner={config.runner!r}: choose from {sorted(RUNNERS)}")
+  from dro_jax import datasets
+  datasets.resolve_demo(config)
   if config.get("init_checkpoint"):
     from dro_jax import initialization
     initialization.init_checkpoint_kind(config.init_checkpoint)
-  from dro_jax import datasets
+    initialization.resolve_init_dims(config)
   datasets.check_files(config)
 
 
@@ -189,6 +216,9 @@ def main(argv) -> None:
   config = _CONFIG.value
   if _PRINT_CONFIG.value:
     from dro_jax import configs
+    if config.get("init_checkpoint"):  # the dimensions the run takes from it
+      from dro_jax import initialization
+      initialization.resolve_init_dims(config)
     print(configs.describe(config), flush=True)
     return
   workdir = _WORKDIR.value

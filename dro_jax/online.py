@@ -99,6 +99,8 @@ def params_digest(tree: PyTree) -> str:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """A misconfigured run fails here, naming the key, before anything is written."""
+  datasets.resolve_demo(config)  # the demo task only when data.demo says so
+  initialization.resolve_init_dims(config)  # the model's dimensions from init_checkpoint
   settings = config.online
   if config.loss not in ("ipo", "dpo"):
     raise errors.UserError(f"config.loss={config.loss!r}: the online loop trains ipo or dpo")

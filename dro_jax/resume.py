@@ -81,6 +81,10 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, An
     raise ConfigChangeError(f"{path} is not a config (a JSON object); is {workdir} a dro_jax "
                             f"workdir?")
   new = config_json(config)
+  if isinstance(old.get("data"), dict) and "demo" not in old["data"]:
+    # A config from before data.demo: whether that run was on the demo task, by the old rule.
+    from dro_jax import datasets
+    old["data"]["demo"] = datasets.is_demo(ml_collections.ConfigDict(old))
   for key in RECIPE_KEYS:
     if old.get(key, "train" if key == "runner" else None) != new.get(
         key, "train" if key == "runner" else None):

@@ -25,6 +25,7 @@ RECIPES = ("sft", "dro", "dro_p", "kto", "dpo", "ipo", "reward_model", "preferen
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_runs_three_steps_at_size_tiny(recipe, demo_cache, tmp_path):
   config = shrink(configs.load(recipe, "size=tiny"), demo_cache)
+  config.max_input_length = 16  # reward_model / preference_model's own 1024 stays at size=tiny
   config.checkpoint_every, config.eval_every, config.log_every = 3, 3, 1
   if recipe == "dro":  # DRO-V's policy and value network, layers scanned and rematerialised
     config.model.num_encoder_layers = config.model.num_decoder_layers = 2

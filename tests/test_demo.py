@@ -105,9 +105,10 @@ def test_dro_v_beats_sft_on_held_out_prompts(demo_results):
 @pytest.mark.slow
 def test_the_readme_commands_after_the_demo_run_on_its_workdirs(demo_results, tmp_path, capsys,
                                                                monkeypatch):
-  """The README's evaluate, export and sample commands as written, on a copy of the demo's
-  workdirs at /tmp/demo: evaluate with no prompts and no judge takes the demo's held-out prompts
-  and judge (400 comparisons); export writes a Hugging Face folder; sample writes JSONL."""
+  """The evaluate, export and sample commands of the README and docs/evaluation.md as written,
+  on a copy of the demo's workdirs at /tmp/demo: evaluate with no prompts and no judge takes the
+  demo's held-out prompts and judge (400 comparisons); export writes a Hugging Face folder; sample
+  writes JSONL."""
   from dro_jax import evaluate, export, sample
   workdir, _ = demo_results
   shutil.copytree(workdir, tmp_path / "demo", ignore=shutil.ignore_patterns("evaluation"))

@@ -16,6 +16,7 @@ EVAL_PAIRS = 200  # the demo pairs task's validation split (write_demo_data's ev
 
 def _train(recipe: str, tmp_path_factory, demo_cache: str, steps: int = 12) -> str:
   config = shrink(configs.load(recipe, "size=tiny"), demo_cache, steps=steps)
+  config.max_input_length, config.max_target_length = 16, 12  # the recipes' own: 1024
   config.eval_every = config.checkpoint_every = steps
   config.eval_batches = EVAL_PAIRS // config.batch_size  # the whole validation split
   config.optimizer.learning_rate = 3e-3

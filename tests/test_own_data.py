@@ -104,7 +104,7 @@ def test_the_corpus_reads_jsonl_fields_and_text_lines(tmp_path):
 
 
 def test_the_readme_command_trains_a_vocabulary(tmp_path):
-  """The command as the README shows it, run in a folder that has `my_data/`."""
+  """The command as docs/own_data.md shows it, run in a folder that has `my_data/`."""
   write_corpus(tmp_path / "my_data")
   env = {"PATH": "", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
   argv = shlex.split(readme_commands.command("python -m dro_jax.vocabulary"))
@@ -127,8 +127,8 @@ def test_the_readme_command_trains_a_vocabulary(tmp_path):
 
 @pytest.mark.slow
 def test_the_readme_own_data_commands_run_as_written(tmp_path, demo_cache):
-  """The README's three commands in a folder with `my_data/` (prompt/response files for SFT and
-  its held-out split, thumbs-labelled records for KTO): a vocabulary, SFT on the files with the
+  """The three commands of docs/own_data.md in a folder with `my_data/` (prompt/response files
+  for SFT and its held-out split, thumbs-labelled records for KTO): a vocabulary, SFT on the files with the
   held-out metrics from eval_files, KTO from that SFT with the labels read from `thumbs`."""
   write_corpus(tmp_path / "my_data")
   write_jsonl(tmp_path / "my_data" / "sft_eval.jsonl", single_rows(12, seed=5))
@@ -179,6 +179,7 @@ def test_a_vocabulary_with_other_ids_is_refused_with_the_fix(tmp_path, own_vocab
 def files_config(recipe, tmp_path, vocabulary_path, train_rows, eval_rows=None, **data):
   config = configs.load(recipe, "size=tiny")
   config.batch_size = 4
+  config.max_input_length = 16  # reward_model / preference_model's own 1024 stays at size=tiny
   config.data.train_files = write_jsonl(tmp_path / "train.jsonl", train_rows)
   if eval_rows is not None:
     config.data.eval_files = write_jsonl(tmp_path / "eval.jsonl", eval_rows)

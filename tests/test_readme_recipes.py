@@ -1,5 +1,6 @@
-"""The README's tiny training commands, run as written (their /tmp/ workdirs under pytest's):
-a value-function ablation, SFT then DRO-V from it, and TR-DPO with 4 microbatches."""
+"""The tiny training commands of the README and docs/training.md, run as written (their /tmp/
+workdirs under pytest's): a value-function ablation, SFT then DRO-V from it, and TR-DPO with 4
+microbatches."""
 
 import subprocess
 import sys

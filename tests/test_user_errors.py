@@ -202,7 +202,7 @@ def test_print_config_lists_every_key_without_a_workdir(tmp_path, demo_cache):
       env=cli_env(tmp_path, demo_cache, "user_errors_cache"), capture_output=True, text=True,
       timeout=120, cwd=tmp_path)
   assert result.returncode == 0, result.stderr
-  printed = dict(re.match(r"(\S+)\s+= (.*?)  # \w+$", line).groups()
+  printed = dict(re.match(r"(\S+)\s+= (.*?)  # \w+, [a-z ]+$", line).groups()
                  for line in result.stdout.splitlines())
   keys = [key for key, _, _ in configs.flat_items(configs.load("kto", "size=tiny"))]
   assert sorted(printed) == sorted(keys)
