@@ -65,6 +65,13 @@ from dro_jax import step as step_lib
 
 PyTree = Any
 PHASES = ("sampled", "judged", "trained", "evaluated")
+# The KL guard (`online.max_kl`): above this KL(π‖SFT), in nats per answer from the policy's own
+# samples, an iteration is warned about on the console and in online.md. Healthy runs stay well
+# below it: the online demo's iterates measure 1.1-4.9 nats over every pairing, loss and seed
+# (benchmarks/results/online_vs_offline), and the reward-KL frontier's most over-optimised point
+# (IPO at τ = 0.01) 6.2 (benchmarks/results/frontier); a policy that runs away from SFT passes it
+# within an iteration (tens of nats).
+DEFAULT_MAX_KL = 10.0
 CALL_KINDS = ("tournament", "labelling", "evaluation")
 
 
@@ -121,9 +128,62 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"fixed within an iteration; config.reference.alpha must be 0 (or use "
                      f"reference='ema')")
   judges.judge_from_spec(settings.oracle)  # an unknown spec fails now, naming it
-  if not config.init_checkpoint and not datasets.is_demo(config):
+  demo = datasets.is_demo(config)
+  if not config.init_checkpoint and not demo:
     raise errors.UserError("the online loop needs config.init_checkpoint (an SFT policy) unless it "
                      "runs on the demo task")
+  for key in ("prompts_file", "eval_prompts_file"):
+    path = settings.get(key)
+    if path:
+      try:
+        prompts = datasets.read_prompts(path)
+      except (OSError, ValueError) as error:
+        raise errors.UserError(f"config.online.{key}={path}: {errors.one_line(error)}") from error
+      if not prompts:
+        raise errors.UserError(f"config.online.{key}={path}: no prompts in it (JSON lines with a "
+                               f"\"prompt\" field, or one prompt per line)")
+  if not demo and not settings.get("eval_prompts_file") and not (
+      config.data.get("task") or config.data.get("eval_files")):
+    raise errors.UserError("config.online.eval_prompts_file: the online loop evaluates each "
+                           "iterate on held-out prompts of your task; give a file of them "
+                           "(JSON lines with a \"prompt\" field, or one prompt per line), or "
+                           "config.data.eval_files / config.data.task")
+  max_kl = settings.get("max_kl", DEFAULT_MAX_KL)
+  if max_kl is not None and not float(max_kl) > 0:
+    raise errors.UserError(f"config.online.max_kl={max_kl}: give a KL in nats per answer above 0 "
+                           f"(or None: no warning)")
+
+
+def init_vocabulary(path: str) -> str | None:
+  """The sentencepiece model an SFT policy was trained with: a dro_jax workdir's (its
+  config.json's data, when that file exists), or the `spiece.model` in an HF or T5X folder."""
+  from etils import epath
+  found = policies.workdir_and_step(path)
+  if found:
+    run_config = policies.read_run_config(found[0])
+    vocabulary = datasets.run_vocabulary(run_config)
+    return vocabulary if vocabulary and epath.Path(vocabulary).exists() else None
+  spiece = epath.Path(path) / "spiece.model"
+  return str(spiece) if spiece.exists() else None
+
+
+def resolve_vocabulary(config: ml_collections.ConfigDict) -> None:
+  """Off the demo task, the run's vocabulary is `data.vocabulary` as given; unset (and no
+  `data.task` to take it from), the init checkpoint's, recorded into the config (config.json
+  then names it). None to be found is refused, naming the key."""
+  data = config.data
+  if datasets.is_demo(config) or data.get("vocabulary") or data.get("task"):
+    return
+  if not config.init_checkpoint:
+    return  # validate() names the missing init_checkpoint
+  found = init_vocabulary(config.init_checkpoint)
+  if not found:
+    raise errors.UserError(
+        f"config.data.vocabulary: the online loop samples and trains with the SFT policy's "
+        f"sentencepiece model, and init_checkpoint {config.init_checkpoint} names none (no "
+        f"existing data.vocabulary in its config.json, no spiece.model beside it); give "
+        f"--config.data.vocabulary=<the SFT's spiece.model>")
+  data.vocabulary = found
 
 
 def internal_config(config: ml_collections.ConfigDict, sft: str) -> ml_collections.ConfigDict:
@@ -354,6 +414,7 @@ class OnlineRun:
     self.eval_judge = (self.oracle if self.eval_spec == self.settings.oracle
                        else judges.judge_from_spec(self.eval_spec))
     self.prompts = Prompts(config)
+    self.max_kl = self.settings.get("max_kl", DEFAULT_MAX_KL)
     self.steps = int(self.settings.steps)
     self.iterations = int(self.settings.iterations)
     self._compiled: dict[Any, Any] = {}
@@ -564,8 +625,7 @@ class OnlineRun:
     sampling = decoding.SamplingParams(
         max_decode_length=settings.max_decode_length or self.config.max_target_length,
         temperature=float(settings.temperature), num_samples=int(settings.samples))
-    prompts = datasets.held_out_prompts(self.config, int(settings.prompts),
-                                        seed=self.config.seed)
+    prompts = self.eval_prompts()
     seeds = {"policy_seed": 1000 * self.config.seed + 1,
              "baseline_seed": 1000 * self.config.seed + 2}
     common = dict(sampling=sampling, max_input_length=self.config.max_input_length,
@@ -590,9 +650,20 @@ class OnlineRun:
               "vs_previous": vs_previous, "judge_calls": calls,
               "seconds": time.perf_counter() - start}
     files.write_text(path, json.dumps(record, indent=1))
-    print(f"[online] iteration {k}: against SFT "
-          f"{evaluation.win_rate_line(vs_sft)}; KL {vs_sft['kl']:.3f}", flush=True)
+    guard = kl_guard(record, self.max_kl)
+    print(f"[online] iteration {k}: against SFT {evaluation.win_rate_line(vs_sft)}; "
+          f"KL(π‖SFT) {guard['kl']:.3f} nats per answer, length {guard['length']:.2f} tokens "
+          f"(SFT {guard['sft_length']:.2f}, {guard['length_change']:+.2f})", flush=True)
     return record
+
+  def eval_prompts(self) -> list[str]:
+    """The held-out prompts: `online.eval_prompts_file`'s first `evaluation.prompts`, else the
+    task's (the demo's evaluation prompts, or the eval split of the run's data)."""
+    count = int(self.config.evaluation.prompts)
+    path = self.settings.get("eval_prompts_file")
+    if path:
+      return datasets.read_prompts(path)[:count]
+    return datasets.held_out_prompts(self.config, count, seed=self.config.seed)
 
   # ------------------------------------------------------------------------------------ run
 
@@ -675,13 +746,16 @@ class OnlineRun:
       judged = files.read_json(self.path(k, "judged.json"))
     end_digest = params_digest(state.policy)
     evaluated = self.evaluated(k, state.policy)
+    warning = kl_guard(evaluated, self.max_kl)["warning"]
+    if warning and jax.process_index() == 0:
+      print(f"[online] WARNING: {warning}", flush=True)
     calls = self.calls_on_disk(k)
     row = self.metrics_row(k, judged, evaluated, calls)
     log.write(k * self.steps, row)
     self._stop_if_asked(preemption, state, k, "evaluated")
     files.write_text(self.path(k, "end.json"), json.dumps(
         {"step": k * self.steps, "policy_digest": end_digest}, indent=1))
-    return _summary(state, k, judged, evaluated, calls, end_digest)
+    return _summary(state, k, judged, evaluated, calls, end_digest, self.max_kl)
 
   def finished_iteration(self, k: int, state) -> dict[str, Any]:
     judged = files.read_json(self.path(k, "judged.json"))
@@ -690,7 +764,8 @@ class OnlineRun:
     if judged is None or evaluated is None or end is None:
       raise ValueError(f"{self.iteration_dir(k)}: iteration {k} is finished in the checkpoint "
                        f"but its judged.json, evaluation.json or end.json is missing")
-    return _summary(state, k, judged, evaluated, self.calls_on_disk(k), end["policy_digest"])
+    return _summary(state, k, judged, evaluated, self.calls_on_disk(k), end["policy_digest"],
+                    self.max_kl)
 
   def metrics_row(self, k: int, judged, evaluated, calls: Calls) -> dict[str, float]:
     vs_sft, vs_previous = evaluated["vs_sft"], evaluated["vs_previous"]
@@ -702,6 +777,10 @@ class OnlineRun:
            "online/win_rate_vs_sft_low": vs_sft["win_rate_low"],
            "online/win_rate_vs_sft_high": vs_sft["win_rate_high"],
            "online/kl": vs_sft["kl"], "online/length": vs_sft["policy_length"]}
+    guard = kl_guard(evaluated, self.max_kl)
+    row.update({"online/sft_length": guard["sft_length"],
+                "online/length_change": guard["length_change"],
+                "online/kl_above_max": float(guard["above"])})
     if "policy_reward" in vs_sft:
       row["online/reward"] = vs_sft["policy_reward"]
     if vs_previous:
@@ -718,12 +797,33 @@ class OnlineRun:
 
 
 def _summary(state, k: int, judged: Mapping[str, Any], evaluated: Mapping[str, Any],
-             calls: Calls, digest: str) -> dict[str, Any]:
-  """An iteration's result: its state, pair counts, evaluation, judge calls and end digest."""
+             calls: Calls, digest: str, max_kl: float | None = DEFAULT_MAX_KL) -> dict[str, Any]:
+  """An iteration's result: its state, pair counts, evaluation, KL guard, judge calls and end
+  digest."""
   keys = ("pairs", "prompts", "dropped_identical", "dropped_tie", "judged_pairs_per_second",
           "ranker")
   return {"state": state, "iteration": k, "judged": {key: judged[key] for key in keys},
-          "evaluation": evaluated, "judge_calls": calls.as_dict(), "policy_digest": digest}
+          "evaluation": evaluated, "kl_guard": kl_guard(evaluated, max_kl),
+          "judge_calls": calls.as_dict(), "policy_digest": digest}
+
+
+def kl_guard(evaluated: Mapping[str, Any], max_kl: float | None) -> dict[str, Any]:
+  """An iteration's distance from SFT, from its evaluation against SFT: KL(π‖SFT) in nats per
+  answer (the policy's own samples scored by both), the mean answer length and its change from
+  SFT's (tokens), and a warning when the KL is above `max_kl` (None: never)."""
+  vs_sft = evaluated["vs_sft"]
+  kl, length, sft_length = (float(vs_sft["kl"]), float(vs_sft["policy_length"]),
+                            float(vs_sft["baseline_length"]))
+  above = max_kl is not None and not kl <= float(max_kl)  # a NaN KL is above too
+  warning = None
+  if above:
+    warning = (f"iteration {evaluated['iteration']}: KL(π‖SFT) = {kl:.2f} nats per answer is "
+               f"above online.max_kl = {float(max_kl):g} (answer length {sft_length:.1f} -> "
+               f"{length:.1f} tokens): the policy is moving far from SFT; lower "
+               f"optimizer.learning_rate or online.steps, or raise ipo.tau / dpo.beta")
+  return {"kl": kl, "length": length, "sft_length": sft_length,
+          "length_change": length - sft_length, "max_kl": max_kl, "above": above,
+          "warning": warning}
 
 
 def after_phase(iteration: int, phase: str) -> None:
@@ -736,17 +836,19 @@ def after_phase(iteration: int, phase: str) -> None:
 
 def report_table(results: Sequence[Mapping[str, Any]]) -> str:
   lines = ["| iteration | pairs | win rate vs SFT [95% CI] | vs previous [95% CI] | KL(π‖SFT) | "
-           "length | judge calls (total) |", "|---|---|---|---|---|---|---|"]
+           "length (vs SFT) | judge calls (total) |", "|---|---|---|---|---|---|---|"]
   for result in results:
     vs_sft = result["evaluation"]["vs_sft"]
     vs_previous = result["evaluation"]["vs_previous"]
+    guard = result.get("kl_guard") or kl_guard(result["evaluation"], None)
     previous = ("(SFT)" if vs_previous is None else
                 f"{vs_previous['win_rate']:.1%} [{vs_previous['win_rate_low']:.1%}, "
                 f"{vs_previous['win_rate_high']:.1%}]")
     lines.append(
         f"| {result['iteration']} | {result['judged']['pairs']} | {vs_sft['win_rate']:.1%} "
         f"[{vs_sft['win_rate_low']:.1%}, {vs_sft['win_rate_high']:.1%}] | {previous} | "
-        f"{vs_sft['kl']:.3f} | {vs_sft['policy_length']:.2f} | "
+        f"{vs_sft['kl']:.3f}{' (above max_kl)' if guard['above'] else ''} | "
+        f"{guard['length']:.2f} ({guard['length_change']:+.2f}) | "
         f"{result['judge_calls']['total']} |")
   return "\n".join(lines)
 
@@ -779,6 +881,20 @@ def plot(results: Sequence[Mapping[str, Any]], path: str) -> None:
   figure.savefig(path, dpi=100)
 
 
+def guard_text(results: Sequence[Mapping[str, Any]], settings) -> str:
+  """online.md's KL guard paragraph: the threshold, then each iteration above it."""
+  max_kl = settings.get("max_kl", DEFAULT_MAX_KL)
+  if max_kl is None:
+    return "KL guard: off (`online.max_kl` is None)."
+  warnings = [r["kl_guard"]["warning"] for r in results
+              if r.get("kl_guard") and r["kl_guard"]["warning"]]
+  head = (f"KL guard: `online.max_kl` = {float(max_kl):g} nats per answer (KL(π‖SFT) from the "
+          f"policy's own samples; length in tokens, its change from SFT's in brackets).")
+  if not warnings:
+    return head + " No iteration is above it."
+  return head + "\n\n" + "\n".join(f"- **Warning**: {warning}" for warning in warnings)
+
+
 def write_report(workdir: str, config: ml_collections.ConfigDict,
                  results: Sequence[Mapping[str, Any]], judge_spec: str) -> str:
   settings = config.online
@@ -789,7 +905,8 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
           f"{settings.prompts} prompts x {settings.samples} samples and {settings.steps} steps per "
           f"iteration; evaluated by `{judge_spec}` on {config.evaluation.prompts} held-out "
           f"prompts x {config.evaluation.samples} samples per side (ties half; 95% intervals "
-          f"clustered by prompt).\n\n{table}\n\n![win rate and KL per iteration](online.png)\n")
+          f"clustered by prompt).\n\n{table}\n\n{guard_text(results, settings)}\n\n"
+          f"![win rate and KL per iteration](online.png)\n")
   files.write_text(os.path.join(workdir, "online.md"), text)
   plot(results, os.path.join(workdir, "online.png"))
   return table
@@ -798,6 +915,7 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the online loop in `workdir`; returns its per-iteration results."""
   validate(config)
+  resolve_vocabulary(config)
   train.claim_workdir(config, workdir)
   result = OnlineRun(config, workdir).run()
   print(report_table(result["iterations"]), flush=True)
