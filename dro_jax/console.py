@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 # TensorFlow's and absl's start-up notices (any machine).
 STARTUP_NOISE = (
@@ -158,3 +158,231 @@ def initialize_backends() -> None:
   with filtered_stderr():
     import jax
     jax.devices()
+
+
+# ----------------------------------------------------------------------------------- durations
+
+
+def format_duration(seconds: float) -> str:
+  """`4.2 s`, `35 s`, `1 min 35 s`, `1 h 02 min`."""
+  if seconds < 10:
+    return f"{seconds:.1f} s"
+  seconds = round(seconds)
+  if seconds < 60:
+    return f"{seconds} s"
+  if seconds < 3600:
+    return f"{seconds // 60} min {seconds % 60} s"
+  return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+# ---------------------------------------------------------------------------------------- logs
+
+LOG_NAME = "log.txt"  # a run's log records, in its workdir
+
+
+def log_path(workdir: str) -> str:
+  """Where a run's log records go: `<workdir>/log.txt`, or for a workdir that is not a local
+  folder (gs://...) a local file named after it in the temporary folder."""
+  if "://" not in workdir:
+    return os.path.join(workdir, LOG_NAME)
+  name = re.sub(r"[^A-Za-z0-9_.-]+", "_", workdir).strip("_")
+  return os.path.join(tempfile.gettempdir(), "dro_jax_logs", f"{name}.{LOG_NAME}")
+
+
+class WorkdirLog(logging.Handler):
+  """Appends every record to the run's log file once its workdir exists; until then the records
+  are held (a run refused before it wrote anything leaves no file, and no workdir, behind)."""
+
+  HELD = 10_000  # records held at most before the workdir exists
+
+  def __init__(self, workdir: str, formatter: logging.Formatter | None = None):
+    super().__init__(logging.DEBUG)
+    self.workdir, self.path = workdir, log_path(workdir)
+    self.held: list[str] = []
+    self.stream = None
+    if formatter is not None:
+      self.setFormatter(formatter)
+
+  def _open(self) -> bool:
+    if self.stream is not None:
+      return True
+    folder = os.path.dirname(self.path)
+    if "://" in self.workdir:
+      os.makedirs(folder, exist_ok=True)
+    elif not os.path.isdir(folder):
+      return False
+    self.stream = open(self.path, "a", encoding="utf-8")
+    for text in self.held:
+      self.stream.write(text)
+    self.held = []
+    return True
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      text = self.format(record) + "\n"
+      if self._open():
+        self.stream.write(text)
+        self.stream.flush()
+      elif len(self.held) < self.HELD:
+        self.held.append(text)
+    except Exception:  # a log that cannot be written never stops the run
+      self.handleError(record)
+
+  def close(self) -> None:
+    try:
+      self._open()
+      if self.stream is not None:
+        self.stream.close()
+        self.stream = None
+    except OSError:
+      pass
+    super().close()
+
+
+class ConsoleLevel(logging.Filter):
+  """Lets through the records a person reads on the console: warnings and errors, each once
+  (a record marked `extra={"printed": True}` was printed already, and goes to the log only)."""
+
+  def __init__(self, level: int = logging.WARNING):
+    super().__init__()
+    self.level = level
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= self.level and not getattr(record, "printed", False)
+
+
+def route_logs(workdir: str, verbose: bool = False) -> WorkdirLog:
+  """The log records of a command-line run: all of them to the workdir's log file (`log_path`),
+  only warnings and errors to the console, unless `verbose` (--verbosity=1): then all of them to
+  the console too. Returns the file's handler (closed at exit)."""
+  import atexit
+  from absl import logging as absl_logging
+  console_handler = absl_logging.get_absl_handler()
+  root = logging.getLogger()
+  for handler in list(root.handlers):
+    if isinstance(handler, WorkdirLog):
+      root.removeHandler(handler)
+      handler.close()
+  if not verbose and not any(isinstance(f, ConsoleLevel) for f in console_handler.filters):
+    console_handler.addFilter(ConsoleLevel())
+  formatter = getattr(console_handler, "formatter", None) or absl_logging.PythonFormatter()
+  handler = WorkdirLog(workdir, formatter)
+  root.addHandler(handler)
+  if root.level > logging.INFO or root.level == logging.NOTSET:
+    root.setLevel(logging.INFO)
+  atexit.register(handler.close)
+  return handler
+
+
+# ---------------------------------------------------------------------------- stage progress
+
+PROGRESS_ENV = "DRO_JAX_PROGRESS_FILE"  # a training loop's progress file, when set
+PROGRESS_EVERY_S = 1.0  # how often the training loop rewrites it at most
+
+
+class ProgressFile:
+  """A training loop's progress as a small JSON file, rewritten atomically (at most once a
+  second, and at the end): {"step", "total", "steps_per_second", "time"}. A parent process
+  showing the progress of workers reads it (`StageBoard`)."""
+
+  def __init__(self, path: str):
+    self.path, self.last = path, 0.0
+
+  def write(self, step: int, total: int, steps_per_second: float, *, force: bool = False) -> None:
+    import json
+    import time
+    now = time.time()
+    if not force and now - self.last < PROGRESS_EVERY_S:
+      return
+    self.last = now
+    temporary = f"{self.path}.tmp{os.getpid()}"
+    try:
+      with open(temporary, "w", encoding="utf-8") as f:
+        json.dump({"step": int(step), "total": int(total),
+                   "steps_per_second": float(steps_per_second), "time": now}, f)
+      os.replace(temporary, self.path)
+    except OSError:  # progress is for show: never stops the run
+      pass
+
+
+def progress_file() -> ProgressFile | None:
+  """The progress file this process's training loop writes, when its parent asked for one."""
+  path = os.environ.get(PROGRESS_ENV)
+  return ProgressFile(path) if path else None
+
+
+def read_progress(path: str) -> dict | None:
+  import json
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+class StageBoard:
+  """One line per stage trained in a worker process: its step of the total, steps/s and the time
+  left, read from each stage's progress file. On a terminal the lines are rewritten in place
+  (at most once a second); otherwise they are printed as plain lines every `plain_every_s`
+  seconds, for the stages whose step moved."""
+
+  def __init__(self, stages: Mapping[str, tuple[str, int]], *, stream=None,
+               plain_every_s: float = 30.0, tty: bool | None = None):
+    import time
+    self.stages = dict(stages)  # label -> (progress file, total steps)
+    self.stream = sys.stdout if stream is None else stream
+    if tty is None:
+      try:
+        tty = self.stream.isatty() and os.environ.get("TERM") != "dumb"
+      except (AttributeError, ValueError):
+        tty = False
+    self.tty = tty
+    self.every = 1.0 if tty else float(plain_every_s)
+    self.drawn = 0  # lines drawn in place (terminal)
+    self.shown: dict[str, int] = {}  # label -> the step last printed (plain)
+    self.next = time.monotonic() + (0.0 if tty else self.every)
+    self.width = max(len(label) for label in self.stages) if self.stages else 0
+
+  def line(self, label: str) -> str:
+    path, total = self.stages[label]
+    progress = read_progress(path)
+    name = f"{label}:".ljust(self.width + 1)
+    if progress is None:
+      return f"  {name} waiting ({total} steps)"
+    step, total = int(progress["step"]), int(progress.get("total") or total)
+    rate = float(progress.get("steps_per_second") or 0.0)
+    text = f"  {name} step {step}/{total}"
+    if step >= total:
+      return text + " trained"
+    if rate > 0:
+      text += f", {rate:.2f} steps/s, {format_duration((total - step) / rate)} left"
+    return text
+
+  def lines(self) -> dict[str, str]:
+    return {label: self.line(label) for label in self.stages}
+
+  def poll(self, force: bool = False) -> None:
+    import time
+    now = time.monotonic()
+    if not force and now < self.next:
+      return
+    self.next = now + self.every
+    lines = self.lines()
+    if self.tty:
+      up = f"\x1b[{self.drawn}F" if self.drawn else ""
+      self.stream.write(up + "".join(f"\x1b[2K{text}\n" for text in lines.values()))
+      self.drawn = len(lines)
+    else:
+      for label, text in lines.items():
+        progress = read_progress(self.stages[label][0])
+        step = -1 if progress is None else int(progress["step"])
+        if step >= 0 and self.shown.get(label) != step:
+          self.shown[label] = step
+          self.stream.write(text + "\n")
+    self.stream.flush()
+
+  def close(self) -> None:
+    """The lines as they stand (a terminal's final state; no plain repeat of unmoved stages)."""
+    if self.tty:
+      self.poll(force=True)
+      self.drawn = 0

@@ -30,7 +30,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from dro_jax import checkpoint_manager, configs, decoding, evaluation, files, judges, train
+from dro_jax import (checkpoint_manager, configs, console, decoding, evaluation, files, judges,
+                     train)
 from dro_jax import step as step_lib
 
 PyTree = Any
@@ -131,16 +132,7 @@ def run_stage(name: str, config: ml_collections.ConfigDict, workdir: str) -> dic
   return {**timing, "earlier": False}
 
 
-def format_duration(seconds: float) -> str:
-  """`4.2 s`, `35 s`, `1 min 35 s`, `1 h 02 min`."""
-  if seconds < 10:
-    return f"{seconds:.1f} s"
-  seconds = round(seconds)
-  if seconds < 60:
-    return f"{seconds} s"
-  if seconds < 3600:
-    return f"{seconds // 60} min {seconds % 60} s"
-  return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+format_duration = console.format_duration  # `4.2 s`, `35 s`, `1 min 35 s`, `1 h 02 min`
 
 
 def stage_line(name: str, timing: Mapping[str, Any],
@@ -520,6 +512,7 @@ def _align(demo: ml_collections.ConfigDict, method: str, paths: Mapping[str, str
   synthetic_tasks(demo)
   feedback = register_feedback(paths, synthetic.demo_vocabulary(demo.data.cache_dir), demo)
   sft = os.path.join(workdir, "sft")
+  os.environ[console.PROGRESS_ENV] = progress_path(stage)  # the demo's line of this stage
   try:
     run_stage(method, stage_config(demo, method, _feedback_task(feedback, method), init=sft,
                                    baseline=sft), stage)
@@ -587,6 +580,7 @@ def run_stages_in_workers(demo: ml_collections.ConfigDict, methods: list[str],
   print(f"[demo] training {', '.join(LABELS[m] for m in methods)}, {workers} at a time in worker "
         f"processes (logs: <stage>/stage.log); each stage's line follows its final judging",
         flush=True)
+  board = _stage_board(demo, methods, workdir)
   with _ForwardedStop() as stop:
     pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"),
@@ -606,6 +600,7 @@ def run_stages_in_workers(demo: ml_collections.ConfigDict, methods: list[str],
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
       pending = set(futures)
       while pending and stop.reason is None:
+        board.poll()
         done, pending = concurrent.futures.wait(
             pending, timeout=0.25, return_when=concurrent.futures.FIRST_COMPLETED)
         for future in done:
@@ -615,12 +610,35 @@ def run_stages_in_workers(demo: ml_collections.ConfigDict, methods: list[str],
           if outcome != "trained":  # its worker alone was signalled: the other stages stop too
             stop.request(f"{futures[future]}'s worker was signalled")
     except BaseException:
+      board.close()
       pool.shutdown(wait=True)
       raise
+    board.close()
     if stop.reason is None:
       pool.shutdown(wait=True)
       return
     raise _stop_stages(pool, processes, futures, stop)
+
+
+PROGRESS_EVERY_S = 30.0  # a stage's progress line when the console is not a terminal
+
+
+def progress_path(stage: str) -> str:
+  """The progress file a stage's worker writes (console.ProgressFile)."""
+  return os.path.join(stage, "progress.json")
+
+
+def _stage_board(demo: ml_collections.ConfigDict, methods: list[str],
+                 workdir: str) -> console.StageBoard:
+  """The demo's live lines while the workers train: one per stage (step/total, steps/s, time
+  left), rewritten in place on a terminal, printed every PROGRESS_EVERY_S seconds otherwise."""
+  stages = {}
+  for method in methods:
+    path = progress_path(os.path.join(workdir, method))
+    if os.path.exists(path):  # an earlier run's: the stage shows as waiting until it steps
+      os.remove(path)
+    stages[f"[demo] {LABELS[method]}"] = (path, int(demo.demo.align_steps))
+  return console.StageBoard(stages, plain_every_s=PROGRESS_EVERY_S)
 
 
 def _stop_stages(pool, processes, futures, stop: _ForwardedStop) -> StagesPreempted:

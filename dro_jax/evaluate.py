@@ -11,12 +11,17 @@ By default the prompts are the held-out prompts of the policy's task (the demo t
 draws one sample per prompt at temperature 1, the policy with `--seed` and the baseline with
 `--seed + 1`. A judge that is not symmetric is asked in both orders and the verdicts averaged
 (`--no_debias`: one order). Prints `win_rate 0.53 [0.47, 0.59] (n=400, ties=12, ...)` (the 95%
-prompt-clustered interval; see dro_jax.evaluation) and
+prompt-clustered interval; see dro_jax.evaluation; a judge with soft verdicts, i.e. probabilities
+like a reward model's, shows `soft verdicts` in place of ties) and
 writes `evaluation.json` (every metric of `evaluation.evaluate_policies` and the settings) and
 `samples.jsonl` (prompt, both responses, the judge's preference and rewards: what an external
 judge needs) to `--output` (default `<policy workdir>/evaluation/step_<step>`, or
 `./evaluation` for a checkpoint folder). When the policy is a checkpoint folder (say an exported
 one), the task's defaults come from the baseline's workdir.
+
+The numbers, every path and the judge (given where the task has none; a spec naming something
+that exists, `judge_specs.check`) are checked before any policy is loaded, and `--help` answers
+before JAX is imported.
 """
 
 from __future__ import annotations
@@ -27,31 +32,38 @@ import json
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-from etils import epath  # noqa: E402
+if TYPE_CHECKING:  # the heavy imports wait until the command line is parsed and checked
+  import ml_collections
 
-from dro_jax import checkpoints, decoding, evaluation  # noqa: E402
-from dro_jax import judges as judges_lib  # noqa: E402
-# Loading policies and a run's task lives below every runner; reachable here as before.
-from dro_jax.datasets import (held_out_prompts, is_demo, read_prompts,  # noqa: E402,F401
-                              task_vocabulary)
-from dro_jax.policies import LoadedPolicy, load_policy, read_run_config  # noqa: E402,F401
+  from dro_jax.policies import LoadedPolicy
 
 DEFAULT_NUM_PROMPTS = 400
+# Loading policies and a run's task lives below every runner; still reachable here by these names.
+_REEXPORTED = {"held_out_prompts": "dro_jax.datasets", "is_demo": "dro_jax.datasets",
+               "read_prompts": "dro_jax.datasets", "task_vocabulary": "dro_jax.datasets",
+               "LoadedPolicy": "dro_jax.policies", "load_policy": "dro_jax.policies",
+               "read_run_config": "dro_jax.policies"}
+
+
+def __getattr__(name: str) -> Any:
+  if name in _REEXPORTED:
+    import importlib
+    return getattr(importlib.import_module(_REEXPORTED[name]), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_judge(run_config: ml_collections.ConfigDict | None) -> str:
   """The judge of the run's task: the demo's for the demo task and the Tasks derived from it."""
+  from dro_jax import errors, judge_specs
+  from dro_jax.datasets import is_demo
   if run_config is not None and is_demo(run_config):
     return "demo"
-  raise ValueError(f"no default judge for this policy's task; pass --judge SPEC (demo, "
-                   f"reward_model:DIR, preference_model:DIR, noisy:P:SPEC, module:factory; "
-                   f"registered: {sorted(judges_lib.JUDGES)})")
+  raise errors.UserError(f"no default judge for this policy's task; pass --judge SPEC "
+                         f"({judge_specs.forms()})")
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -86,16 +98,65 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def _run_config_on_disk(path: str) -> ml_collections.ConfigDict | None:
+  """The training config of a workdir or step folder, read without loading anything else."""
+  from dro_jax import judge_specs
+  workdir = judge_specs._learned_workdir(path) if "://" not in path else None
+  if workdir is None:
+    return None
+  import ml_collections
+  from dro_jax import errors
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as error:
+    raise errors.UserError(f"{workdir}/config.json cannot be read "
+                           f"({errors.one_line(error)})") from error
+
+
+def check_args(args: argparse.Namespace) -> str:
+  """What the command line gives, checked before any policy is loaded (one-line UserError):
+  the numbers, every path, and the judge (given where the task has none, its spec naming
+  something that exists). Returns the judge spec."""
+  from dro_jax import errors, judge_specs
+  for name in ("num_samples", "batch_size", "num_prompts", "max_decode_length"):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      raise errors.UserError(f"--{name} must be at least 1, got {value}")
+  if args.temperature < 0:
+    raise errors.UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+  for name, kind, what in (
+      ("policy", "folder", "a workdir, step directory, or HF / T5X folder"),
+      ("baseline", "folder", "a workdir, step directory, or HF / T5X folder"),
+      ("prompts", "file", "a .jsonl file with a \"prompt\" field per line, or one prompt per line"),
+      ("vocabulary", "file", "a sentencepiece .model file")):
+    path = getattr(args, name)
+    if path and "://" not in path and not os.path.exists(path):
+      raise errors.UserError(f"--{name} {path}: no such {kind}; give {what}")
+  if args.output and "://" not in args.output and os.path.isfile(args.output):
+    raise errors.UserError(f"--output {args.output} is a file; give a folder for "
+                           f"evaluation.json and samples.jsonl")
+  run = _run_config_on_disk(args.policy) or _run_config_on_disk(args.baseline)
+  if run is None and not args.prompts:
+    raise errors.UserError("neither --policy nor --baseline is a training workdir, so there is no "
+                           "task to take held-out prompts from; pass --prompts FILE")
+  spec = args.judge or default_judge(run)
+  judge_specs.check(spec, "--judge")
+  return spec
+
+
 def _vocabulary(args: argparse.Namespace, policy: LoadedPolicy, baseline: LoadedPolicy) -> Any:
+  from dro_jax import errors
   from dro_jax.data import tasks
+  from dro_jax.datasets import task_vocabulary
   path = args.vocabulary or policy.vocabulary or baseline.vocabulary
   if path:
     return tasks.load_vocabulary(path)
   for loaded in (policy, baseline):
     if loaded.run_config is not None:
       return task_vocabulary(loaded.run_config)
-  raise ValueError("no vocabulary known for these checkpoints; pass --vocabulary "
-                   "(a sentencepiece .model file)")
+  raise errors.UserError("no vocabulary known for these checkpoints; pass --vocabulary "
+                         "(a sentencepiece .model file)")
 
 
 def _finite(value: Any) -> Any:
@@ -111,20 +172,26 @@ def _describe(loaded: LoadedPolicy) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  judge_name = check_args(args)  # before anything is loaded
+  import jax
+  from etils import epath
+
+  from dro_jax import decoding, errors, evaluation
+  from dro_jax import judges as judges_lib
+  from dro_jax.datasets import held_out_prompts, read_prompts
+  from dro_jax.policies import load_policy
+  if args.prompts:
+    prompts = read_prompts(args.prompts)[:args.num_prompts]
+    if not prompts:
+      raise errors.UserError(f"--prompts {args.prompts} holds no prompt")
+  judge = judges_lib.judge_from_spec(judge_name)
   policy = load_policy(args.policy, dtype=args.dtype)
   baseline = load_policy(args.baseline, dtype=args.dtype)
   vocabulary = _vocabulary(args, policy, baseline)
   # The task's defaults come from the policy's run, or the baseline's (an exported policy).
   run = policy.run_config or baseline.run_config
-  if args.prompts:
-    prompts = read_prompts(args.prompts)[:args.num_prompts]
-  elif run is not None:
+  if not args.prompts:
     prompts = held_out_prompts(run, args.num_prompts or DEFAULT_NUM_PROMPTS)
-  else:
-    raise ValueError("neither checkpoint comes from a training workdir, so there is no task to "
-                     "take held-out prompts from; pass --prompts FILE")
-  judge_name = args.judge or default_judge(run)
-  judge = judges_lib.judge_from_spec(judge_name)
   max_decode_length = args.max_decode_length or (run.max_target_length if run else 64)
   sampling = decoding.SamplingParams(max_decode_length=max_decode_length,
                                      temperature=args.temperature, num_samples=args.num_samples)
@@ -161,6 +228,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{metrics['win_rate_bootstrap_high']:.3f}]; plain Wilson "
         f"[{metrics['win_rate_wilson_low']:.3f}, {metrics['win_rate_wilson_high']:.3f}]; 5-fold "
         f"{metrics['win_rate_folds_mean']:.3f} ± {metrics['win_rate_folds_std']:.3f}")
+  if metrics["effective_n"] > metrics["n"]:
+    print("  n_eff above n: the verdicts (ties, soft verdicts) vary less than wins and losses, so "
+          "the headline interval follows their own spread, as the bootstrap does; plain Wilson "
+          "counts each comparison as a win or a loss")
+  if metrics.get("verdicts") == "soft":
+    print(f"  verdicts: soft (probabilities, averaged as they are): {metrics['wins']} above 0.5, "
+          f"{metrics['losses']} below; an exact 0.5 among them is not counted as a tie")
   order = ("symmetric judge, asked once" if metrics["judge_symmetric"] else
            "asked in both orders, averaged" if metrics["debiased"] else
            "asked in one order only (--no_debias)")
@@ -177,11 +251,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   return report
 
 
+def run() -> None:
+  """The command line: flags and paths and the judge checked before the heavy imports; a user's
+  mistake is one line on stderr and exit status 2."""
+  from dro_jax import cli
+  cli.run(parse_args, main, check=check_args)
+
+
 if __name__ == "__main__":
-  from dro_jax import console
-  console.initialize_backends()
-  try:
-    main()
-  except (ValueError, checkpoints.CheckpointError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+  run()

@@ -9,10 +9,18 @@ to each prompt side by side. Reported (`evaluate_policies`):
   judges.compare). The headline 95% interval is prompt-clustered: the samples of one prompt are
   not independent, so the interval is a Wilson interval at the effective number of comparisons
   n_eff = p̂(1 − p̂) / v, where v is the cluster-robust variance of p̂ (the variance of the
-  per-prompt means over the number of prompts), n_eff at most n, and Student's t quantile with
-  prompts − 1 degrees of freedom in place of z. Also reported: the plain Wilson interval over all
-  comparisons (too narrow when samples of a prompt agree), a percentile bootstrap over prompts,
-  and the DRO paper's spread (mean ± std over 5 folds of the prompts);
+  per-prompt means over the number of prompts), and Student's t quantile with prompts − 1
+  degrees of freedom in place of z. n_eff is not capped at n: ties and soft verdicts (a reward
+  model's σ(r_a − r_b), a preference model's probability) vary less than a win-or-loss coin,
+  whose variance p̂(1 − p̂) is the most a verdict in [0, 1] can have, so n_eff > n says the
+  verdicts are that much less noisy, and the interval then agrees with the bootstrap. When every
+  verdict is the same (v = 0) the data hold no spread to measure, and the interval is Wilson's
+  at n. Also reported: the plain Wilson interval over all comparisons (win-or-loss variance,
+  samples as if independent), a percentile bootstrap over prompts, and the DRO paper's spread
+  (mean ± std over 5 folds of the prompts);
+- the counts: wins (P > 0.5) and losses (P < 0.5); ties only for discrete verdicts (every verdict
+  0, ½ or 1, or such verdicts averaged over both orders), where a ½ is a draw. Soft verdicts are
+  probabilities: an exact ½ among them is not a tie, and `ties` is None (`verdicts` says which);
 - the judge's mean reward of each side (judges with a reward);
 - KL(policy || baseline) from the policy's own samples: the mean of log π(y|x) − log π_base(y|x)
   with y ~ π, raw model log-probs. Under trust-region training the saved reference moves, so KL
@@ -104,9 +112,11 @@ def clustered_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, 
 
   Every prompt has the same number of samples, so p̂ is the mean of the per-prompt means m_i and
   its cluster-robust variance is v = var(m_i) / prompts (ddof 1). The interval is Wilson's at
-  n_eff = p̂(1 − p̂) / v comparisons (at most prompts × samples; all of them when v = 0), with
-  Student's t quantile at prompts − 1 degrees of freedom: it stays in [0, 1], keeps a width at
-  p̂ = 0 or 1, and widens as the samples of one prompt agree.
+  n_eff = p̂(1 − p̂) / v comparisons (all prompts × samples when v = 0), with Student's t
+  quantile at prompts − 1 degrees of freedom: it stays in [0, 1], keeps a width at p̂ = 0 or 1,
+  widens as the samples of one prompt agree, and narrows to the verdicts' own spread when they
+  vary less than wins and losses (ties, soft verdicts: n_eff above n; see the module docstring).
+  Away from 0 and 1 it is close to p̂ ± t·√v, which the bootstrap over prompts approximates.
   """
   values = np.asarray(values, np.float64)
   if values.ndim == 1:
@@ -118,7 +128,7 @@ def clustered_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, 
   per_prompt = values.mean(axis=1)
   variance = float(per_prompt.var(ddof=1)) / prompts if prompts > 1 else math.nan
   if prompts > 1 and variance > 0 and 0.0 < rate < 1.0:
-    n_eff = min(float(n), rate * (1.0 - rate) / variance)
+    n_eff = rate * (1.0 - rate) / variance
   else:
     n_eff = float(n)
   z = student_t_quantile(level, max(prompts - 1, 1))
@@ -173,7 +183,7 @@ class WinRate:
   samples_per_prompt: int
   effective_n: float  # comparisons worth of independent information (n_eff)
   wins: int
-  ties: int
+  ties: int | None  # draws among discrete verdicts; None for soft verdicts (probabilities)
   losses: int
   wilson_low: float  # plain Wilson over all comparisons (treats samples as independent)
   wilson_high: float
@@ -182,6 +192,7 @@ class WinRate:
   folds_mean: float  # the DRO paper's 5-fold spread
   folds_std: float
   level: float = 0.95
+  verdicts: str = "discrete"  # or "soft" (see `verdict_kind`)
 
   def line(self) -> str:
     return win_rate_line(self.metrics())
@@ -194,14 +205,16 @@ class WinRate:
             f"{prefix}_folds_mean": self.folds_mean, f"{prefix}_folds_std": self.folds_std,
             "n": self.n, "prompts": self.prompts, "samples_per_prompt": self.samples_per_prompt,
             "effective_n": self.effective_n, "wins": self.wins, "ties": self.ties,
-            "losses": self.losses, "interval": f"{self.level:.0%} {INTERVAL_METHOD}"}
+            "losses": self.losses, "verdicts": self.verdicts,
+            "interval": f"{self.level:.0%} {INTERVAL_METHOD}"}
 
 
 def win_rate_line(metrics: dict[str, Any]) -> str:
   """`win_rate 0.53 [0.47, 0.59] (n=400, ties=12, ...)`: the headline (prompt-clustered)
   interval, then the comparisons, ties, prompts x samples, and whether the judge was asked both
   orders (`debiased`, when known)."""
-  details = [f"n={metrics['n']}", f"ties={metrics['ties']}"]
+  ties = metrics.get("ties")
+  details = [f"n={metrics['n']}", "soft verdicts" if ties is None else f"ties={ties}"]
   if "prompts" in metrics and "samples_per_prompt" in metrics:
     details.append(f"{metrics['prompts']} prompts x {metrics['samples_per_prompt']} samples")
   if metrics.get("judge_symmetric"):
@@ -212,11 +225,20 @@ def win_rate_line(metrics: dict[str, Any]) -> str:
           f"{metrics['win_rate_high']:.2f}] ({', '.join(details)})")
 
 
+def verdict_kind(preferences: np.ndarray) -> str:
+  """"discrete" when every verdict is 0, ½ or 1 (a judge that picks a side or calls a draw),
+  or the mean of two such verdicts (asked in both orders): multiples of ¼. "soft" otherwise:
+  probabilities, like a reward model's σ(r_a − r_b)."""
+  quarters = np.asarray(preferences, np.float64) * 4.0
+  return "discrete" if np.all(quarters == np.round(quarters)) else "soft"
+
+
 def win_rate(preferences: np.ndarray, *, level: float = 0.95, resamples: int = 4000,
              seed: int = 0, folds: int = 5) -> WinRate:
   """The win rate of side a from P(a better than b): [prompts] or [prompts, samples].
 
-  A preference of exactly 0.5 is a tie; above it a win, below a loss (for the counts). The rate
+  Above 0.5 a verdict is a win, below a loss (for the counts); exactly 0.5 is a tie among
+  discrete verdicts, and soft verdicts have no ties (`ties` None, see `verdict_kind`). The rate
   and the counts are over all comparisons; the headline interval (`clustered_interval`), the
   bootstrap and the folds treat a prompt's samples as one cluster, since they are not
   independent; the plain Wilson interval (over all comparisons as if independent) is kept for
@@ -236,10 +258,12 @@ def win_rate(preferences: np.ndarray, *, level: float = 0.95, resamples: int = 4
   low, high, n_eff = clustered_interval(preferences, level)
   boot_low, boot_high = bootstrap_interval(per_prompt, level=level, resamples=resamples, seed=seed)
   folds_mean, folds_std = fold_spread(per_prompt, folds)
+  kind = verdict_kind(preferences)
   return WinRate(rate=float(preferences.mean()) if n else math.nan, low=low, high=high, n=n,
                  prompts=preferences.shape[0], samples_per_prompt=preferences.shape[1],
                  effective_n=n_eff, wins=int(np.sum(preferences > 0.5)),
-                 ties=int(np.sum(preferences == 0.5)), losses=int(np.sum(preferences < 0.5)),
+                 ties=int(np.sum(preferences == 0.5)) if kind == "discrete" else None,
+                 losses=int(np.sum(preferences < 0.5)), verdicts=kind,
                  wilson_low=wilson_low, wilson_high=wilson_high, bootstrap_low=boot_low,
                  bootstrap_high=boot_high, folds_mean=folds_mean, folds_std=folds_std,
                  level=level)

@@ -12,6 +12,10 @@ both directions, so export and import cannot drift apart):
   decoder output by d_model^-0.5";
 - T5.1.0 (tied, scaled output): no `lm_head.weight`, `tie_word_embeddings: true`.
 
+transformers 5 forces `tie_word_embeddings` to True in every T5Config, so loading an untied folder
+(like any Flan-T5) warns that lm_head.weight and shared.weight differ and will not be tied: that
+is the intended outcome; `load_transformers(directory)` loads it without that warning.
+
 The vocabulary is not part of the parameters: with `vocabulary=` (a sentencepiece .model), or from
 a workdir whose task's vocabulary is known, `spiece.model` is copied beside the weights, which
 `T5Tokenizer` and `load_hf_t5`'s callers read.
@@ -23,17 +27,14 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import jax
-import numpy as np
-from etils import epath
-from flax import traverse_util
-from jax.experimental import multihost_utils
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from dro_jax import checkpoints
-from dro_jax.models import scan as scan_lib
-from dro_jax.models import t5 as t5_lib
+if TYPE_CHECKING:  # the heavy imports wait until the command line has parsed (--help is quick)
+  import numpy as np
+
+  from dro_jax.models import t5 as t5_lib
 
 # Our activation -> transformers' `feed_forward_proj` activation (see checkpoints._HF_ACTIVATIONS).
 _ACTIVATION_NAMES = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu", "silu": "silu"}
@@ -45,6 +46,7 @@ def hf_feed_forward_proj(config: t5_lib.T5Config) -> str:
   transformers computes act(wi_0 x) * wi_1 x, i.e. our (ACT, "linear"); its "gated-gelu" is the
   tanh GELU (T5.1.1), so a gated exact GELU has no name there.
   """
+  from dro_jax import checkpoints
   activations = config.mlp_activations
   if len(activations) == 1 and activations[0] in _ACTIVATION_NAMES:
     return _ACTIVATION_NAMES[activations[0]]
@@ -91,6 +93,9 @@ def hf_config(config: t5_lib.T5Config) -> dict[str, Any]:
 
 
 def _host_float32(value: Any) -> np.ndarray:
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
   if isinstance(value, jax.Array) and not value.is_fully_addressable:
     value = multihost_utils.process_allgather(value, tiled=True)
   return np.asarray(jax.device_get(value), dtype=np.float32)
@@ -99,6 +104,11 @@ def _host_float32(value: Any) -> np.ndarray:
 def hf_tensors(params: Any, config: t5_lib.T5Config) -> dict[str, np.ndarray]:
   """{HF tensor name: float32 array} of t5x-named `params` (transposed where HF is [out, in]);
   a scanned tree (`model.scan_layers`) is unrolled first."""
+  import numpy as np
+  from flax import traverse_util
+
+  from dro_jax import checkpoints
+  from dro_jax.models import scan as scan_lib
   params = scan_lib.to_config_layout(params, config.replace(scan_layers=False))
   flat = traverse_util.flatten_dict(params, sep="/")
   names = checkpoints._hf_name_map(config)
@@ -122,6 +132,8 @@ def save_hf_t5(params: Any, config: t5_lib.T5Config, directory: str, *,
 
   Every process gathers the parameters; process 0 writes. Returns `directory`.
   """
+  import jax
+  from etils import epath
   from safetensors.numpy import save
   tensors = hf_tensors(params, config)
   config_json = json.dumps(hf_config(config), indent=2, sort_keys=True) + "\n"
@@ -151,7 +163,50 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None,
   return output
 
 
-def main(argv: Sequence[str] | None = None) -> str:
+class _UntiedOutputNotice:
+  """Drops transformers' warning that it will not tie lm_head.weight to shared.weight (for a
+  folder whose config.json says tie_word_embeddings false, that is what is meant)."""
+
+  def filter(self, record) -> bool:
+    return "but both are present in the checkpoints with different values" not in (
+        record.getMessage())
+
+
+def load_transformers(directory: str, **kwargs: Any):
+  """`T5ForConditionalGeneration.from_pretrained(directory, **kwargs)` for an exported folder.
+
+  transformers 5's T5Config sets `tie_word_embeddings` to True whatever config.json says (it
+  reads the saved value only as "scale the decoder output or not"), so loading any T5 whose
+  output layer is its own (T5.1.1, Flan-T5, and the folders `save_hf_t5` writes for them) warns
+  that lm_head.weight and shared.weight differ and will NOT be tied. That is the intended
+  outcome: the model keeps both as saved. This loader drops that one warning when the folder's
+  config.json says `tie_word_embeddings: false`, and checks that the two were indeed kept apart.
+  """
+  import logging
+
+  import transformers
+  saved = json.loads(epath_read(os.path.join(directory, "config.json")))
+  untied = saved.get("tie_word_embeddings") is False
+  logger = logging.getLogger("transformers.modeling_utils")
+  notice = _UntiedOutputNotice()
+  if untied:
+    logger.addFilter(notice)
+  try:
+    model = transformers.T5ForConditionalGeneration.from_pretrained(directory, **kwargs)
+  finally:
+    logger.removeFilter(notice)
+  if untied and model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
+    raise ValueError(f"{directory}: transformers tied lm_head.weight to shared.weight although "
+                     f"config.json says tie_word_embeddings false")
+  return model
+
+
+def epath_read(path: str) -> str:
+  from etils import epath
+  return epath.Path(path).read_text()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m dro_jax.export",
                                    description="A workdir's policy as a Hugging Face T5 folder.")
   parser.add_argument("--workdir", required=True, help="a dro_jax training workdir")
@@ -159,17 +214,42 @@ def main(argv: Sequence[str] | None = None) -> str:
   parser.add_argument("--step", type=int, help="default: the latest checkpoint")
   parser.add_argument("--vocabulary", help="sentencepiece model to copy as spiece.model "
                       "(default: the run's, when known)")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+  """The paths the command line names, checked before anything is loaded (UserError)."""
+  from dro_jax import errors, files
+  gfile = files.gfile() if "://" in args.workdir else None
+  exists = gfile.exists if gfile is not None else os.path.exists
+  if not exists(args.workdir):
+    raise errors.UserError(f"--workdir {args.workdir}: no such folder; give a dro_jax training "
+                           f"workdir (the --workdir of python -m dro_jax.main)")
+  if not exists(os.path.join(args.workdir, "config.json")):
+    raise errors.UserError(f"--workdir {args.workdir}: not a dro_jax training workdir (no "
+                           f"config.json); give the --workdir of python -m dro_jax.main")
+  if args.step is not None and not exists(
+      os.path.join(args.workdir, "checkpoints", str(args.step))):
+    raise errors.UserError(f"--step {args.step}: {args.workdir}/checkpoints has no step "
+                           f"{args.step}; leave --step out for the latest")
+  if args.vocabulary and "://" not in args.vocabulary and not os.path.exists(args.vocabulary):
+    raise errors.UserError(f"--vocabulary {args.vocabulary}: no such file; give a sentencepiece "
+                           f".model file, or leave it out for the run's")
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+  args = parse_args(argv)
+  check_args(args)
   output = export_workdir(args.workdir, args.output, step=args.step, vocabulary=args.vocabulary)
   print(f"wrote {output}/config.json and {output}/model.safetensors")
   return output
 
 
+def run() -> None:
+  """The command line: the flags parsed and the paths checked before the heavy imports."""
+  from dro_jax import cli
+  cli.run(parse_args, main, check=check_args)
+
+
 if __name__ == "__main__":
-  from dro_jax import console
-  console.initialize_backends()
-  try:
-    main()
-  except (ValueError, checkpoints.CheckpointError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+  run()

@@ -222,6 +222,11 @@ def main(argv) -> None:
     print(configs.describe(config), flush=True)
     return
   workdir = _WORKDIR.value
+  # Every log record goes to <workdir>/log.txt (once the run has claimed the workdir); the
+  # console shows warnings and errors, and everything with --verbosity=1.
+  log = console.route_logs(workdir, verbose=flags.FLAGS.verbosity >= 1)
+  if flags.FLAGS.verbosity <= 0:
+    log.addFilter(_QuietCheckpointing())
   console.import_tensorflow()
   preflight(config, workdir)
   warning = random_init_warning(config)

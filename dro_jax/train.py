@@ -373,6 +373,9 @@ class _progress:
     self.total, self.start, self.begin = total, start, time.perf_counter()
     self.enabled = jax.process_index() == 0
     self.bar = None
+    # A worker process's parent shows its progress from this file (console.StageBoard).
+    from dro_jax import console
+    self.file = console.progress_file() if self.enabled else None
     if self.enabled:
       from tqdm import tqdm
       self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
@@ -388,7 +391,11 @@ class _progress:
       self.bar.update(step - self.last)
       self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
     self.last = step
+    if self.file is not None:
+      self.file.write(step, self.total, self.rate())
 
   def close(self) -> None:
+    if self.file is not None:
+      self.file.write(self.last, self.total, self.rate(), force=True)
     if self.bar is not None:
       self.bar.close()

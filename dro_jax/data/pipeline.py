@@ -360,7 +360,8 @@ class DataIterator:
                f"{prompts} and {responses} of the {rows} examples {what}): a prompt keeps its "
                "end, a response its start; raise the limits to keep them whole, or set "
                "data.truncate=False to refuse over-long examples")
-    logging.warning("%s", message)
+    # Printed for the console; the record (marked printed) goes to the run's log file only.
+    logging.warning("%s", message, extra={"printed": True})
     print(f"WARNING: {message}", flush=True)
 
   def _task_lengths(self, source: FeedbackSource) -> dict[str, int]:
