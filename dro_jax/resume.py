@@ -26,7 +26,10 @@ ALLOWED = ("total_steps", "eval_every", "eval_batches", "checkpoint_every", "log
            # is restored (reference_cache.py), switching between auto and on is harmless.
            "reference_cache",
            # what the label ids are, for the record (the ids themselves are compared)
-           "preference.a_piece", "preference.b_piece")
+           "preference.a_piece", "preference.b_piece",
+           # whether the run is on the demo task follows from its data, which is compared
+           # (datasets.resolve_demo records it; a config.json from before has none)
+           "data.demo")
 RECIPE_KEYS = ("loss", "runner")
 MISSING = object()
 
@@ -81,10 +84,6 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, An
     raise ConfigChangeError(f"{path} is not a config (a JSON object); is {workdir} a dro_jax "
                             f"workdir?")
   new = config_json(config)
-  if isinstance(old.get("data"), dict) and "demo" not in old["data"]:
-    # A config from before data.demo: whether that run was on the demo task, by the old rule.
-    from dro_jax import datasets
-    old["data"]["demo"] = datasets.is_demo(ml_collections.ConfigDict(old))
   for key in RECIPE_KEYS:
     if old.get(key, "train" if key == "runner" else None) != new.get(
         key, "train" if key == "runner" else None):

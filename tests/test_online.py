@@ -233,7 +233,10 @@ def test_validation_names_the_key(demo_cache):
   with pytest.raises(ValueError, match="no_such_judge"):
     online.validate(config)
   config = configs.load("online", "size=tiny")
-  config.data.task = "some_registered_task"
+  config.data.task = "some_registered_task"  # the demo task and a task of one's own
+  with pytest.raises(ValueError, match=r"--config\.data\.task .*--config\.data\.demo=False"):
+    online.validate(config)
+  config.data.demo = False
   with pytest.raises(ValueError, match="init_checkpoint"):
     online.validate(config)
 
