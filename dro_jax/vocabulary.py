@@ -223,8 +223,8 @@ def preference_labels(vocabulary: Any, *, a_token: int | None = None,
           f"label the model can answer with; {LABELS_FIX}")
   if a == b:
     raise errors.UserError(
-        f"config.preference.a_token and b_token are both {a} ({piece_of(vocabulary, a)!r}): the "
-        f"model could never tell A from B; {LABELS_FIX}")
+        f"config.preference.a_token and b_token are both {a} ({piece_of(vocabulary, a)!r} of "
+        f"{name}): the model could never tell A from B; {LABELS_FIX}")
   return PreferenceLabels(a, b, piece_of(vocabulary, a), piece_of(vocabulary, b), source)
 
 
