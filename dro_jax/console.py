@@ -190,24 +190,48 @@ def log_path(workdir: str) -> str:
 
 
 class WorkdirLog(logging.Handler):
-  """Appends every record to the run's log file once its workdir exists; until then the records
-  are held (a run refused before it wrote anything leaves no file, and no workdir, behind)."""
+  """Appends every record to the run's log file once the run has claimed its workdir (created
+  it, or written its config.json); until then the records are held. A run refused before that
+  (a mistake in what it was given, a changed config on an existing workdir) leaves no file
+  behind and an existing workdir untouched: `discard()` drops what is held, and so does the
+  exit of a run that never claimed its workdir. `claim()` writes what is held (a runner that
+  finished in a workdir it neither created nor wrote config.json into, like a resumed demo)."""
 
-  HELD = 10_000  # records held at most before the workdir exists
+  HELD = 10_000  # records held at most before the workdir is claimed
 
   def __init__(self, workdir: str, formatter: logging.Formatter | None = None):
+    import time
     super().__init__(logging.DEBUG)
     self.workdir, self.path = workdir, log_path(workdir)
+    self.remote = "://" in workdir
+    self.since = time.time()
+    self.existed = not self.remote and os.path.isdir(workdir)
     self.held: list[str] = []
     self.stream = None
+    self.discarded = False
     if formatter is not None:
       self.setFormatter(formatter)
 
-  def _open(self) -> bool:
+  def claimed(self) -> bool:
+    """Whether this run has made the workdir its own: created it, or (re)written config.json."""
+    if self.remote:
+      return True
+    if not os.path.isdir(self.workdir):
+      return False
+    if not self.existed:
+      return True
+    try:
+      return os.path.getmtime(os.path.join(self.workdir, "config.json")) >= self.since - 1.0
+    except OSError:
+      return False
+
+  def _open(self, force: bool = False) -> bool:
     if self.stream is not None:
       return True
+    if self.discarded or not (force or self.claimed()):
+      return False
     folder = os.path.dirname(self.path)
-    if "://" in self.workdir:
+    if self.remote:
       os.makedirs(folder, exist_ok=True)
     elif not os.path.isdir(folder):
       return False
@@ -223,14 +247,30 @@ class WorkdirLog(logging.Handler):
       if self._open():
         self.stream.write(text)
         self.stream.flush()
-      elif len(self.held) < self.HELD:
+      elif not self.discarded and len(self.held) < self.HELD:
         self.held.append(text)
     except Exception:  # a log that cannot be written never stops the run
       self.handleError(record)
 
+  def claim(self) -> None:
+    """The run's records belong in its workdir (it exists): write what is held."""
+    try:
+      if self.remote or os.path.isdir(self.workdir):
+        self._open(force=True)
+    except OSError:
+      pass
+
+  def discard(self) -> None:
+    """The run was refused: what is held is dropped, and nothing more is written unless the log
+    is open already (the run had claimed its workdir)."""
+    self.held = []
+    if self.stream is None:
+      self.discarded = True
+
   def close(self) -> None:
     try:
-      self._open()
+      if self.held:
+        self._open()
       if self.stream is not None:
         self.stream.close()
         self.stream = None
@@ -311,6 +351,11 @@ def progress_file() -> ProgressFile | None:
   return ProgressFile(path) if path else None
 
 
+def _monotonic() -> float:
+  import time
+  return time.monotonic()
+
+
 def read_progress(path: str) -> dict | None:
   import json
   try:
@@ -328,7 +373,6 @@ class StageBoard:
 
   def __init__(self, stages: Mapping[str, tuple[str, int]], *, stream=None,
                plain_every_s: float = 30.0, tty: bool | None = None):
-    import time
     self.stages = dict(stages)  # label -> (progress file, total steps)
     self.stream = sys.stdout if stream is None else stream
     if tty is None:
@@ -340,7 +384,7 @@ class StageBoard:
     self.every = 1.0 if tty else float(plain_every_s)
     self.drawn = 0  # lines drawn in place (terminal)
     self.shown: dict[str, int] = {}  # label -> the step last printed (plain)
-    self.next = time.monotonic() + (0.0 if tty else self.every)
+    self.next = _monotonic() + (0.0 if tty else self.every)
     self.width = max(len(label) for label in self.stages) if self.stages else 0
 
   def line(self, label: str) -> str:
@@ -362,8 +406,7 @@ class StageBoard:
     return {label: self.line(label) for label in self.stages}
 
   def poll(self, force: bool = False) -> None:
-    import time
-    now = time.monotonic()
+    now = _monotonic()
     if not force and now < self.next:
       return
     self.next = now + self.every

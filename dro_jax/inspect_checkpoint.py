@@ -14,13 +14,14 @@ otherwise. A checkpoint or reference file that cannot be read exits 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import TYPE_CHECKING
 
-import jax
-import numpy as np
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from dro_jax import checkpoints, scoring
-from dro_jax.models import t5 as t5_lib
+if TYPE_CHECKING:  # the heavy imports wait until the command line has parsed (--help is quick)
+  from dro_jax.models import t5 as t5_lib
 
 REFERENCE_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                   "sequence_log_likelihood")
@@ -28,6 +29,7 @@ REFERENCE_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_targe
 
 def load_any(path: str, dtype: str = "float32") -> tuple[t5_lib.T5Config, dict]:
   """T5X or Hugging Face, told apart by the folder's files (see checkpoints.checkpoint_kind)."""
+  from dro_jax import checkpoints
   return checkpoints.load_checkpoint(path, dtype=dtype)
 
 
@@ -59,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
 def compare(config: t5_lib.T5Config, params: dict, reference: dict,
             tolerance: float) -> bool:
   """Prints ours against the reference and PASS or FAIL; True on PASS."""
+  import numpy as np
+
+  from dro_jax import scoring
+  from dro_jax.models import t5 as t5_lib
   model = t5_lib.T5(config)
   inputs = [reference[key] for key in REFERENCE_KEYS[:3]]
   ours = np.asarray(scoring.score(model, params, *inputs)["logps"], np.float64)
@@ -85,6 +91,10 @@ def compare(config: t5_lib.T5Config, params: dict, reference: dict,
 def main(argv: list[str] | None = None) -> int:
   """The exit status: 0 loaded (and PASS), 1 FAIL, 2 unreadable checkpoint or reference."""
   args = _parser().parse_args(argv)
+  import jax
+  import numpy as np
+
+  from dro_jax import checkpoints
   try:
     config, params = load_any(args.path, args.dtype)
   except checkpoints.CheckpointError as error:
@@ -110,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  _parser().parse_args()  # --help and a mistyped flag answer before the heavy imports
   from dro_jax import console
   console.initialize_backends()
   sys.exit(main())

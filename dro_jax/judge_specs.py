@@ -76,7 +76,7 @@ def check(spec: str, flag: str = "--judge") -> None:
     if not inner or not 0.0 <= flip <= 1.0:
       raise errors.UserError(f"{flag} {spec}: expected noisy:P:SPEC with P in [0, 1], e.g. "
                              f"noisy:0.2:demo")
-    check(inner, flag)
+    check(inner, f"{flag} {spec}:")  # the inner spec's problem, named inside the whole
     return
   from dro_jax import judges
   if spec in judges.JUDGES:

@@ -239,11 +239,14 @@ def main(argv) -> None:
   existed = _exists(workdir)
   try:
     RUNNERS[config.runner](config, workdir)
+    log.claim()  # finished: its records belong in the workdir, whoever created it
   except errors.UserError:
+    log.discard()  # refused: its log records go nowhere
     if not existed:
       _remove_stub(workdir)
     raise
   except (resume.ConfigChangeError, checkpoint_manager.CheckpointMismatchError) as error:
+    log.discard()
     print(f"error: {error}", file=sys.stderr, flush=True)
     sys.exit(2)
   except train.NonFiniteError as error:
@@ -267,12 +270,14 @@ def _remove_stub(workdir: str) -> None:
   if jax.process_index() != 0:
     return
   gfile = files.gfile()
-  checkpoints = os.path.join(workdir, "checkpoints")
-  if gfile.exists(checkpoints) and any(name.rstrip("/").isdigit()
-                                       for name in gfile.listdir(checkpoints)):
+  if not gfile.exists(workdir):
     return
-  if gfile.exists(workdir):
-    gfile.rmtree(workdir)
+  # A saved step anywhere below (the run's own, or a stage's like the online loop's sft/) stays.
+  for folder, subfolders, _ in gfile.walk(workdir):
+    if os.path.basename(folder.rstrip("/")) == "checkpoints" and any(
+        name.rstrip("/").isdigit() for name in subfolders):
+      return
+  gfile.rmtree(workdir)
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -127,6 +127,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError(f"config.online.reference={settings.reference!r} keeps the reference "
                      f"fixed within an iteration; config.reference.alpha must be 0 (or use "
                      f"reference='ema')")
+  from dro_jax import judge_specs  # the specs named by their keys, before anything is built
+  judge_specs.check(settings.oracle, "config.online.oracle")
+  if config.evaluation.get("judge"):
+    judge_specs.check(config.evaluation.judge, "config.evaluation.judge")
   judges.judge_from_spec(settings.oracle)  # an unknown spec fails now, naming it
   demo = datasets.is_demo(config)
   if not config.init_checkpoint and not demo:
@@ -917,7 +921,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config)
   resolve_vocabulary(config)
   train.claim_workdir(config, workdir)
-  result = OnlineRun(config, workdir).run()
+  try:
+    online_run = OnlineRun(config, workdir)
+  except ValueError as error:  # a refusal of what it was given: main removes the new workdir
+    raise errors.UserError(errors.one_line(error)) from error
+  result = online_run.run()
   print(report_table(result["iterations"]), flush=True)
   print(f"[online] results in {os.path.join(workdir, 'online.md')}", flush=True)
   return result

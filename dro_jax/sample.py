@@ -60,17 +60,39 @@ def _vocabulary(args: argparse.Namespace, loaded) -> Any:
                          f"--vocabulary (a sentencepiece .model file)")
 
 
+def check_args(args: argparse.Namespace) -> None:
+  """The numbers and paths of the command line, checked before anything is loaded (UserError)."""
+  from dro_jax import errors
+  for name in ("num_samples", "batch_size"):
+    if getattr(args, name) < 1:
+      raise errors.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+  for name in ("num_prompts", "max_decode_length"):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      raise errors.UserError(f"--{name} must be at least 1, got {value}")
+  if args.temperature < 0:
+    raise errors.UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+  remote = lambda path: "://" in path
+  if not remote(args.prompts) and not os.path.exists(args.prompts):
+    raise errors.UserError(f"--prompts {args.prompts} does not exist; give a .jsonl file with a "
+                           f"\"prompt\" field per line, or a text file with one prompt per line")
+  if not remote(args.policy) and not os.path.exists(args.policy):
+    raise errors.UserError(f"--policy {args.policy}: no such folder; give a workdir, step "
+                           f"directory, or HF / T5X folder")
+  if args.vocabulary and not remote(args.vocabulary) and not os.path.exists(args.vocabulary):
+    raise errors.UserError(f"--vocabulary {args.vocabulary}: no such file; give a sentencepiece "
+                           f".model file")
+  if not remote(args.out) and os.path.isdir(args.out):
+    raise errors.UserError(f"--out {args.out} is a folder; give the JSONL file to write")
+
+
 def sample(args: argparse.Namespace) -> list[dict[str, Any]]:
   """The rows `--out` receives (written by process 0)."""
   import jax
   from etils import epath
 
   from dro_jax import datasets, decoding, errors, evaluation, policies
-  for name in ("num_samples", "batch_size"):
-    if getattr(args, name) < 1:
-      raise errors.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-  if args.temperature < 0:
-    raise errors.UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+  check_args(args)
   if not epath.Path(args.prompts).exists():
     raise errors.UserError(f"--prompts {args.prompts} does not exist; give a .jsonl file with a "
                            f"\"prompt\" field per line, or a text file with one prompt per line")
@@ -112,16 +134,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 def run() -> None:
-  """The command line: a user's mistake is one line on stderr and exit status 2."""
-  from dro_jax import checkpoints, console, errors
-  console.initialize_backends()
-  try:
-    main()
-  except (ValueError, checkpoints.CheckpointError) as error:
-    if errors.traceback_wanted():
-      raise
-    print(f"error: {errors.one_line(error)}", file=sys.stderr, flush=True)
-    sys.exit(errors.EXIT_CODE)
+  """The command line: flags and paths checked before the heavy imports; a user's mistake is one
+  line on stderr and exit status 2."""
+  from dro_jax import cli
+  cli.run(parse_args, main, check=check_args)
 
 
 if __name__ == "__main__":

@@ -651,7 +651,22 @@ def cli(argv: Sequence[str]) -> Report | None:
   return report
 
 
+def wants_help(argv: Sequence[str]) -> bool:
+  return any(arg in ("--help", "-h", "--helpfull", "-help", "--helpshort") for arg in argv[1:])
+
+
+def print_help() -> None:
+  """The usage, without the backends (answers in well under a second)."""
+  from absl import flags
+  values = flags.FlagValues()
+  _define_flags(values, ["sizing"])
+  print(__doc__ + "\n" + values.get_help(), flush=True)
+
+
 if __name__ == "__main__":
+  if wants_help(sys.argv):
+    print_help()
+    sys.exit(0)
   # Sizing needs no accelerator of this machine: the TPU devices come from libtpu's topology.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from dro_jax import console
