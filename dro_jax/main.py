@@ -19,22 +19,9 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from dro_jax import own_package  # noqa: E402
 
-
-def _own_package() -> None:
-  """Run from a folder that holds a folder named `dro_jax` (the clone's parent), `dro_jax` is a
-  namespace package over that folder, and its `configs/` shadows `dro_jax.configs`: the package's
-  path is pointed back at this file's folder, so every `dro_jax.X` is this package's module."""
-  package = sys.modules.get("dro_jax")
-  if package is not None and getattr(package, "__file__", None) is None:
-    package.__path__ = [os.path.dirname(os.path.abspath(__file__))]
-    package.__file__ = os.path.join(package.__path__[0], "__init__.py")
-    for name in [name for name, module in sys.modules.items()
-                 if name.startswith("dro_jax.") and getattr(module, "__file__", None) is None]:
-      del sys.modules[name]  # a namespace module picked up from that folder
-
-
-_own_package()
+own_package.repair()  # run from the clone's parent folder, dro_jax/configs.py stays itself
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

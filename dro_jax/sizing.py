@@ -34,6 +34,10 @@ import os
 import sys
 from typing import Any, Mapping, Sequence
 
+from dro_jax import own_package
+
+own_package.repair()  # run from the clone's parent folder, dro_jax/configs.py stays itself
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 GIB = 2 ** 30
