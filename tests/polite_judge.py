@@ -1,8 +1,7 @@
-"""An oracle of your own: polite rewrites of short requests (docs/online.md, "Your own task").
+"""A judge of your own, for the online loop's oracle: `polite_judge:make_judge`.
 
-A prompt is "say politely: <request>". The best answer asks for the request, says "please",
-and adds nothing else. `make_judge` is the factory that the spec `own_task_oracle:make_judge`
-names.
+A prompt is "say politely: <request>". The best answer asks for the request, says "please" and
+adds nothing else.
 """
 
 import numpy as np
