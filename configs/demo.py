@@ -24,7 +24,7 @@ def get_config(arg=None):
   methods = tuple(args.methods.split("+"))
   unknown = sorted(set(methods) - {"dro", "kto", "dpo", "tr_dpo"})
   if unknown:
-    raise ValueError(f"configs/demo.py: arg methods: unknown {unknown}; choose from dro, kto, "
+    raise ValueError(f"{configs.recipe_path('demo')}: arg methods: unknown {unknown}; choose from dro, kto, "
                      f"dpo, tr_dpo")
   config = configs.base_config("dro", args)
   config.runner = "demo"

@@ -35,7 +35,8 @@ def get_config(arg=None):
                                ("reference", args.reference, REFERENCES),
                                ("preference_model", args.preference_model, PREFERENCE_MODELS)):
     if value not in choices:
-      raise ValueError(f"configs/online.py: arg {name}={value!r}: choose from {choices}")
+      raise ValueError(f"{configs.recipe_path('online')}: arg {name}={value!r}: choose from "
+                       f"{choices}")
   config = configs.base_config(args.loss, args)
   config.runner = "online"
   config.seed = args.seed

@@ -173,14 +173,20 @@ def _check_kind(config: ml_collections.ConfigDict, record) -> None:
     raise errors.UserError(
         f"{record.location} holds a preference pair (prompt, chosen, rejected), but the "
         f"{config.loss} loss trains on single responses (prompt, response and a reward or "
-        f"label); train on pairs with configs/dpo.py or configs/ipo.py (or "
+        f"label); train on pairs with {_recipe('dpo')} or {_recipe('ipo')} (or "
         f"{' / '.join(PAIRWISE_RECIPES[2:])}), or give {config.loss} single-response rows")
   if is_single and not is_pair and pairwise:
     raise errors.UserError(
         f"{record.location} holds a single response (prompt, response), but the {config.loss} "
         f"loss trains on preference pairs (prompt, chosen, rejected); train on single "
-        f"responses with {' / '.join(f'configs/{name}.py' for name in SINGLE_RECIPES)}, or give "
+        f"responses with {' / '.join(_recipe(name) for name in SINGLE_RECIPES)}, or give "
         f"{config.loss} pairs")
+
+
+def _recipe(name: str) -> str:
+  """configs/NAME.py as a path that exists from the working folder."""
+  from dro_jax import configs
+  return configs.recipe_path(name)
 
 
 def _register_files(config: ml_collections.ConfigDict) -> str:
