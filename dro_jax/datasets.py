@@ -340,7 +340,27 @@ def _user_data(config: ml_collections.ConfigDict) -> list[str]:
            if data.get(key) and not _is_demo_task(data.get(key))]
   if "online" in config and config.online.get("prompts_file"):
     keys.append("online.prompts_file")
+  if _trained_off_the_demo(config.get("init_checkpoint")):
+    keys.append("init_checkpoint")
   return keys
+
+
+def _trained_off_the_demo(path: str | None) -> bool:
+  """Whether `path` is a dro_jax workdir whose run was not on the demo task."""
+  if not path:
+    return False
+  import os
+  import ml_collections as collections
+  from dro_jax import files
+  try:
+    if not files.gfile().isdir(os.path.join(path, "checkpoints")):
+      return False
+    saved = files.read_json(os.path.join(path, "config.json"))
+  except (OSError, ValueError):
+    return False
+  if not isinstance(saved, dict) or not isinstance(saved.get("data"), dict):
+    return False
+  return not is_demo(collections.ConfigDict({"data": saved["data"]}))
 
 
 def resolve_demo(config: ml_collections.ConfigDict) -> None:
@@ -357,12 +377,13 @@ def resolve_demo(config: ml_collections.ConfigDict) -> None:
   own = _user_data(config)
   if data.demo:
     if own:
-      keys = ", ".join(f"--config.{key}" for key in own)
+      keys = ", ".join(f"--config.{key}" + (" (a run on data of your own)"
+                                            if key == "init_checkpoint" else "") for key in own)
       raise errors.UserError(
-          f"config.data.demo=True runs on the embedded demo task (its data and vocabulary), but "
-          f"{keys} give{'s' if len(own) == 1 else ''} data of your own: pass "
+          f"config.data.demo=True runs on the embedded demo task (its data, vocabulary and "
+          f"prompts), but {keys} {'is' if len(own) == 1 else 'are'} your own: pass "
           f"--config.data.demo=False to run on yours (configs/online.py: with init=<your SFT> or "
-          f"task=...), or drop {keys}")
+          f"task=...), or leave the demo its own data")
     return
   runner = config.get("runner", "train")
   given = data.get("train_files") or data.get("task")

@@ -122,10 +122,31 @@ def test_the_demo_flag_with_data_of_ones_own_is_refused_by_name(key, value):
   config = configs.load("demo_online")
   section, leaf = key.split(".")
   config[section][leaf] = value
-  with pytest.raises(errors.UserError, match=rf"--config\.{re.escape(key)} give.*"
-                     r"--config\.data\.demo=False"):
+  with pytest.raises(errors.UserError, match=rf"but --config\.{re.escape(key)} is your own: "
+                     r"pass --config\.data\.demo=False"):
     main_lib.preflight(config)
   assert config[section][leaf] == value  # nothing replaced
+
+
+def test_the_demo_flag_with_an_sft_of_ones_own_data_is_refused(tmp_path):
+  """`configs/online.py:size=tiny --config.init_checkpoint=<SFT on your data>` would sample the
+  demo's prompts with it: refused; the demo's own SFT (a run on the demo task) is fine."""
+  import json
+  sft = tmp_path / "sft"
+  (sft / "checkpoints").mkdir(parents=True)
+  own = configs.load("sft", "size=tiny")
+  own.data.train_files, own.data.vocabulary = "my_data/sft.jsonl", "my_data/spiece.model"
+  (sft / "config.json").write_text(own.to_json_best_effort())
+  config = configs.load("online", "size=tiny")
+  config.init_checkpoint = str(sft)
+  with pytest.raises(errors.UserError, match=r"--config\.init_checkpoint \(a run on data of your "
+                     r"own\) is your own: pass --config\.data\.demo=False"):
+    datasets.resolve_demo(config)
+  demo_sft = configs.load("sft", "size=tiny")
+  datasets.resolve_demo(demo_sft)  # no data: the demo task, recorded
+  (sft / "config.json").write_text(demo_sft.to_json_best_effort())
+  datasets.resolve_demo(config)
+  assert datasets.is_demo(config)
 
 
 def test_the_demo_runner_refuses_a_vocabulary_of_ones_own():
