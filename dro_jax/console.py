@@ -142,11 +142,17 @@ def quiet_backend_records() -> None:
 
 
 def import_tensorflow():
-  """TensorFlow, imported with its start-up notices dropped (a no-op when already imported)."""
+  """TensorFlow, imported with its start-up notices dropped (a no-op when already imported); its
+  devices are listed meanwhile, so that its CUDA probe ("failed call to cuInit" on a machine
+  without a GPU) runs now, filtered, rather than at its first op."""
   if "tensorflow" in sys.modules:
     return sys.modules["tensorflow"]
   with filtered_stderr():
     import tensorflow
+    try:
+      tensorflow.config.list_physical_devices()
+    except Exception:  # a TensorFlow without devices to list: its first op probes instead
+      pass
   return tensorflow
 
 
