@@ -3,8 +3,9 @@
     python -m dro_jax.main --config configs/online.py:size=tiny --workdir /tmp/online
 
 The start policy is `init_checkpoint` (on the demo task without one: SFT on the demo's
-demonstrations, trained first in <workdir>/sft). Then, per iteration k = 1..K
-(`config.online`):
+demonstrations, trained first in <workdir>/sft); off the demo, the vocabulary is
+`data.vocabulary`, or the one the init checkpoint names (docs/online.md, "Your own task").
+Then, per iteration k = 1..K (`config.online`):
 
   sample    n answers per prompt from the current policy (the decoding module, over the mesh)
   rank      the enhancer: the best of the n by a knock-out tournament under the preference
@@ -20,9 +21,11 @@ demonstrations, trained first in <workdir>/sft). Then, per iteration k = 1..K
             from iterate k−1, against the SFT policy (`reference="sft"`), iterate k−1
             ("previous") or a trust-region reference moved towards the policy ("ema"): the
             project's one training loop (`train.loop`), called with the iteration's data
-  evaluate  win rate against SFT and against iterate k−1 under `evaluation.judge` (default: the
-            oracle; both orders for a non-symmetric judge; prompt-clustered 95% interval), KL to
-            SFT from the policy's own samples, mean length
+  evaluate  on held-out prompts (`online.eval_prompts_file`, else the task's): win rate against
+            SFT and against iterate k−1 under `evaluation.judge` (default: the oracle; both
+            orders for a non-symmetric judge; prompt-clustered 95% interval), KL to SFT from the
+            policy's own samples, mean length and its change from SFT's. The KL guard: above
+            `online.max_kl` nats per answer, a warning on the console and in online.md
 
 On disk (<workdir>):
   checkpoints/              one checkpoint manager; its step is the optimizer step counted over
