@@ -328,24 +328,40 @@ PROGRESS_EVERY_S = 1.0  # how often the training loop rewrites it at most
 
 class ProgressFile:
   """A training loop's progress as a small JSON file, rewritten atomically (at most once a
-  second, and at the end): {"step", "total", "steps_per_second", "time"}. A parent process
-  showing the progress of workers reads it (`StageBoard`)."""
+  second, and at the end): {"step", "total", "steps_per_second", "time"}. The rate is the recent
+  one (the steps of the last RATE_WINDOW_S seconds, from the first step reported on: a first
+  step's compile time does not count), else the loop's own. A parent process showing the
+  progress of workers reads it (`StageBoard`)."""
+
+  RATE_WINDOW_S = 30.0
 
   def __init__(self, path: str):
+    import collections
     self.path, self.last = path, 0.0
+    self.samples: collections.deque = collections.deque()  # (time, step), oldest first
+
+  def rate(self, now: float, step: int, fallback: float) -> float:
+    self.samples.append((now, step))
+    while len(self.samples) > 2 and now - self.samples[1][0] >= self.RATE_WINDOW_S:
+      self.samples.popleft()
+    first_time, first_step = self.samples[0]
+    if now > first_time and step > first_step:
+      return (step - first_step) / (now - first_time)
+    return fallback
 
   def write(self, step: int, total: int, steps_per_second: float, *, force: bool = False) -> None:
     import json
     import time
     now = time.time()
+    rate = self.rate(now, int(step), float(steps_per_second))
     if not force and now - self.last < PROGRESS_EVERY_S:
       return
     self.last = now
     temporary = f"{self.path}.tmp{os.getpid()}"
     try:
       with open(temporary, "w", encoding="utf-8") as f:
-        json.dump({"step": int(step), "total": int(total),
-                   "steps_per_second": float(steps_per_second), "time": now}, f)
+        json.dump({"step": int(step), "total": int(total), "steps_per_second": rate,
+                   "time": now}, f)
       os.replace(temporary, self.path)
     except OSError:  # progress is for show: never stops the run
       pass

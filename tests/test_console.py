@@ -38,6 +38,13 @@ def test_a_stage_line_gives_step_total_rate_and_time_left(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["progress.json"]  # written atomically, nothing left
 
 
+def test_the_rate_is_the_recent_one_without_the_first_steps_compile(tmp_path):
+  progress = console.ProgressFile(str(tmp_path / "progress.json"))
+  assert progress.rate(100.0, 1, 0.05) == 0.05  # one step so far (its compile): the loop's own
+  assert progress.rate(102.0, 5, 0.3) == 2.0  # 4 steps in the 2 s since step 1
+  assert progress.rate(140.0, 81, 1.5) == pytest.approx(76 / 38)  # the last 30 s or so
+
+
 def test_plain_lines_every_interval_for_the_stages_that_moved(tmp_path, monkeypatch):
   clock = [1000.0]
   monkeypatch.setattr(console, "_monotonic", lambda: clock[0])
@@ -102,7 +109,7 @@ def test_the_demo_shows_a_live_line_per_stage_trained_in_workers(tmp_path, demo_
   demo.run(config, str(tmp_path / "demo"))
   out = capsys.readouterr().out
   for label in ("DRO-V", "KTO"):
-    lines = re.findall(rf"^  \[demo\] {label}: step (\d+)/64(.*)$", out, re.MULTILINE)
+    lines = re.findall(rf"^  \[demo\] {label}: +step (\d+)/64(.*)$", out, re.MULTILINE)
     assert lines, out[-3000:]
     running = [rest for step, rest in lines if int(step) < 64]
     assert all(re.fullmatch(r", \d+\.\d\d steps/s, .+ left", rest) for rest in running), lines
