@@ -1,4 +1,5 @@
-"""A quiet console: the native libraries' start-up chatter kept off stderr, nothing else.
+"""A console a person can follow: the native libraries' start-up chatter kept off stderr, log
+records in the workdir's log file, and one live line per stage trained in a worker process.
 
 Importing TensorFlow prints absl's "All log messages before absl::InitializeLog()" banner, a
 oneDNN notice and, on a machine without a GPU, the failed CUDA probe; initialising JAX's
@@ -10,6 +11,12 @@ meanwhile is held, and written back without the lines that match the known start
 Every other line, an error included, is written back as it was. The TPU and GPU notices are
 dropped only when the machine has no TPU (no GPU) device: on a TPU VM a failed libtpu start is
 an error worth seeing.
+
+A command-line run's log records (`route_logs`) all go to `<workdir>/log.txt` (`WorkdirLog`, once
+the run has claimed its workdir), and only warnings and errors to the console, each once, unless
+--verbosity=1. A training loop in a worker process writes its progress to a small file
+(`ProgressFile`, named by DRO_JAX_PROGRESS_FILE) that its parent shows as one line per stage
+(`StageBoard`): rewritten in place on a terminal, printed every so often otherwise.
 
 Imports nothing of dro_jax: anything may stand on it.
 """
@@ -309,8 +316,9 @@ def route_logs(workdir: str, verbose: bool = False) -> WorkdirLog:
     if isinstance(handler, WorkdirLog):
       root.removeHandler(handler)
       handler.close()
-  if not verbose and not any(isinstance(f, ConsoleLevel) for f in console_handler.filters):
-    console_handler.addFilter(ConsoleLevel())
+  for old in [f for f in console_handler.filters if isinstance(f, ConsoleLevel)]:
+    console_handler.removeFilter(old)
+  console_handler.addFilter(ConsoleLevel(logging.NOTSET if verbose else logging.WARNING))
   formatter = getattr(console_handler, "formatter", None) or absl_logging.PythonFormatter()
   handler = WorkdirLog(workdir, formatter)
   root.addHandler(handler)

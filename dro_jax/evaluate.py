@@ -136,13 +136,18 @@ def check_args(args: argparse.Namespace) -> str:
   if args.output and "://" not in args.output and os.path.isfile(args.output):
     raise errors.UserError(f"--output {args.output} is a file; give a folder for "
                            f"evaluation.json and samples.jsonl")
+  if args.judge:
+    judge_specs.check(args.judge, "--judge")
+  if "://" in args.policy or "://" in args.baseline:  # read once loaded (see main)
+    return args.judge
   run = _run_config_on_disk(args.policy) or _run_config_on_disk(args.baseline)
   if run is None and not args.prompts:
-    raise errors.UserError("neither --policy nor --baseline is a training workdir, so there is no "
-                           "task to take held-out prompts from; pass --prompts FILE")
-  spec = args.judge or default_judge(run)
-  judge_specs.check(spec, "--judge")
-  return spec
+    raise errors.UserError(NO_TASK)
+  return args.judge or default_judge(run)
+
+
+NO_TASK = ("neither --policy nor --baseline is a training workdir, so there is no task to take "
+           "held-out prompts from; pass --prompts FILE")
 
 
 def _vocabulary(args: argparse.Namespace, policy: LoadedPolicy, baseline: LoadedPolicy) -> Any:
@@ -172,7 +177,7 @@ def _describe(loaded: LoadedPolicy) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
-  judge_name = check_args(args)  # before anything is loaded
+  judge_name = check_args(args)  # before anything is loaded (None: known once they are)
   import jax
   from etils import epath
 
@@ -184,13 +189,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     prompts = read_prompts(args.prompts)[:args.num_prompts]
     if not prompts:
       raise errors.UserError(f"--prompts {args.prompts} holds no prompt")
-  judge = judges_lib.judge_from_spec(judge_name)
+  judge = judges_lib.judge_from_spec(judge_name) if judge_name else None
   policy = load_policy(args.policy, dtype=args.dtype)
   baseline = load_policy(args.baseline, dtype=args.dtype)
   vocabulary = _vocabulary(args, policy, baseline)
   # The task's defaults come from the policy's run, or the baseline's (an exported policy).
   run = policy.run_config or baseline.run_config
+  if judge is None:  # a workdir on a bucket: its task known only now
+    judge_name = default_judge(run)
+    judge = judges_lib.judge_from_spec(judge_name)
   if not args.prompts:
+    if run is None:
+      raise errors.UserError(NO_TASK)
     prompts = held_out_prompts(run, args.num_prompts or DEFAULT_NUM_PROMPTS)
   max_decode_length = args.max_decode_length or (run.max_target_length if run else 64)
   sampling = decoding.SamplingParams(max_decode_length=max_decode_length,
