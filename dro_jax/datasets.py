@@ -346,11 +346,11 @@ def _user_data(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _trained_off_the_demo(path: str | None) -> bool:
-  """Whether `path` is a dro_jax workdir whose run was not on the demo task."""
+  """Whether `path` is a dro_jax workdir whose run had data of its own (files, a vocabulary, a
+  Task other than the demo's)."""
   if not path:
     return False
   import os
-  import ml_collections as collections
   from dro_jax import files
   try:
     if not files.gfile().isdir(os.path.join(path, "checkpoints")):
@@ -360,7 +360,9 @@ def _trained_off_the_demo(path: str | None) -> bool:
     return False
   if not isinstance(saved, dict) or not isinstance(saved.get("data"), dict):
     return False
-  return not is_demo(collections.ConfigDict({"data": saved["data"]}))
+  data = saved["data"]
+  return bool(data.get("train_files") or data.get("vocabulary")
+              or (data.get("task") and not _is_demo_task(data["task"])))
 
 
 def resolve_demo(config: ml_collections.ConfigDict) -> None:
@@ -389,10 +391,12 @@ def resolve_demo(config: ml_collections.ConfigDict) -> None:
   given = data.get("train_files") or data.get("task")
   if runner == "train" and not given:
     if own:  # a vocabulary (say) with no data: the demo task would replace it
+      named = f"config.{own[0]}" + (" (a run on data of your own)"
+                                    if own[0] == "init_checkpoint" else "")
       raise errors.UserError(
-          f"config.{own[0]} is set but the run has no data: give --config.data.train_files "
-          f"(your files) or --config.data.task (a registered Task), or drop --config.{own[0]} to "
-          f"train on the embedded demo task")
+          f"{named} is set but the run has no data: give --config.data.train_files (your "
+          f"files) or --config.data.task (a registered Task); with neither, a run trains on the "
+          f"embedded demo task")
     data.demo = True  # the recipe's documented default: the demo task
   elif runner == "train" and not own and _is_demo_task(data.task):
     data.demo = True
