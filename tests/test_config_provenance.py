@@ -147,6 +147,12 @@ def test_the_demo_flag_with_an_sft_of_ones_own_data_is_refused(tmp_path):
   (sft / "config.json").write_text(demo_sft.to_json_best_effort())
   datasets.resolve_demo(config)
   assert datasets.is_demo(config)
+  # A recipe aligning that SFT with no data given would train it on the demo task: refused.
+  (sft / "config.json").write_text(own.to_json_best_effort())
+  dpo = configs.load("dpo", f"size=tiny,init={sft}")
+  with pytest.raises(errors.UserError, match=r"config\.init_checkpoint \(a run on data of your "
+                     r"own\) is set but the run has no data"):
+    datasets.resolve_demo(dpo)
 
 
 def test_the_demo_runner_refuses_a_vocabulary_of_ones_own():
