@@ -24,8 +24,8 @@ def get_config(arg=None):
   methods = tuple(args.methods.split("+"))
   unknown = sorted(set(methods) - {"dro", "kto", "dpo", "tr_dpo"})
   if unknown:
-    raise ValueError(f"{configs.recipe_path('demo')}: arg methods: unknown {unknown}; choose from dro, kto, "
-                     f"dpo, tr_dpo")
+    raise ValueError(f"{configs.recipe_path('demo')}: arg methods: unknown {unknown}; choose "
+                     f"from dro, kto, dpo, tr_dpo")
   config = configs.base_config("dro", args)
   config.runner = "demo"
   config.seed = args.seed

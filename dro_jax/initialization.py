@@ -176,7 +176,8 @@ def checkpoint_model_config(path: str) -> t5_lib.T5Config:
       return checkpoints.hf_config_to_t5(hf_config, tied_output=tied and scaled,
                                          dtype="float32")
     from flax import serialization
-    raw = checkpoints._read_bytes(f"{path.rstrip('/')}/checkpoint")  # pylint: disable=protected-access
+    checkpoint_file = f"{path.rstrip('/')}/checkpoint"
+    raw = checkpoints._read_bytes(checkpoint_file)  # pylint: disable=protected-access
     target = serialization.msgpack_restore(raw)["optimizer"]["target"]
     return checkpoints._t5x_config(target, "float32")  # pylint: disable=protected-access
   except errors.UserError:
