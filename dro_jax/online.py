@@ -134,7 +134,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   judge_specs.check(settings.oracle, "config.online.oracle")
   if config.evaluation.get("judge"):
     judge_specs.check(config.evaluation.judge, "config.evaluation.judge")
-  judges.judge_from_spec(settings.oracle)  # an unknown spec fails now, naming it
+  try:
+    judges.judge_from_spec(settings.oracle)  # a factory that fails, or builds no judge, fails now
+  except ValueError as error:
+    raise errors.UserError(f"config.online.oracle {settings.oracle}: "
+                           f"{errors.one_line(error)}") from error
   demo = datasets.is_demo(config)
   if not config.init_checkpoint and not demo:
     raise errors.UserError("the online loop needs config.init_checkpoint (an SFT policy) unless it "

@@ -214,14 +214,18 @@ def online_cli(tmp_path, demo_cache, workdir, *overrides):
   return result, result.stdout + result.stderr
 
 
-def test_the_online_runner_refuses_an_oracle_naming_nothing_in_one_line(tmp_path, demo_cache):
+@pytest.mark.parametrize("oracle, message", [
+    ("nosuch_oracle_module_29:make", "cannot import module 'nosuch_oracle_module_29'"),
+    ("own_judges_29:not_a_judge", "own_judges_29.not_a_judge() returned int"),
+])
+def test_the_online_runner_refuses_an_oracle_in_one_line(oracle, message, tmp_path, demo_cache):
+  (tmp_path / "own_judges_29.py").write_text("def not_a_judge():\n  return 42\n")
   workdir = tmp_path / "online"
-  result, output = online_cli(tmp_path, demo_cache, workdir,
-                              "--config.online.oracle=nosuch_oracle_module_29:make")
+  result, output = online_cli(tmp_path, demo_cache, workdir, f"--config.online.oracle={oracle}")
   assert result.returncode == errors.EXIT_CODE, output[-3000:]
   lines = [line for line in output.splitlines() if line.startswith("error: ")]
-  assert len(lines) == 1 and lines[0].startswith(
-      "error: config.online.oracle nosuch_oracle_module_29:make: cannot import module"), output
+  assert len(lines) == 1 and lines[0].startswith(f"error: config.online.oracle {oracle}: "), output
+  assert message in lines[0]
   assert "Traceback" not in output
   assert not workdir.exists()
 
