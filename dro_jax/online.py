@@ -910,11 +910,13 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
                  results: Sequence[Mapping[str, Any]], judge_spec: str) -> str:
   settings = config.online
   table = report_table(results)
+  prompts = (results[-1]["evaluation"]["vs_sft"].get("prompts", config.evaluation.prompts)
+             if results else config.evaluation.prompts)
   text = (f"# dro_jax online iterative RLHF (seed {config.seed})\n\n"
           f"{config.loss.upper()} with pairing `{settings.pairing}`, oracle `{settings.oracle}`, "
           f"ranking by `{settings.preference_model}`, reference `{settings.reference}`; "
           f"{settings.prompts} prompts x {settings.samples} samples and {settings.steps} steps per "
-          f"iteration; evaluated by `{judge_spec}` on {config.evaluation.prompts} held-out "
+          f"iteration; evaluated by `{judge_spec}` on {prompts} held-out "
           f"prompts x {config.evaluation.samples} samples per side (ties half; 95% intervals "
           f"clustered by prompt).\n\n{table}\n\n{guard_text(results, settings)}\n\n"
           f"![win rate and KL per iteration](online.png)\n")

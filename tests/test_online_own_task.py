@@ -121,7 +121,9 @@ def test_the_online_loop_runs_on_your_own_task(own_task, own_online):
   known = set(" ".join(prompts + ["please now could you"]).split())
   assert sum(word in known for word in words) > 0.7 * len(words), answers[:20]
   assert not {"reverse", "increment", "sort"} & set(words)  # the demo's words
-  assert {"please", "salt"} <= pieces
+  assert {"salt", "letter"} <= pieces
+  letters = set("".join(pieces))
+  assert set("".join(answers)) <= letters | {" ", "⁇"}, set("".join(answers)) - letters
 
   # Labelled pairs, each iteration evaluated on the held-out prompts, the KL guard reported.
   iterations = int(recorded["online"]["iterations"])
@@ -139,10 +141,11 @@ def test_the_online_loop_runs_on_your_own_task(own_task, own_online):
     assert f"[online] iteration {k}: against SFT" in stdout
     evaluated = json.loads((workdir / "iterations" / str(k) / "evaluation.json").read_text())
     assert evaluated["vs_sft"]["prompts"] == len(held_out)
-  assert "KL(π‖SFT)" in stdout and "WARNING" not in stdout
+  assert "KL(π‖SFT)" in stdout and "[online] WARNING" not in stdout
   report = (workdir / "online.md").read_text()
   assert f"`online.max_kl` = {max_kl:g} nats per answer" in report
   assert "No iteration is above it." in report
+  assert f"on {len(held_out)} held-out prompts" in report
   assert "polite_judge:make_judge" in report
 
 
