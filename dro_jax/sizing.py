@@ -619,16 +619,12 @@ def _define_flags(values, argv: Sequence[str]) -> None:
   flags.mark_flags_as_required(["config", "topology"], flag_values=values)
 
 
-def cli(argv: Sequence[str]) -> Report | None:
-  """The command line (`argv` as sys.argv, the program's name first) run in this process: prints
-  the report, writes `--json`, returns the report (None for --help). The flags live in their own
-  FlagValues, so importing or calling this defines nothing in absl's global flags."""
+def parse(argv: Sequence[str]):
+  """The flags of `argv` (the config loaded), or SystemExit naming the mistake: nothing of JAX is
+  needed, so the command line checks them before it starts the backends."""
   from absl import flags
   values = flags.FlagValues()
   _define_flags(values, argv)
-  if any(arg in ("--help", "-h", "--helpfull") for arg in argv[1:]):
-    print(__doc__ + "\n" + values.get_help(), flush=True)
-    return None
   try:
     values(list(argv))
     values.validate_all_flags()
@@ -638,6 +634,17 @@ def cli(argv: Sequence[str]) -> Report | None:
     overrides = [arg for arg in argv[1:] if arg.startswith("--config.")]
     raise SystemExit(f"{argv[0]}: an override names no key of the config ({error}); the "
                      f"overrides given: {' '.join(overrides)}") from None
+  return values
+
+
+def cli(argv: Sequence[str]) -> Report | None:
+  """The command line (`argv` as sys.argv, the program's name first) run in this process: prints
+  the report, writes `--json`, returns the report (None for --help). The flags live in their own
+  FlagValues, so importing or calling this defines nothing in absl's global flags."""
+  if any(arg in ("--help", "-h", "--helpfull") for arg in argv[1:]):
+    print_help()
+    return None
+  values = parse(argv)
   config = values.config
   input_length, target_length = lengths_for(config, argv, values.input_length,
                                             values.target_length)
@@ -671,6 +678,7 @@ if __name__ == "__main__":
   if wants_help(sys.argv):
     print_help()
     sys.exit(0)
+  parse(sys.argv)  # a mistake in the flags is named before the backends start
   # Sizing needs no accelerator of this machine: the TPU devices come from libtpu's topology.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from dro_jax import console
