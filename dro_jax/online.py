@@ -864,7 +864,7 @@ def report_table(results: Sequence[Mapping[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def plot(results: Sequence[Mapping[str, Any]], path: str) -> None:
+def plot(results: Sequence[Mapping[str, Any]], path: str, max_kl: float | None = None) -> None:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   figure = Figure(figsize=(10, 4))
@@ -884,7 +884,11 @@ def plot(results: Sequence[Mapping[str, Any]], path: str) -> None:
   left.set(xlabel="iteration", ylabel="win rate (95% interval)", ylim=(0, 1),
            title="online iterative RLHF: win rate")
   left.legend(loc="lower right")
-  right.plot(iterations, [0.0] + [r["evaluation"]["vs_sft"]["kl"] for r in results], marker="o")
+  kls = [r["evaluation"]["vs_sft"]["kl"] for r in results]
+  right.plot(iterations, [0.0] + kls, marker="o")
+  if max_kl is not None and any(not kl <= 0.5 * max_kl for kl in kls):  # the guard, when near
+    right.axhline(max_kl, color="red", linewidth=0.8, linestyle="--", label="online.max_kl")
+    right.legend(loc="upper left")
   right.set(xlabel="iteration", ylabel="KL(π‖SFT) (nats per answer)", title="distance from SFT")
   for axis in (left, right):
     axis.set_xticks(iterations)
@@ -921,7 +925,7 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
           f"clustered by prompt).\n\n{table}\n\n{guard_text(results, settings)}\n\n"
           f"![win rate and KL per iteration](online.png)\n")
   files.write_text(os.path.join(workdir, "online.md"), text)
-  plot(results, os.path.join(workdir, "online.png"))
+  plot(results, os.path.join(workdir, "online.png"), settings.get("max_kl", DEFAULT_MAX_KL))
   return table
 
 

@@ -222,6 +222,7 @@ def test_the_kl_guard_warns_above_max_kl_and_writes_it_into_the_report(tmp_path)
   assert "3.000 |" in report and "5.20 (+0.20)" in report
   warnings = [line for line in report.splitlines() if line.startswith("- **Warning**")]
   assert len(warnings) == 1 and "iteration 2" in warnings[0]
+  assert (tmp_path / "online.png").stat().st_size > 10_000  # max_kl drawn beside the curve
 
 
 # ----------------------------------------------------------------------------- refusals
