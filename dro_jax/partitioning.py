@@ -127,18 +127,20 @@ def rules_from_config(config: Any) -> tuple[tuple[str, Any], ...]:
 
 def validate(mesh: Mesh, *, batch_size: int, num_microbatches: int, num_heads: int,
              process_count: int = 1) -> None:
-  """Fail before compiling, with the numbers: batch vs data x fsdp x microbatches, heads vs model."""
+  """Fail before compiling, with the numbers: batch vs data x fsdp x microbatches, heads vs model.
+  A user's mistake in the config (UserError: one line, and a workdir this run created goes)."""
+  from dro_jax.errors import UserError
   data, fsdp, model = mesh.shape["data"], mesh.shape["fsdp"], mesh.shape["model"]
   if num_microbatches < 1:
-    raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    raise UserError(f"num_microbatches must be >= 1, got {num_microbatches}")
   if batch_size % (data * fsdp * num_microbatches):
-    raise ValueError(
+    raise UserError(
         f"batch_size {batch_size} does not split over data x fsdp x num_microbatches = "
         f"{data} x {fsdp} x {num_microbatches} = {data * fsdp * num_microbatches}")
   if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} does not split over {process_count} processes")
+    raise UserError(f"batch_size {batch_size} does not split over {process_count} processes")
   if num_heads % model:
-    raise ValueError(f"num_heads {num_heads} does not split over the mesh's model axis {model}")
+    raise UserError(f"num_heads {num_heads} does not split over the mesh's model axis {model}")
 
 
 def _names(path: tuple[Any, ...]) -> tuple[str, ...] | None:

@@ -255,3 +255,22 @@ def test_an_online_refusal_after_the_workdir_is_claimed_leaves_no_workdir(
   assert len(lines) == 1 and "own_judges_29.not_a_judge() returned int" in lines[0], output
   assert "Traceback" not in output
   assert not workdir.exists()
+
+
+def test_a_batch_the_mesh_cannot_split_is_one_line_and_leaves_no_workdir(tmp_path, demo_cache):
+  """The mesh's checks run once the run has claimed its workdir (config.json written): refused
+  there, the workdir goes with the refusal."""
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "dro_jax.main", f"--config={ROOT}/configs/sft.py:size=tiny",
+       f"--workdir={workdir}", "--config.batch_size=8", "--config.num_microbatches=3",
+       "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1"],
+      env=cli_env(tmp_path, demo_cache, "entry_points_cache"), capture_output=True, text=True,
+      timeout=600)
+  output = result.stdout + result.stderr
+  assert result.returncode == errors.EXIT_CODE, output[-3000:]
+  lines = [line for line in output.splitlines() if line.startswith("error: ")]
+  assert lines == ["error: batch_size 8 does not split over data x fsdp x num_microbatches = "
+                   "1 x 1 x 3 = 3"], output[-3000:]
+  assert "Traceback" not in output
+  assert not workdir.exists()
