@@ -15,12 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import jax
 import numpy as np
-import torch
-
-from dro_jax import decoding
-from torch_t5 import same_weight_models
 
 EOS = 1
 
@@ -64,6 +59,11 @@ def main() -> None:
   parser.add_argument("--top_p", type=float, default=1.0)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
+  import jax  # after the flags: --help answers before the heavy imports
+  import torch
+  from torch_t5 import same_weight_models
+
+  from dro_jax import decoding
 
   torch_model, torch_device, config, params = same_weight_models(args.size, args.dtype,
                                                                  args.vocab_size)

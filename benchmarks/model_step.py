@@ -14,13 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import jax
 import numpy as np
-import torch
-
-from dro_jax import scoring
-from dro_jax.models import t5 as t5_lib
-from torch_t5 import same_weight_models
 
 
 def time_steps(step, repeats: int) -> float:
@@ -41,6 +35,12 @@ def main() -> None:
   parser.add_argument("--target_length", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
+  import jax  # after the flags: --help answers before the heavy imports
+  import torch
+  from torch_t5 import same_weight_models
+
+  from dro_jax import scoring
+  from dro_jax.models import t5 as t5_lib
 
   torch_model, device, config, params = same_weight_models(args.size, args.dtype)
   torch_model.train()

@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import jax
 import numpy as np
-
-from dro_jax import configs, partitioning, scoring, step as step_lib, train
 
 
 def make_batch(batch: int, source: int, target: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -38,6 +35,9 @@ def make_batch(batch: int, source: int, target: int, seed: int = 0) -> dict[str,
 
 def setup(config, with_reference: bool, batch: dict[str, np.ndarray]):
   """(step(), the batch it runs on): a jitted train step over the current state."""
+  import jax
+
+  from dro_jax import partitioning, scoring, step as step_lib, train
   mesh = partitioning.mesh_from_config(config)
   rules = partitioning.rules_from_config(config)
   model_config = step_lib.t5_config(config)
@@ -66,6 +66,9 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--layers", type=int, default=None, help="layers per stack (default: tiny's)")
   args = parser.parse_args()
+  import jax  # after the flags: --help answers before the heavy imports
+
+  from dro_jax import configs
   config = configs.load("dro", "size=tiny")
   config.batch_size = args.batch
   if args.layers:

@@ -46,7 +46,9 @@ ENTRY_POINTS = ("dro_jax.main", "dro_jax.evaluate", "dro_jax.export", "dro_jax.s
                 "dro_jax.vocabulary", "dro_jax.inspect_checkpoint", "dro_jax.sizing",
                 "launch/gpu.py", "launch/tpu.py", "benchmarks/demo_seeds.py",
                 "benchmarks/gpu_suite.py", "benchmarks/judge_accuracy.py",
-                "benchmarks/sizing_table.py", "benchmarks/step_compare.py")
+                "benchmarks/sizing_table.py", "benchmarks/step_compare.py",
+                "benchmarks/model_step.py", "benchmarks/decode_throughput.py",
+                "benchmarks/reference_cache.py")
 
 
 def probe(target: str, *argv: str, env: dict | None = None, cwd=ROOT) -> dict:
