@@ -17,16 +17,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import ml_collections
 import numpy as np
-from jax.sharding import Mesh
 
-from dro_jax import configs, partitioning, step as step_lib, train
-from dro_jax.models import t5 as t5_lib
-from dro_jax.state import TrainState
+if TYPE_CHECKING:  # JAX and the engine once the flags are parsed (--help answers at once)
+  import ml_collections
+  from jax.sharding import Mesh
+
+  from dro_jax.models import t5 as t5_lib
+  from dro_jax.state import TrainState
 
 A_TOKEN, B_TOKEN = 3, 4  # the preference model's label tokens in the synthetic batch
 
@@ -90,6 +90,7 @@ def make_batch(vocab_size: int, batch: int, source: int, target: int,
 
 def row_config(name: str, args: argparse.Namespace) -> ml_collections.ConfigDict:
   """The row's recipe with the benchmark's batch, mesh and microbatches; no warm-up."""
+  from dro_jax import configs
   recipe, extra = ROWS[name]
   config = configs.load(recipe, ",".join(
       part for part in (f"size={args.size}", f"family={args.family}", extra) if part))
@@ -117,6 +118,7 @@ class Row:
 
 
 def plan(name: str, args: argparse.Namespace) -> Row:
+  from dro_jax import partitioning, step as step_lib, train
   config = row_config(name, args)
   model_config = step_lib.t5_config(config)
   mesh = partitioning.mesh_from_config(config)
@@ -135,6 +137,9 @@ def build(row: Row) -> TrainState:
   (about 2 s per row on a CPU, as long as the step), while op-by-op runs share the compiled ops
   across rows. On a mesh `train.build_state` places every leaf straight into its shards.
   """
+  import jax
+
+  from dro_jax import partitioning, train
   if row.mesh.size > 1:
     return train.build_state(row.config, row.model_config, row.mesh, row.rules, row.abstract,
                              row.shardings)
@@ -146,6 +151,9 @@ def build(row: Row) -> TrainState:
 
 def measure(row: Row, state: TrainState, args: argparse.Namespace) -> dict[str, Any]:
   """Compile seconds (tracing included), median step milliseconds and the last loss of a row."""
+  import jax
+
+  from dro_jax import partitioning, train
   host_batch = make_batch(row.model_config.vocab_size, args.batch, args.source_length,
                           args.target_length)
   train_step, layout = train.compile_step(row.config, row.mesh, row.rules, row.shardings,
@@ -170,6 +178,7 @@ def measure(row: Row, state: TrainState, args: argparse.Namespace) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
   args = parse_args(argv)
+  import jax
   names = [name for name in args.losses.split(",") if name]
   unknown = [name for name in names if name not in ROWS]
   if unknown:

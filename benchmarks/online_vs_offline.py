@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dro_jax import configs, files, online  # noqa: E402
+from dro_jax import files  # noqa: E402  (configs and the online loop once the flags are parsed)
 
 ORACLES = ("demo", "noisy:0.2:demo")
 VARIANTS = {
@@ -43,6 +43,7 @@ VARIANTS = {
 
 def run_config(seed: int, oracle: str, variant: str, cache_dir: str, sft: str, quick: bool,
                offline_pairs: int | None):
+  from dro_jax import configs
   config = configs.load("online", f"size=tiny,seed={seed},oracle={oracle},{VARIANTS[variant]}")
   config.data.cache_dir = cache_dir
   config.init_checkpoint = sft
@@ -59,10 +60,12 @@ def run_config(seed: int, oracle: str, variant: str, cache_dir: str, sft: str, q
 
 
 def sft_for(seed: int, output: str, cache_dir: str, quick: bool) -> str:
+  from dro_jax import configs
   config = configs.load("online", f"size=tiny,seed={seed}")
   config.data.cache_dir = cache_dir
   if quick:
     config.online.sft_steps = 300
+  from dro_jax import online
   return online.train_sft(config, os.path.join(output, f"seed_{seed}"))
 
 
@@ -121,6 +124,7 @@ def main(argv=None) -> None:
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--quick", action="store_true", help="shorter runs (a smoke test)")
   args = parser.parse_args(argv)
+  from dro_jax import online
   cache_dir = os.path.join(args.output, "data_cache")
   results_path = os.path.join(args.output, "results.json")
   results = files.read_json(results_path) or {}

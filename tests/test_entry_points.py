@@ -48,7 +48,8 @@ ENTRY_POINTS = ("dro_jax.main", "dro_jax.evaluate", "dro_jax.export", "dro_jax.s
                 "benchmarks/gpu_suite.py", "benchmarks/judge_accuracy.py",
                 "benchmarks/sizing_table.py", "benchmarks/step_compare.py",
                 "benchmarks/model_step.py", "benchmarks/decode_throughput.py",
-                "benchmarks/reference_cache.py")
+                "benchmarks/reference_cache.py", "benchmarks/loss_steps.py",
+                "benchmarks/online_vs_offline.py")
 
 
 def probe(target: str, *argv: str, env: dict | None = None, cwd=ROOT) -> dict:
