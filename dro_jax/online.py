@@ -162,7 +162,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   max_kl = settings.get("max_kl", DEFAULT_MAX_KL)
   if max_kl is not None and not float(max_kl) > 0:
     raise errors.UserError(f"config.online.max_kl={max_kl}: give a KL in nats per answer above 0 "
-                           f"(or None: no warning)")
+                           f"(a large one, e.g. 1e9, never warns)")
 
 
 def init_vocabulary(path: str) -> str | None:
