@@ -26,7 +26,7 @@ OBJECTS = ["the salt", "the door", "the window", "my bag", "the report", "the la
            "the map", "the keys", "this letter"]
 LENGTHS = {"max_input_length": 24, "max_target_length": 16}  # the demo's: 16 / 12
 
-SFT = "python -m dro_jax.main --config configs/sft.py:size=tiny,steps=300,batch=32 --workdir /tmp/polite_sft"
+SFT = "python -m dro_jax.main --config configs/sft.py:size=tiny,steps=300,batch=32"
 ONLINE = "python -m dro_jax.main --config configs/online.py:size=tiny,init=/tmp/polite_sft"
 ONLINE_T5 = "python -m dro_jax.main --config configs/online.py:size=tiny,init=/tmp/my_t5"
 

@@ -92,7 +92,7 @@ RUN_BY = {
         "tests/test_own_data.py",
     "python -m dro_jax.main --config configs/kto.py:size=tiny,init=/tmp/own_sft":
         "tests/test_own_data.py",
-    "python -m dro_jax.main --config configs/sft.py:size=tiny,steps=300,batch=32 --workdir /tmp/polite_sft":
+    "python -m dro_jax.main --config configs/sft.py:size=tiny,steps=300,batch=32":
         "tests/test_online_own_task.py",
     "python -m dro_jax.main --config configs/online.py:size=tiny,init=/tmp/polite_sft":
         "tests/test_online_own_task.py",
