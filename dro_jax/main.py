@@ -184,6 +184,10 @@ def preflight(config, workdir: str | None = None) -> None:
     initialization.init_checkpoint_kind(config.init_checkpoint)
     initialization.resolve_init_dims(config)
   datasets.check_files(config)
+  evaluation = config.get("evaluation")
+  if evaluation is not None and evaluation.get("judge"):  # the periodic judge, named by its key
+    from dro_jax import judge_specs
+    judge_specs.check(evaluation.judge, "config.evaluation.judge")
 
 
 def random_init_warning(config) -> str | None:

@@ -277,3 +277,19 @@ def test_a_batch_the_mesh_cannot_split_is_one_line_and_leaves_no_workdir(tmp_pat
                    "1 x 1 x 3 = 3"], output[-3000:]
   assert "Traceback" not in output
   assert not workdir.exists()
+
+
+def test_a_periodic_judge_naming_nothing_is_refused_before_the_workdir(tmp_path, demo_cache):
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "dro_jax.main", f"--config={ROOT}/configs/dpo.py:size=tiny",
+       f"--workdir={workdir}", "--config.evaluation.judge=reward_model:/nonexistent_rm_29"],
+      env=cli_env(tmp_path, demo_cache, "entry_points_cache"), capture_output=True, text=True,
+      timeout=600)
+  output = result.stdout + result.stderr
+  assert result.returncode == errors.EXIT_CODE, output[-3000:]
+  lines = [line for line in output.splitlines() if line.startswith("error: ")]
+  assert lines == ["error: config.evaluation.judge reward_model:/nonexistent_rm_29: "
+                   "/nonexistent_rm_29 does not exist; give the workdir of a "
+                   "configs/reward_model.py run (or one step folder of it)"], output[-3000:]
+  assert not workdir.exists()
