@@ -281,3 +281,30 @@ def test_the_vocabulary_comes_from_the_sft_or_is_asked_for(tmp_path):
   config.data.vocabulary = "mine.model"  # given: kept
   online.resolve_vocabulary(config)
   assert config.data.vocabulary == "mine.model"
+
+
+def test_the_tiny_learning_rate_follows_the_task_however_init_is_given(tmp_path):
+  """size=tiny's rate is the own-task one (1e-4) whether the SFT is given as init= or as
+  --config.init_checkpoint, the demo's (1e-3) on the demo, and a rate the user set stays."""
+  (tmp_path / "prompts.txt").write_text("say politely: pass the salt\n")
+  prompts = str(tmp_path / "prompts.txt")
+  by_arg = own_config(tmp_path, **{"online.prompts_file": prompts,
+                                   "online.eval_prompts_file": prompts})
+  by_key = configs.load("online", "size=tiny")
+  assert by_key.optimizer.learning_rate == online.TINY_LEARNING_RATES["demo"]
+  for key, value in by_arg.items():  # the same run, its init given as a config key
+    if key not in ("optimizer",):
+      by_key[key] = value
+  for config in (by_arg, by_key):
+    config.data.vocabulary = str(tmp_path / "spiece.model")
+    online.validate(config)
+    assert config.optimizer.learning_rate == online.TINY_LEARNING_RATES["own task"]
+  demo = configs.load("online", "size=tiny")
+  online.validate(demo)
+  assert demo.optimizer.learning_rate == online.TINY_LEARNING_RATES["demo"]
+  chosen = configs.load("online", "size=tiny,lr=0.003")
+  chosen.init_checkpoint, chosen.data.demo = str(tmp_path / "sft"), False
+  chosen.online.prompts_file = chosen.online.eval_prompts_file = prompts
+  chosen.data.vocabulary = str(tmp_path / "spiece.model")
+  online.validate(chosen)
+  assert chosen.optimizer.learning_rate == 0.003
