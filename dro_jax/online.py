@@ -207,6 +207,25 @@ def resolve_vocabulary(config: ml_collections.ConfigDict) -> None:
   data.vocabulary = found
 
 
+def check_fit_labels(config: ml_collections.ConfigDict) -> None:
+  """With `online.preference_model='fit'`, the refit preference model's two label ids must exist
+  in the run's vocabulary: refused here, before anything is written, rather than when the first
+  refit starts (dro_jax.vocabulary.preference_labels)."""
+  if config.online.preference_model != "fit" or datasets.is_demo(config):
+    return
+  path = config.data.get("vocabulary")
+  if not path:
+    raise errors.UserError("online.preference_model='fit' needs a sentencepiece file "
+                           "(config.data.vocabulary) for the preference model's labels")
+  import seqio
+  from dro_jax import vocabulary as vocabulary_lib
+  preference = config.preference
+  vocabulary_lib.preference_labels(
+      seqio.SentencePieceVocabulary(path), a_token=preference.a_token,
+      b_token=preference.b_token, a_piece=preference.get("a_piece"),
+      b_piece=preference.get("b_piece"), name=f"the vocabulary {path}")
+
+
 def internal_config(config: ml_collections.ConfigDict, sft: str) -> ml_collections.ConfigDict:
   """The run's config with what the loop derives: the start policy, the schedule's length."""
   inner = copy.deepcopy(config)
@@ -943,6 +962,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the online loop in `workdir`; returns its per-iteration results."""
   validate(config)
   resolve_vocabulary(config)
+  check_fit_labels(config)
   train.claim_workdir(config, workdir)
   try:
     online_run = OnlineRun(config, workdir)

@@ -308,3 +308,23 @@ def test_the_tiny_learning_rate_follows_the_task_however_init_is_given(tmp_path)
   chosen.data.vocabulary = str(tmp_path / "spiece.model")
   online.validate(chosen)
   assert chosen.optimizer.learning_rate == 0.003
+
+
+def test_a_refit_preference_model_without_labels_is_refused_before_writing(tmp_path):
+  """preference_model=fit on a vocabulary with no two label pieces is refused before the run
+  writes anything, not when the first refit starts an iteration later."""
+  from dro_jax import vocabulary
+  lines = [f"please {verb} {thing}" for verb in VERBS for thing in OBJECTS]
+  path = str(tmp_path / "plain.model")
+  vocabulary.train_sentencepiece(lines, path, vocab_size=60, model_type="unigram")
+  (tmp_path / "prompts.txt").write_text("say politely: pass the salt\n")
+  prompts = str(tmp_path / "prompts.txt")
+  config = own_config(tmp_path, **{"online.prompts_file": prompts,
+                                   "online.eval_prompts_file": prompts,
+                                   "online.preference_model": "fit"})
+  config.data.vocabulary = path
+  with pytest.raises(errors.UserError, match=r"no two preference labels"):
+    online.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  config.online.preference_model = "oracle"  # the same run ranking with the oracle: no labels
+  online.check_fit_labels(config)
