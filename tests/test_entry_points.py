@@ -293,3 +293,42 @@ def test_a_periodic_judge_naming_nothing_is_refused_before_the_workdir(tmp_path,
                    "/nonexistent_rm_29 does not exist; give the workdir of a "
                    "configs/reward_model.py run (or one step folder of it)"], output[-3000:]
   assert not workdir.exists()
+
+
+# ------------------------------------------------------------------- loading an export with HF
+
+
+def test_an_untied_export_loads_in_transformers_without_the_tied_weights_notice(tmp_path, caplog):
+  """transformers 5 forces tie_word_embeddings in every T5Config and warns, for an untied T5,
+  that lm_head.weight and shared.weight differ; `export.load_transformers` loads such a folder
+  without that notice, both kept apart, with the same logits as a plain from_pretrained."""
+  import logging
+
+  import jax
+  import numpy as np
+  import torch
+  import transformers
+
+  from dro_jax import export
+  from dro_jax.models import t5 as t5_lib
+  config = t5_lib.get_config("t5_1_1_tiny", vocab_size=96)
+  params = jax.jit(t5_lib.init_params, static_argnums=0)(config, jax.random.key(0))
+  export.save_hf_t5(params, config, str(tmp_path))
+  assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+  notice = "both are present in the checkpoints with different values"
+  with caplog.at_level(logging.WARNING):
+    transformers.logging.enable_propagation()
+    try:
+      plain = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path))
+      assert notice in caplog.text  # transformers' own behaviour, which the loader answers
+      caplog.clear()
+      model = export.load_transformers(str(tmp_path))
+    finally:
+      transformers.logging.disable_propagation()
+  assert notice not in caplog.text
+  assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+  ids = torch.tensor([[5, 6, 7, 1]])
+  with torch.no_grad():
+    np.testing.assert_array_equal(
+        model(input_ids=ids, decoder_input_ids=ids).logits.numpy(),
+        plain(input_ids=ids, decoder_input_ids=ids).logits.numpy())
