@@ -99,19 +99,19 @@ def test_the_training_loop_writes_its_progress_file_when_asked(tmp_path, demo_ca
 @pytest.mark.slow
 def test_the_demo_shows_a_live_line_per_stage_trained_in_workers(tmp_path, demo_cache, capsys,
                                                                   monkeypatch):
-  """A miniature demo (30 SFT steps, 64 per method), workers=2, the console not a terminal: while
+  """A miniature demo (30 SFT steps, 32 per method), workers=2, the console not a terminal: while
   the workers train, the main process prints each stage's step, steps/s and time left."""
   from dro_jax import demo
   monkeypatch.setattr(demo, "PROGRESS_EVERY_S", 0.5)
   config = configs.load("demo", "scale=0.02,methods=dro+kto,workers=2")
   config.data.cache_dir = demo_cache
-  config.demo.align_steps, config.demo.eval_prompts, config.demo.evaluations = 64, 24, 1
+  config.demo.align_steps, config.demo.eval_prompts, config.demo.evaluations = 32, 24, 1
   demo.run(config, str(tmp_path / "demo"))
   out = capsys.readouterr().out
   for label in ("DRO-V", "KTO"):
-    lines = re.findall(rf"^  \[demo\] {label}: +step (\d+)/64(.*)$", out, re.MULTILINE)
+    lines = re.findall(rf"^  \[demo\] {label}: +step (\d+)/32(.*)$", out, re.MULTILINE)
     assert lines, out[-3000:]
-    running = [rest for step, rest in lines if int(step) < 64]
+    running = [rest for step, rest in lines if int(step) < 32]
     assert all(re.fullmatch(r", \d+\.\d\d steps/s, .+ left", rest) for rest in running), lines
     assert len(lines) >= 2, lines  # more than one line while it trained
   assert "\x1b" not in out
