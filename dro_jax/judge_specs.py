@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 
 from dro_jax import errors
@@ -39,6 +38,22 @@ def _learned_workdir(path: str) -> str | None:
     return path
   return None
 
+
+
+NOISY_FORM = "expected noisy:P:SPEC with P in [0, 1], e.g. noisy:0.2:demo"
+
+
+def noisy_parts(rest: str) -> tuple[float, str] | None:
+  """`P:SPEC` of a `noisy:P:SPEC` spec as (P, SPEC); None when P is not in [0, 1] or SPEC is
+  missing."""
+  probability, _, inner = rest.partition(":")
+  try:
+    flip = float(probability)
+  except ValueError:
+    return None
+  if not inner or not 0.0 <= flip <= 1.0:
+    return None
+  return flip, inner
 
 def check(spec: str, flag: str = "--judge") -> None:
   """Raises UserError naming `flag` when `spec` cannot name a judge (see the module docstring)."""
@@ -68,15 +83,10 @@ def check(spec: str, flag: str = "--judge") -> None:
                              f"train it with configs/{head}.py")
     return
   if head == "noisy" and rest:
-    probability, _, inner = rest.partition(":")
-    try:
-      flip = float(probability)
-    except ValueError:
-      flip = math.nan
-    if not inner or not 0.0 <= flip <= 1.0:
-      raise errors.UserError(f"{flag} {spec}: expected noisy:P:SPEC with P in [0, 1], e.g. "
-                             f"noisy:0.2:demo")
-    check(inner, f"{flag} {spec}:")  # the inner spec's problem, named inside the whole
+    parsed = noisy_parts(rest)
+    if parsed is None:
+      raise errors.UserError(f"{flag} {spec}: {NOISY_FORM}")
+    check(parsed[1], f"{flag} {spec}:")  # the inner spec's problem, named inside the whole
     return
   from dro_jax import judges
   if spec in judges.JUDGES:

@@ -29,7 +29,6 @@ import abc
 import functools
 import hashlib
 import importlib
-import math
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -361,14 +360,11 @@ def judge_from_spec(spec: str) -> Judge:
   if head == "preference_model" and rest:
     return PreferenceModelJudge(rest)
   if head == "noisy" and rest:
-    probability, _, inner = rest.partition(":")
-    try:
-      flip = float(probability)
-    except ValueError:
-      flip = math.nan
-    if not inner or not 0.0 <= flip <= 1.0:
-      raise ValueError(f"judge spec {spec!r}: expected noisy:P:SPEC with P in [0, 1], e.g. "
-                       f"noisy:0.2:demo")
+    from dro_jax import judge_specs
+    parsed = judge_specs.noisy_parts(rest)
+    if parsed is None:
+      raise ValueError(f"judge spec {spec!r}: {judge_specs.NOISY_FORM}")
+    flip, inner = parsed
     return NoisyJudge(judge_from_spec(inner), flip, spec=spec)
   if spec in JUDGES:
     return JUDGES[spec]()
