@@ -71,6 +71,19 @@ def demo_sft(tmp_path_factory, demo_cache):
   return workdir / "sft"
 
 
+@pytest.fixture(scope="session")
+def one_step_sft(tmp_path_factory, demo_cache):
+  """A tiny SFT workdir (one layer per stack, one step) on the demo data, for the tests that need
+  some trained policy on disk: sampling, refusals after the workdir is claimed."""
+  from dro_jax import configs, train
+  from run_helpers import shrink
+  workdir = tmp_path_factory.mktemp("one_step_sft")
+  config = shrink(configs.load("sft", "size=tiny"), demo_cache, steps=1)
+  config.eval_every = 0
+  train.run(config, str(workdir))
+  return workdir
+
+
 @pytest.fixture(params=["memory", "tf.data"])
 def order(request, monkeypatch):
   """Both ways the input pipeline makes an epoch: kept arrays permuted in numpy, or tf.data."""

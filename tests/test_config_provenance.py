@@ -212,8 +212,8 @@ def test_config_errors_from_a_folder_that_holds_a_dro_jax_folder(tmp_path):
   (here / "dro_jax" / "dro_jax").mkdir(parents=True)
   (here / "dro_jax" / "configs").mkdir()
   shutil.copy(ROOT / "configs" / "sft.py", here / "dro_jax" / "configs" / "sft.py")
-  if not _installed_outside_the_path(here):
-    pytest.skip("dro_jax is not installed (pip install -e .): the shadowing needs the install")
+  # The shadowing needs the package installed (pip install -e ., as the README and CI do).
+  assert _installed_outside_the_path(here), "dro_jax is not installed: pip install -e ."
   command = [sys.executable, "-m", "dro_jax.main"]
   result = subprocess.run(command + ["--config", "configs/nope.py"], env=_env(tmp_path, False),
                           cwd=here, capture_output=True, text=True, timeout=120)

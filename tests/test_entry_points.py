@@ -14,7 +14,7 @@ import pytest
 from dro_jax import configs, errors, evaluate, judge_specs
 from dro_jax import main as main_lib
 
-from run_helpers import cli_env, shrink
+from run_helpers import cli_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEAVY = ("jax", "jaxlib", "tensorflow", "torch", "transformers", "seqio", "flax", "orbax")
@@ -233,25 +233,15 @@ def test_the_online_runner_refuses_an_oracle_in_one_line(oracle, message, tmp_pa
   assert not workdir.exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_sft(tmp_path_factory, demo_cache):
-  from dro_jax import train
-  workdir = tmp_path_factory.mktemp("entry_points_sft")
-  config = shrink(configs.load("sft", "size=tiny"), demo_cache, steps=1)
-  config.eval_every = 0
-  train.run(config, str(workdir))
-  return workdir
-
-
 @pytest.mark.slow
 def test_an_online_refusal_after_the_workdir_is_claimed_leaves_no_workdir(
-    tmp_path, demo_cache, tiny_sft):
+    tmp_path, demo_cache, one_step_sft):
   """The evaluation judge is built once the run has claimed its workdir (config.json written):
   a factory that returns no judge is refused there, and the workdir goes with the refusal."""
   (tmp_path / "own_judges_29.py").write_text("def not_a_judge():\n  return 42\n")
   workdir = tmp_path / "online"
   result, output = online_cli(
-      tmp_path, demo_cache, workdir, f"--config.init_checkpoint={tiny_sft}",
+      tmp_path, demo_cache, workdir, f"--config.init_checkpoint={one_step_sft}",
       "--config.evaluation.judge=own_judges_29:not_a_judge")
   assert result.returncode == errors.EXIT_CODE, output[-3000:]
   lines = [line for line in output.splitlines() if line.startswith("error: ")]
@@ -260,19 +250,27 @@ def test_an_online_refusal_after_the_workdir_is_claimed_leaves_no_workdir(
   assert not workdir.exists()
 
 
-def test_a_batch_the_mesh_cannot_split_is_one_line_and_leaves_no_workdir(tmp_path, demo_cache):
-  """The mesh's checks run once the run has claimed its workdir (config.json written): refused
-  there, the workdir goes with the refusal."""
-  workdir = tmp_path / "run"
+def refused_driver(tmp_path, demo_cache, workdir, recipe, *flags):
+  """The driver on `configs/RECIPE.py:size=tiny` with `flags`, which must refuse it (exit 2):
+  its `error: ` lines and its whole output."""
   result = subprocess.run(
-      [sys.executable, "-m", "dro_jax.main", f"--config={ROOT}/configs/sft.py:size=tiny",
-       f"--workdir={workdir}", "--config.batch_size=8", "--config.num_microbatches=3",
-       "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1"],
+      [sys.executable, "-m", "dro_jax.main", f"--config={ROOT}/configs/{recipe}.py:size=tiny",
+       f"--workdir={workdir}", *flags],
       env=cli_env(tmp_path, demo_cache, "entry_points_cache"), capture_output=True, text=True,
       timeout=600)
   output = result.stdout + result.stderr
   assert result.returncode == errors.EXIT_CODE, output[-3000:]
-  lines = [line for line in output.splitlines() if line.startswith("error: ")]
+  return [line for line in output.splitlines() if line.startswith("error: ")], output
+
+
+def test_a_batch_the_mesh_cannot_split_is_one_line_and_leaves_no_workdir(tmp_path, demo_cache):
+  """The mesh's checks run once the run has claimed its workdir (config.json written): refused
+  there, the workdir goes with the refusal."""
+  workdir = tmp_path / "run"
+  lines, output = refused_driver(tmp_path, demo_cache, workdir, "sft", "--config.batch_size=8",
+                                 "--config.num_microbatches=3",
+                                 "--config.model.num_encoder_layers=1",
+                                 "--config.model.num_decoder_layers=1")
   assert lines == ["error: batch_size 8 does not split over data x fsdp x num_microbatches = "
                    "1 x 1 x 3 = 3"], output[-3000:]
   assert "Traceback" not in output
@@ -281,14 +279,8 @@ def test_a_batch_the_mesh_cannot_split_is_one_line_and_leaves_no_workdir(tmp_pat
 
 def test_a_periodic_judge_naming_nothing_is_refused_before_the_workdir(tmp_path, demo_cache):
   workdir = tmp_path / "run"
-  result = subprocess.run(
-      [sys.executable, "-m", "dro_jax.main", f"--config={ROOT}/configs/dpo.py:size=tiny",
-       f"--workdir={workdir}", "--config.evaluation.judge=reward_model:/nonexistent_rm_29"],
-      env=cli_env(tmp_path, demo_cache, "entry_points_cache"), capture_output=True, text=True,
-      timeout=600)
-  output = result.stdout + result.stderr
-  assert result.returncode == errors.EXIT_CODE, output[-3000:]
-  lines = [line for line in output.splitlines() if line.startswith("error: ")]
+  lines, output = refused_driver(tmp_path, demo_cache, workdir, "dpo",
+                                 "--config.evaluation.judge=reward_model:/nonexistent_rm_29")
   assert lines == ["error: config.evaluation.judge reward_model:/nonexistent_rm_29: "
                    "/nonexistent_rm_29 does not exist; give the workdir of a "
                    "configs/reward_model.py run (or one step folder of it)"], output[-3000:]

@@ -18,7 +18,7 @@ import pytest
 from dro_jax import configs, console, errors
 from dro_jax import main as main_lib
 
-from run_helpers import cli_env, shrink, write_jsonl
+from run_helpers import cli_env, write_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAX_LINES = 8
@@ -210,23 +210,13 @@ def test_print_config_lists_every_key_without_a_workdir(tmp_path, demo_cache):
   assert printed["init_checkpoint"] == "None"
 
 
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory, demo_cache):
-  from dro_jax import train
-  workdir = tmp_path_factory.mktemp("tiny_sft")
-  config = shrink(configs.load("sft", "size=tiny"), demo_cache, steps=1)
-  config.eval_every = 0
-  train.run(config, str(workdir))
-  return workdir
-
-
 @pytest.mark.slow
-def test_sample_writes_responses_as_jsonl(tmp_path, demo_cache, tiny_policy):
+def test_sample_writes_responses_as_jsonl(tmp_path, demo_cache, one_step_sft):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("what is two plus two\n\nname a colour\n")
   out = tmp_path / "out" / "responses.jsonl"
   result = subprocess.run(
-      [sys.executable, "-m", "dro_jax.sample", f"--policy={tiny_policy}",
+      [sys.executable, "-m", "dro_jax.sample", f"--policy={one_step_sft}",
        f"--prompts={prompts}", f"--out={out}", "--num_samples=2", "--max_decode_length=4",
        "--temperature=0.7", "--seed=3"],
       env=cli_env(tmp_path, demo_cache, "user_errors_cache"), capture_output=True, text=True,
@@ -243,7 +233,7 @@ def test_sample_writes_responses_as_jsonl(tmp_path, demo_cache, tiny_policy):
   from dro_jax import sample
   jsonl = write_jsonl(tmp_path / "prompts.jsonl",
                       [{"prompt": "what is two plus two"}, {"prompt": "name a colour"}])
-  again = sample.main([f"--policy={tiny_policy}", f"--prompts={jsonl}",
+  again = sample.main([f"--policy={one_step_sft}", f"--prompts={jsonl}",
                        f"--out={tmp_path / 'again.jsonl'}", "--num_samples=2",
                        "--max_decode_length=4", "--temperature=0.7", "--seed=3"])
   assert [row["response"] for row in again] == [row["response"] for row in rows]
