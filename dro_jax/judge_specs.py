@@ -39,22 +39,6 @@ def _learned_workdir(path: str) -> str | None:
   return None
 
 
-
-NOISY_FORM = "expected noisy:P:SPEC with P in [0, 1], e.g. noisy:0.2:demo"
-
-
-def noisy_parts(rest: str) -> tuple[float, str] | None:
-  """`P:SPEC` of a `noisy:P:SPEC` spec as (P, SPEC); None when P is not in [0, 1] or SPEC is
-  missing."""
-  probability, _, inner = rest.partition(":")
-  try:
-    flip = float(probability)
-  except ValueError:
-    return None
-  if not inner or not 0.0 <= flip <= 1.0:
-    return None
-  return flip, inner
-
 def check(spec: str, flag: str = "--judge") -> None:
   """Raises UserError naming `flag` when `spec` cannot name a judge (see the module docstring)."""
   if not isinstance(spec, str) or not spec.strip():
@@ -83,9 +67,10 @@ def check(spec: str, flag: str = "--judge") -> None:
                              f"train it with configs/{head}.py")
     return
   if head == "noisy" and rest:
-    parsed = noisy_parts(rest)
+    from dro_jax import judges
+    parsed = judges.noisy_parts(rest)
     if parsed is None:
-      raise errors.UserError(f"{flag} {spec}: {NOISY_FORM}")
+      raise errors.UserError(f"{flag} {spec}: {judges.NOISY_FORM}")
     check(parsed[1], f"{flag} {spec}:")  # the inner spec's problem, named inside the whole
     return
   from dro_jax import judges

@@ -349,6 +349,22 @@ def register_judge(name: str, factory: Callable[[], Judge], *, overwrite: bool =
   JUDGES[name] = factory
 
 
+NOISY_FORM = "expected noisy:P:SPEC with P in [0, 1], e.g. noisy:0.2:demo"
+
+
+def noisy_parts(rest: str) -> tuple[float, str] | None:
+  """`P:SPEC` of a `noisy:P:SPEC` spec as (P, SPEC); None when P is not in [0, 1] or SPEC is
+  missing."""
+  probability, _, inner = rest.partition(":")
+  try:
+    flip = float(probability)
+  except ValueError:
+    return None
+  if not inner or not 0.0 <= flip <= 1.0:
+    return None
+  return flip, inner
+
+
 def judge_from_spec(spec: str) -> Judge:
   """The judge a spec string names (the module docstring lists the forms)."""
   if not isinstance(spec, str) or not spec.strip():
@@ -360,10 +376,9 @@ def judge_from_spec(spec: str) -> Judge:
   if head == "preference_model" and rest:
     return PreferenceModelJudge(rest)
   if head == "noisy" and rest:
-    from dro_jax import judge_specs
-    parsed = judge_specs.noisy_parts(rest)
+    parsed = noisy_parts(rest)
     if parsed is None:
-      raise ValueError(f"judge spec {spec!r}: {judge_specs.NOISY_FORM}")
+      raise ValueError(f"judge spec {spec!r}: {NOISY_FORM}")
     flip, inner = parsed
     return NoisyJudge(judge_from_spec(inner), flip, spec=spec)
   if spec in JUDGES:
