@@ -390,7 +390,7 @@ def evaluate_policies(policy: Policy, baseline: Policy, vocabulary: decoding.Voc
                       mesh: Mesh | None = None, level: float = 0.95, folds: int = 5,
                       resamples: int = 4000, return_samples: bool = False,
                       baseline_samples: Samples | None = None,
-                      debias: bool = True) -> dict[str, Any]:
+                      debias: bool = True, per_prompt: bool = False) -> dict[str, Any]:
   """Policy against baseline on `prompts`; a flat dict of metrics (see the module docstring).
 
   Both sides share `vocabulary` (KL scores the policy's tokens under the baseline). Keys:
@@ -402,7 +402,9 @@ def evaluate_policies(policy: Policy, baseline: Policy, vocabulary: decoding.Voc
   `baseline_seed`, from an earlier call (`sample_baseline`), so repeated evaluations against the
   same baseline sample it once. `debias`: a judge that is not `symmetric` is asked in both orders
   (policy first, then baseline first) and the verdicts averaged; `debiased` and `judge_calls`
-  say what was done.
+  say what was done. `per_prompt`: also `prompt_scores` and `prompt_kl`, each prompt's mean
+  verdict and mean log-ratio over its samples (lists in prompt order), for paired comparisons
+  and bootstraps over prompts.
   """
   prompts = list(prompts)
   if not prompts:
@@ -450,6 +452,9 @@ def evaluate_policies(policy: Policy, baseline: Policy, vocabulary: decoding.Voc
   metrics["kl"] = float(logratios.mean())
   metrics["kl_stderr"] = (float(logratios.reshape(shape).mean(axis=1).std(ddof=1)
                                 / math.sqrt(len(prompts))) if len(prompts) > 1 else math.nan)
+  if per_prompt:
+    metrics["prompt_scores"] = preferences.reshape(shape).mean(axis=1).tolist()
+    metrics["prompt_kl"] = logratios.reshape(shape).mean(axis=1).tolist()
   for name, values in rewards.items():
     metrics[f"{name}_reward"] = float(values.mean())
   for name, samples in sides.items():
