@@ -2,8 +2,9 @@
 
 `check(spec, flag)` raises a one-line `UserError` naming the flag (or config key) for a spec that
 cannot work: an empty one, an unknown name, a `reward_model:DIR` / `preference_model:DIR` whose
-DIR is not a workdir of that recipe (or a step folder of one), `noisy:P:SPEC` with P outside
-[0, 1], a `module:factory` whose module does not import or has no such callable. Nothing is
+DIR is not a workdir of that recipe (or a step folder of one), `noisy:P:SPEC` or
+`noisy_persistent:P:SPEC` with P outside [0, 1] (or an inner SPEC that cannot work), a
+`module:factory` whose module does not import or has no such callable. Nothing is
 built: no network is restored and no factory is called (`judges.judge_from_spec` does that), so
 the command lines check their judge first and load their policies after.
 """
@@ -66,11 +67,11 @@ def check(spec: str, flag: str = "--judge") -> None:
       raise errors.UserError(f"{flag} {spec}: {workdir} is a {loss} workdir, not a {head} one; "
                              f"train it with configs/{head}.py")
     return
-  if head == "noisy" and rest:
+  if head in ("noisy", "noisy_persistent") and rest:
     from dro_jax import judges
     parsed = judges.noisy_parts(rest)
     if parsed is None:
-      raise errors.UserError(f"{flag} {spec}: {judges.NOISY_FORM}")
+      raise errors.UserError(f"{flag} {spec}: {judges.noisy_form(head)}")
     check(parsed[1], f"{flag} {spec}:")  # the inner spec's problem, named inside the whole
     return
   from dro_jax import judges

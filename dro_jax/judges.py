@@ -15,7 +15,10 @@ Judges are chosen everywhere by one spec string (`judge_from_spec`; the evaluate
     demo                      the demo task's programmatic judge (`DemoJudge`)
     reward_model:DIR          a `reward_model` workdir (or step folder): σ(r_a − r_b), and score
     preference_model:DIR      a `preference_model` workdir (or step folder): P(A ≻ B)
-    noisy:P:SPEC              SPEC's verdict flipped with probability P, the same rows every run
+    noisy:P:SPEC              SPEC's verdict flipped with probability P, a fresh draw per query:
+                              query i of the judge flipped iff a hash of (seed, i) < P
+    noisy_persistent:P:SPEC   SPEC's verdict flipped with probability P, the same flip for the
+                              same (prompt, unordered pair) every time it is asked
     NAME                      a judge added with `register_judge(NAME, factory)`
     module:factory            anything else: `module` imported from the Python path, `factory()`
 
@@ -153,33 +156,108 @@ def _unit_interval(seed: int, *parts: str) -> float:
   return int.from_bytes(digest[:8], "little") / 2.0 ** 64
 
 
-class NoisyJudge:
-  """`judge`'s verdict flipped (p -> 1 − p) with probability `flip`.
+_MASK64 = (1 << 64) - 1
 
-  Whether a comparison is flipped is a pure function of (seed, prompt, the unordered pair of
-  responses): a rerun, a resumed run or another batching flips the same rows, and (b, a) is
-  flipped exactly when (a, b) is, so the wrapped judge's symmetry is kept.
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+  """The splitmix64 finaliser over uint64 values (wrapping arithmetic): a bijective hash whose
+  outputs for consecutive inputs pass as independent uniform 64-bit words."""
+  z = values + np.uint64(0x9E3779B97F4A7C15)
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))
+
+
+def query_uniforms(key: int, start: int, count: int) -> np.ndarray:
+  """float64 [count] in [0, 1): the uniforms of queries start .. start+count−1 under `key`, a
+  hash of (key, query index) each: no state, so any query's draw can be recomputed alone."""
+  indices = np.arange(start, start + count, dtype=np.uint64)
+  words = _splitmix64(indices ^ np.uint64(int(key) & _MASK64))
+  return (words >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
+
+
+class NoisyJudge:
+  """`judge`'s verdict flipped (p -> 1 − p) with probability `flip`, a fresh draw per query
+  (`noisy:P:SPEC`).
+
+  Comparison number i this judge is asked (`queries` counts them: one row of one `prefer` call
+  is one query, in row order) is flipped iff u(seed, i) < P, u a hash of the seed and i
+  (`query_uniforms`; the key also holds the wrapped judge's spec, so nested noisy judges draw
+  apart). So the same pair asked twice is flipped independently, and a tournament and a labelling
+  by one oracle get independent noise; a fresh judge built with the same seed draws the same
+  flips for the same sequence of queries. (a, b) and (b, a) are two queries: a symmetric wrapped
+  judge (the demo judge, a reward model) is asked once per comparison and keeps `symmetric`
+  (swapping the sides changes no distribution); a judge that is not symmetric is asked both
+  orders by `compare`, and the two orders are flipped independently (one flip of a 0/1 verdict
+  averages to a tie, ½). Resuming a run that used the judge means restoring `queries` to the
+  queries it had made (the online loop reads them from its phases on disk).
   """
+
+  persistent = False
+  head = "noisy"
 
   def __init__(self, judge: Judge, flip: float, seed: int = 0, spec: str | None = None):
     if not 0.0 <= flip <= 1.0:
-      raise ValueError(f"noisy judge: the flip probability must be in [0, 1], got {flip}")
+      raise ValueError(f"{self.head} judge: the flip probability must be in [0, 1], got {flip}")
     self.judge, self.flip, self.seed = judge, float(flip), int(seed)
     self.symmetric = is_symmetric(judge)
-    self.spec = spec or f"noisy:{flip}:{getattr(judge, 'spec', None) or describe(judge)}"
+    inner = getattr(judge, "spec", None) or describe(judge)
+    self.spec = spec or f"{self.head}:{flip}:{inner}"
+    digest = hashlib.sha256(repr((self.seed, self.head, inner)).encode()).digest()
+    self.key = int.from_bytes(digest[:8], "little")
+    self._queries = 0
     if has_reward(judge):
       self.score = judge.score  # The clean reward: what the evaluation reports as reward.
 
+  @property
+  def queries(self) -> int:
+    """Comparisons asked so far (the next one's index). Setting it sets the wrapped judge's
+    counter too, when it has one (it is asked the same rows)."""
+    return self._queries
+
+  @queries.setter
+  def queries(self, value: int) -> None:
+    value = int(value)
+    if value < 0:
+      raise ValueError(f"{self.spec}: the query counter must be >= 0, got {value}")
+    self._queries = value
+    if hasattr(self.judge, "queries"):
+      self.judge.queries = value
+
   def flipped(self, prompts: Sequence[str], responses_a: Sequence[str],
-              responses_b: Sequence[str]) -> np.ndarray:
-    return np.asarray([_unit_interval(self.seed, p, *sorted((a, b))) < self.flip
-                       for p, a, b in zip(prompts, responses_a, responses_b)], bool)
+              responses_b: Sequence[str], start: int = 0) -> np.ndarray:
+    """Which rows are flipped, the first row being query number `start`."""
+    return query_uniforms(self.key, start, len(prompts)) < self.flip
 
   def prefer(self, prompts: Sequence[str], responses_a: Sequence[str],
              responses_b: Sequence[str]) -> np.ndarray:
+    start = self._queries
     values = _verdicts(self.judge, prompts, responses_a, responses_b)
-    flips = self.flipped(prompts, responses_a, responses_b)
+    flips = self.flipped(prompts, responses_a, responses_b, start)
+    self._queries = start + len(prompts)
     return np.where(flips, 1.0 - values, values)
+
+
+class PersistentNoisyJudge(NoisyJudge):
+  """`judge`'s verdict flipped with probability `flip`, the same flip for the same comparison
+  every time it is asked (`noisy_persistent:P:SPEC`): an annotator with fixed opinions.
+
+  Whether a comparison is flipped is a pure function of (seed, prompt, the unordered pair of
+  responses): a rerun, a resumed run or another batching flips the same rows, (b, a) is flipped
+  exactly when (a, b) is (so the wrapped judge's symmetry is kept), and asking again draws
+  nothing new. When one oracle both ranks candidates and labels the winners, the pairs that
+  survive a ranking are those whose flips did not hide them, so this noise depends on the
+  pairing; `noisy:P:SPEC` (`NoisyJudge`) does not. `queries` counts, as for `NoisyJudge`, but
+  draws nothing.
+  """
+
+  persistent = True
+  head = "noisy_persistent"
+
+  def flipped(self, prompts: Sequence[str], responses_a: Sequence[str],
+              responses_b: Sequence[str], start: int = 0) -> np.ndarray:
+    return np.asarray([_unit_interval(self.seed, p, *sorted((a, b))) < self.flip
+                       for p, a, b in zip(prompts, responses_a, responses_b)], bool)
 
 
 # --------------------------------------------------------------------------- learned judges
@@ -340,7 +418,10 @@ def _preference_function(model_config: Any, a_token: int, b_token: int) -> Calla
 # name -> a factory of the judge (called with no arguments).
 JUDGES: dict[str, Callable[[], Judge]] = {"demo": DemoJudge}
 SPEC_FORMS = ("demo", "reward_model:DIR", "preference_model:DIR", "noisy:P:SPEC",
-              "module:factory")
+              "noisy_persistent:P:SPEC", "module:factory")
+# the head of a noisy spec -> its judge: a fresh flip per query, or the same flip per pair
+NOISY_JUDGES: dict[str, type[NoisyJudge]] = {"noisy": NoisyJudge,
+                                             "noisy_persistent": PersistentNoisyJudge}
 
 
 def register_judge(name: str, factory: Callable[[], Judge], *, overwrite: bool = False) -> None:
@@ -349,12 +430,17 @@ def register_judge(name: str, factory: Callable[[], Judge], *, overwrite: bool =
   JUDGES[name] = factory
 
 
-NOISY_FORM = "expected noisy:P:SPEC with P in [0, 1], e.g. noisy:0.2:demo"
+def noisy_form(head: str = "noisy") -> str:
+  """What a `noisy:P:SPEC` (or `noisy_persistent:P:SPEC`) spec must look like, for messages."""
+  return f"expected {head}:P:SPEC with P in [0, 1], e.g. {head}:0.2:demo"
+
+
+NOISY_FORM = noisy_form("noisy")
 
 
 def noisy_parts(rest: str) -> tuple[float, str] | None:
-  """`P:SPEC` of a `noisy:P:SPEC` spec as (P, SPEC); None when P is not in [0, 1] or SPEC is
-  missing."""
+  """`P:SPEC` of a `noisy:P:SPEC` (or `noisy_persistent:P:SPEC`) spec as (P, SPEC); None when P
+  is not in [0, 1] or SPEC is missing."""
   probability, _, inner = rest.partition(":")
   try:
     flip = float(probability)
@@ -375,12 +461,12 @@ def judge_from_spec(spec: str) -> Judge:
     return RewardModelJudge(rest)
   if head == "preference_model" and rest:
     return PreferenceModelJudge(rest)
-  if head == "noisy" and rest:
+  if head in NOISY_JUDGES and rest:
     parsed = noisy_parts(rest)
     if parsed is None:
-      raise ValueError(f"judge spec {spec!r}: {NOISY_FORM}")
+      raise ValueError(f"judge spec {spec!r}: {noisy_form(head)}")
     flip, inner = parsed
-    return NoisyJudge(judge_from_spec(inner), flip, spec=spec)
+    return NOISY_JUDGES[head](judge_from_spec(inner), flip, spec=spec)
   if spec in JUDGES:
     return JUDGES[spec]()
   if rest:
