@@ -56,7 +56,11 @@ def get_config(arg=None):
       "preference_model": args.preference_model,
       "fit_steps": 300 if tiny else 1000,  # the refit's steps per iteration
       "fit_max_input_length": 64 if tiny else 1024,
-      "max_pairs": 0,  # at most this many labelled pairs per iteration (0: all)
+      # At most this many labelled pairs per iteration, counted after ties are dropped (0: all).
+      "max_pairs": 0,
+      # At most this many oracle calls per iteration for labelling (0: no cap); the pairs are
+      # asked in order until the next would pass it (an equal oracle budget across runs).
+      "max_oracle_calls": 0,
       "accumulate": True,  # train on every iteration's pairs so far (False: this one's)
       # sft: the SFT policy, fixed; previous: iterate k-1; ema: moved towards the policy as the
       # trust-region rule `reference.alpha` / `reference.sync_every` says.

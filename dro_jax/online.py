@@ -127,6 +127,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("iterations", "samples", "prompts", "steps"):
     if int(settings[key]) < 1:
       raise errors.UserError(f"config.online.{key}={settings[key]}: must be at least 1")
+  for key in ("max_pairs", "max_oracle_calls"):
+    if int(settings.get(key) or 0) < 0:
+      raise errors.UserError(f"config.online.{key}={settings[key]}: must be 0 (no cap) or more")
   if settings.samples < 2:
     raise errors.UserError(f"config.online.samples={settings.samples}: pairs need at least 2 answers")
   if settings.reference == "ema" and reference_lib.is_frozen(config.reference.alpha):
@@ -406,6 +409,33 @@ def label(pairs: list[dict[str, Any]], oracle: judges.Judge, config,
   return labelled, {"dropped_tie": ties}, calls
 
 
+def label_within(pairs: list[dict[str, Any]], oracle: judges.Judge, config, iteration: int, *,
+                 max_pairs: int = 0, max_calls: int = 0
+                 ) -> tuple[list[dict[str, Any]], dict[str, int], int]:
+  """`label` under the caps (`online.max_pairs`, `online.max_oracle_calls`; 0: none): the pairs
+  are asked in order, a batch at a time, until `max_pairs` labelled pairs are kept (ties, being
+  dropped, do not count: the next pairs are asked in their place), the next pair would take the
+  labelling calls past `max_calls`, or none is left. Counts: `dropped_tie`, and
+  `dropped_over_cap`, the pairs never shown to the oracle."""
+  per_pair = 1 if not config.evaluation.debias or judges.is_symmetric(oracle) else 2
+  labelled: list[dict[str, Any]] = []
+  ties = calls = asked = 0
+  while asked < len(pairs):
+    room = len(pairs) - asked
+    if max_pairs:
+      room = min(room, max_pairs - len(labelled))
+    if max_calls:
+      room = min(room, (max_calls - calls) // per_pair)
+    if room <= 0:
+      break
+    more, counted, spent = label(pairs[asked:asked + room], oracle, config, iteration)
+    labelled += more
+    ties += counted["dropped_tie"]
+    calls += spent
+    asked += room
+  return labelled, {"dropped_tie": ties, "dropped_over_cap": len(pairs) - asked}, calls
+
+
 # ------------------------------------------------------------------------------------ the run
 
 
@@ -511,16 +541,15 @@ class OnlineRun:
     best, worst, tournament_calls = rank(samples, ranker, self.config, k,
                                          worst=self.settings.pairing == "best_worst")
     pairs, counts = make_pairs(samples, best, worst, self.settings.pairing)
-    cap = int(self.settings.get("max_pairs", 0) or 0)
-    if cap and len(pairs) > cap:  # the first `cap` pairs: the oracle is asked no more
-      counts["dropped_over_max_pairs"] = len(pairs) - cap
-      pairs = pairs[:cap]
-    labelled, ties, labelling_calls = label(pairs, self.oracle, self.config, k)
+    labelled, ties, labelling_calls = label_within(
+        pairs, self.oracle, self.config, k, max_pairs=int(self.settings.get("max_pairs") or 0),
+        max_calls=int(self.settings.get("max_oracle_calls") or 0))
+    asked = len(pairs) - ties["dropped_over_cap"]
     seconds = time.perf_counter() - start
     write_jsonl(self.path(k, "pairs.jsonl"), labelled)
     record = {"pairs": len(labelled), "prompts": len(samples), **counts, **ties,
               "best": best, "worst": worst, "seconds": seconds,
-              "judged_pairs_per_second": len(pairs) / seconds if seconds > 0 else 0.0,
+              "judged_pairs_per_second": asked / seconds if seconds > 0 else 0.0,
               "judge_calls": {"tournament": tournament_calls, "labelling": labelling_calls},
               "ranker": ("random" if ranker is None else
                          self.settings.oracle if ranker is self.oracle else "fit")}
