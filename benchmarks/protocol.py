@@ -79,22 +79,28 @@ def prompt_sets(validation: int, test: int, seed: int = 0) -> dict[str, list[str
 
 
 def check_disjoint(sets: Mapping[str, Sequence[str]]) -> None:
-  """Raises ValueError naming the first prompt two sets share (or a set holding a prompt twice,
-  or a prompt of the wrong split)."""
+  """Raises ValueError naming the first prompt two sets share (or an evaluation set holding a
+  prompt twice, or a prompt of the wrong split). Training prompts may repeat."""
   names = list(sets)
-  for name in names:
-    if len(set(sets[name])) != len(sets[name]):
-      raise ValueError(f"protocol: the {name} prompts repeat a prompt")
-    wrong = [p for p in sets[name] if name in SPLITS and split(p) != name]
-    if wrong:
-      raise ValueError(f"protocol: {wrong[0]!r} is in the {name} prompts but belongs to "
-                       f"{split(wrong[0])}")
   for i, first in enumerate(names):
     for second in names[i + 1:]:
       shared = set(sets[first]) & set(sets[second])
       if shared:
         raise ValueError(f"protocol: the {first} and {second} prompts share "
                          f"{len(shared)} prompts, e.g. {sorted(shared)[0]!r}")
+  for name in names:
+    if name != "train" and len(set(sets[name])) != len(sets[name]):
+      raise ValueError(f"protocol: the {name} prompts repeat a prompt")
+    wrong = [p for p in sets[name] if name in SPLITS and split(p) != name]
+    if wrong:
+      raise ValueError(f"protocol: {wrong[0]!r} is in the {name} prompts but belongs to "
+                       f"{split(wrong[0])}")
+
+
+def digest(sets: Mapping[str, Sequence[str]]) -> str:
+  """A short sha256 of the prompt sets (a resumed run must use the same ones)."""
+  return hashlib.sha256(json.dumps({k: list(v) for k, v in sets.items()},
+                                   sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write_prompts(path: str, prompts: Sequence[str]) -> str:
