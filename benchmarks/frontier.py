@@ -1,34 +1,44 @@
-"""The reward-KL frontier on the demo task: each method swept over its regularisation, over seeds.
+"""The reward-KL frontier on the demo task: each method swept over its regularisation, over seeds,
+under the benchmarks' one protocol (benchmarks/protocol.py).
 
-  python benchmarks/frontier.py --output /tmp/frontier            # the full sweep (hours on a CPU)
-  python benchmarks/frontier.py --output /tmp/frontier --quick    # 2 values per method, 1 seed
-  python benchmarks/frontier.py --output /tmp/frontier --workers 2  # points trained 2 at a time
+  python benchmarks/frontier.py --output /tmp/frontier --workers 2   # the full sweep (about 3 h)
+  python benchmarks/frontier.py --output /tmp/frontier --quick       # 3 methods, 2 values, 1 seed
 
-The demo's SFT policy and its judged samples are made once in <output>/shared (the demo's own
-`sft` and `samples` stages) and shared by every point. Each point is one training run from SFT
-(the demo's alignment settings, `train.run`) in <output>/points/<method>/<value>/seed_<s>: a
-finished point is not trained again, so the script resumes. Swept, each over values spanning an
-order of magnitude either side of its default:
+The protocol. The demo's SFT policy (one, <output>/shared/sft) is shared by every point; a seed
+replicates everything after it: its own judged training samples (SFT's answers to its own
+training prompts, <output>/shared/samples_seed<s>), its own training order and its own evaluation
+sampling seeds. Each point is one training run from SFT (the demo's alignment settings,
+`train.run`) in <output>/points/<method>/<tag>/seed_<s>, evaluated against SFT by the true judge
+on VALIDATION prompts (every choice reads these) and on TEST prompts (reported, never read by a
+choice); the sets are disjoint from each other and from every training prompt. A finished point
+is not trained again, so the script resumes, also from a frontier.json copied from an earlier
+session (the points' results and per-prompt scores are in it).
 
-  DRO-V, DRO-P      τ (DRO's update is scaled by 1/τ: `policy_update_scale = inverse_tau`)
-  DRO-V (no 1/τ)    τ with `policy_update_scale = none`, at the best of three learning rates
-  KTO, DPO          β            IPO     τ            TR-DPO   β (α = 0.6 every step)
+The choices, in order, each on validation and each recorded with its grid and scores:
+  learning_rate/<method>   every method's learning rate, from the same grid, at its default
+                           regularisation (first seed)
+  best/<method>            each method's best swept value
+  ablation_tau             DRO-V's best τ; the value-function variants run at it and at its two
+                           neighbours in the grid
+Swept (7 values each, denser where the methods' KLs meet):
+  DRO-V, DRO-P, DRO-V (no 1/τ)   τ (no 1/τ: `optimizer.policy_update_scale = none`)
+  KTO, DPO β      IPO τ      TR-DPO the mixing weight α of its soft update (every step, β 0.5):
+                             β barely moves TR-DPO's KL, α does
 
-Per point: the win rate against SFT on the held-out prompts (prompt-clustered 95% interval), the
-judge's mean reward, KL(policy ‖ SFT) from the policy's own samples and the mean answer length. A
-run that diverges (a non-finite loss) is recorded as diverged, not dropped. Written to <output>:
-frontier.json (every point), frontier.md (every point; each method's win rate at three KL levels
-every method reaches, interpolated; whether KL grows as the regularisation weakens, with the
-violations listed; the DRO-V value-function ablation at its best τ) and frontier.png (win rate
-against KL, one curve per method, the seed spread as error bars).
+Written to <output>: frontier.json ("protocol", "points", "choices", "matched"), frontier.md
+(every point with its interval over seeds and test prompts; the choices; the paired differences
+against DRO-V at matched KL under linear and log-KL interpolation; the value-function ablation at
+matched KL) and frontier.png (win rate against KL with the intervals).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import fcntl
 import json
+import math
 import os
 import subprocess
 import sys
@@ -38,25 +48,39 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import protocol  # noqa: E402
 from dro_jax import configs, console, demo, files, train  # noqa: E402
 
-# method: (demo stage it starts from, loss, the swept key, its default, extra settings)
+# method: (demo stage it starts from, loss, the swept key, its default, the swept values,
+# extra settings). Values go from the strongest regularisation to the weakest.
 METHODS = {
-    "DRO-V": ("dro", "dro", "dro.tau", 1.0, {}),
-    "DRO-V (no 1/τ)": ("dro", "dro", "dro.tau", 1.0, {"optimizer.policy_update_scale": "none"}),
-    "DRO-P": ("dro", "dro_p", "dro.tau", 1.0, {}),
-    "KTO": ("kto", "kto", "kto.beta", 1.0, {}),
-    "DPO": ("dpo", "dpo", "dpo.beta", 0.5, {}),
-    "IPO": ("dpo", "ipo", "ipo.tau", 0.1, {}),
-    "TR-DPO": ("tr_dpo", "dpo", "dpo.beta", 0.5, {}),
+    "DRO-V": ("dro", "dro", "dro.tau", 1.0, (3.0, 1.0, 0.6, 0.4, 0.3, 0.2, 0.1), {}),
+    "DRO-V (no 1/τ)": ("dro", "dro", "dro.tau", 1.0, (3.0, 1.0, 0.6, 0.4, 0.3, 0.2, 0.1),
+                       {"optimizer.policy_update_scale": "none"}),
+    "DRO-P": ("dro", "dro_p", "dro.tau", 1.0, (3.0, 1.0, 0.6, 0.4, 0.3, 0.2, 0.1), {}),
+    "KTO": ("kto", "kto", "kto.beta", 1.0, (10.0, 3.0, 1.5, 1.0, 0.6, 0.3, 0.1), {}),
+    "DPO": ("dpo", "dpo", "dpo.beta", 0.5, (5.0, 2.0, 1.2, 0.8, 0.5, 0.3, 0.15), {}),
+    "IPO": ("dpo", "ipo", "ipo.tau", 0.1, (1.0, 0.6, 0.4, 0.3, 0.2, 0.1, 0.03), {}),
+    "TR-DPO": ("tr_dpo", "dpo", "reference.alpha", 0.6,
+               (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.6), {"reference.sync_every": 1}),
 }
-FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
-QUICK_FACTORS = (0.3, 3.0)
-NO_SCALE_LEARNING_RATES = (3e-4, 1e-3, 3e-3)
-ABLATION = (("double_multiple", "value"), ("double_single", "value"),
-            ("single_multiple", "value"), ("single_multiple", "policy"),
-            ("single_single", "value"), ("single_single", "policy"))
+# Quick: each method's default and one weaker value (the default is the learning-rate point).
+QUICK_VALUES = {"DRO-V": (1.0, 0.3), "DRO-V (no 1/τ)": (1.0, 0.3), "DRO-P": (1.0, 0.3),
+                "KTO": (1.0, 0.3), "DPO": (0.5, 0.15), "IPO": (0.1, 0.03), "TR-DPO": (0.01, 0.6)}
+QUICK_METHODS = ("DRO-V", "KTO", "DPO")
+QUICK_ALIGN_STEPS = 30
+REFERENCE = "DRO-V"  # paired differences are taken against it
+LEARNING_RATES = (3e-4, 1e-3, 3e-3)  # every method's grid
+# The value-function variants against DRO-V's default (double_multiple, value).
+ABLATION = (("double_single", "value"), ("single_multiple", "value"),
+            ("single_multiple", "policy"), ("single_single", "value"),
+            ("single_single", "policy"))
+PROMPTS = {"validation": 600, "test": 1600}
+QUICK_PROMPTS = {"validation": 32, "test": 64}
+SAMPLES = 2  # answers per prompt and side
+LEVELS = 3  # matched-KL levels
 POLL_S = 10.0  # how often a worker waiting on another's points looks at frontier.json
 KL_TOLERANCE = 0.05  # nats: a KL drop smaller than this (or than 2 seed sd) is not a violation
 
@@ -75,11 +99,11 @@ class Frontier:
     import seqio
     from dro_jax.data import synthetic
     self.output, self.quick, self.seeds = output, quick, seeds
-    arg = "scale=0.15" if quick else "scale=1.0"
-    self.demo = configs.load("demo", arg)
-    self.demo.data.cache_dir = data_cache or os.path.join(output, "data_cache")
+    self.demo = configs.load("demo", "scale=0.15" if quick else "scale=1.0")
+    self.methods = QUICK_METHODS if quick else tuple(METHODS)
     if quick:
-      self.demo.demo.eval_prompts, self.demo.demo.final_samples = 64, 1
+      self.demo.demo.align_steps = QUICK_ALIGN_STEPS
+    self.demo.data.cache_dir = data_cache or os.path.join(output, "data_cache")
     names = demo.synthetic_tasks(self.demo)
     shared = os.path.join(output, "shared")
     self.sft_dir = sft or os.path.join(shared, "sft")
@@ -88,29 +112,106 @@ class Frontier:
                                               baseline=None), self.sft_dir)
     vocabulary_path = synthetic.demo_vocabulary(self.demo.data.cache_dir)
     vocabulary = seqio.SentencePieceVocabulary(vocabulary_path)
-    sft = demo.load_policy(self.sft_dir, self.demo)
-    paths = demo.sample_feedback(self.demo, sft, vocabulary, os.path.join(shared, "samples"))
-    self.feedback = demo.register_feedback(paths, vocabulary_path, self.demo)
-    self.evaluate = demo.FinalEvaluation(self.demo, sft, vocabulary)
+    sft_policy = demo.load_policy(self.sft_dir, self.demo)
+    self.sets = protocol.prompt_sets(**(QUICK_PROMPTS if quick else PROMPTS))
+    self.feedback, self.evaluators, train_prompts = {}, {}, set()
+    for seed in seeds:  # each seed: SFT's own answers to its own training prompts, judged
+      seeded = copy.deepcopy(self.demo)
+      seeded.seed = seed
+      paths = demo.sample_feedback(seeded, sft_policy, vocabulary,
+                                   os.path.join(shared, f"samples_seed{seed}"))
+      train_prompts |= {json.loads(line)["prompt"] for line in
+                        files.read_text(paths["triples"]).splitlines() if line.strip()}
+      self.feedback[seed] = demo.register_feedback(paths, vocabulary_path, self.demo)
+      self.evaluators[seed] = protocol.Evaluator(self.demo, sft_policy, vocabulary, self.sets,
+                                                 seed, SAMPLES)
+    protocol.check_disjoint({"train": sorted(train_prompts), **self.sets})
+    self.protocol = {
+        "train_prompts": len(train_prompts),
+        "train_prompts_per_seed": int(self.demo.demo.feedback_prompts),
+        "validation_prompts": len(self.sets["validation"]),
+        "test_prompts": len(self.sets["test"]), "samples_per_prompt": SAMPLES,
+        "selection": "validation", "seeds": list(seeds), "judge": "demo",
+        "learning_rates": list(self.learning_rates()),
+        "methods": list(self.methods),
+        "grids": {method: list(self.values(method)) for method in self.methods},
+        "sft_steps": int(self.demo.demo.sft_steps), "align_steps": int(self.demo.demo.align_steps),
+        "prompts_digest": protocol.digest(self.sets), "sft_digest": _digest(sft_policy.params)}
     self.path = os.path.join(output, "frontier.json")
-    self.points: dict[str, dict[str, Any]] = files.read_json(self.path) or {}
+    self.points: dict[str, dict[str, Any]] = {}
+    self.choices: dict[str, dict[str, Any]] = {}
+    self.reload()
 
-  def config(self, method: str, value: float, seed: int, extra: dict[str, Any]):
-    stage, loss, key, _, settings = METHODS[method]
-    config = demo.stage_config(self.demo, stage, self.feedback["pairs" if stage in (
+  # ------------------------------------------------------------------ the state, shared by workers
+
+  def read(self) -> dict[str, Any]:
+    state = files.read_json(self.path) or {}
+    if state and "protocol" not in state:
+      raise SystemExit(f"{self.path}: written by an earlier version of this script (no "
+                       f"protocol); use a new --output")
+    if state:
+      theirs = {k: v for k, v in state["protocol"].items() if k not in ("seeds", "train_prompts")}
+      ours = {k: v for k, v in self.protocol.items() if k not in ("seeds", "train_prompts")}
+      if theirs != ours:
+        changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise SystemExit(f"{self.path}: made under another protocol ({', '.join(changed)} "
+                         f"differ); use a new --output")
+    return state
+
+  def save(self) -> None:
+    """Merges this process's points and choices into frontier.json (under the lock)."""
+    with self.locked():
+      state = self.read()
+      self.points = {**state.get("points", {}), **self.points}
+      self.choices = {**state.get("choices", {}), **self.choices}
+      seeds = sorted(set(self.seeds) | set(state.get("protocol", {}).get("seeds", [])))
+      files.write_text(self.path, json.dumps(
+          {"protocol": {**self.protocol, "seeds": seeds}, "choices": self.choices,
+           "points": self.points, **({"matched": state["matched"]} if "matched" in state
+                                     else {})}, indent=1))
+
+  def reload(self) -> None:
+    with self.locked():
+      state = self.read()
+    self.points = {**self.points, **state.get("points", {})}
+    self.choices = {**self.choices, **state.get("choices", {})}
+
+  @contextlib.contextmanager
+  def locked(self):
+    """frontier.json's lock: every worker merges its points into the file under it."""
+    os.makedirs(self.output, exist_ok=True)
+    with open(self.path + ".lock", "a") as handle:
+      fcntl.flock(handle, fcntl.LOCK_EX)
+      try:
+        yield
+      finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+  # ------------------------------------------------------------------ one point
+
+  def config(self, method: str, value: float, seed: int, learning_rate: float,
+             extra: dict[str, Any]):
+    stage, loss, key, _, _, settings = METHODS[method]
+    seeded = copy.deepcopy(self.demo)
+    seeded.seed = seed
+    config = demo.stage_config(seeded, stage, self.feedback[seed]["pairs" if stage in (
         "dpo", "tr_dpo") else "triples"], init=self.sft_dir, baseline=self.sft_dir)
     config.loss = loss
     config.seed = seed
-    config.eval_every = 0  # judged once, at the end, by the shared evaluation
+    config.eval_every = 0  # judged once, at the end, under the protocol
+    config.optimizer.learning_rate = float(learning_rate)
     for name, setting in {**settings, **extra}.items():
       _set(config, name, setting)
     _set(config, key, float(value))
     return config
 
-  def point(self, method: str, value: float, seed: int, extra: dict[str, Any] | None = None,
-            label: str | None = None) -> dict[str, Any]:
+  def point(self, method: str, value: float, seed: int, learning_rate: float,
+            extra: dict[str, Any] | None = None, label: str | None = None
+            ) -> dict[str, Any] | None:
+    """A point's record, trained and evaluated here unless it is done or another worker has it
+    (then None)."""
     extra = dict(extra or {})
-    tag = label or f"{value:g}"
+    tag = (label or f"{value:g}") + f"@lr{learning_rate:g}"
     name = point_name(method, tag, seed)
     if name in self.points:
       return self.points[name]
@@ -120,46 +221,32 @@ class Frontier:
     workdir = self.workdir(name)
     if not self.claim(workdir):
       return None  # another worker is training it
-    config = self.config(method, value, seed, extra)
+    config = self.config(method, value, seed, learning_rate, extra)
     start = time.perf_counter()
-    record: dict[str, Any] = {"method": method, "value": float(value), "label": tag,
-                              "seed": seed, "settings": extra, "workdir": workdir}
+    record: dict[str, Any] = {"method": method, "value": float(value), "label": label or "",
+                              "learning_rate": float(learning_rate), "seed": seed,
+                              "settings": extra, "workdir": os.path.relpath(workdir, self.output)}
     try:
       if not demo.finished(workdir, config.total_steps):
         train.run(config, workdir)
-      metrics = self.evaluate(demo.load_policy(workdir, self.demo), workdir)
-      record.update(diverged=False, **{key: metrics[key] for key in (
-          "win_rate", "win_rate_low", "win_rate_high", "policy_reward", "kl", "policy_length")})
+      record["diverged"] = False
+      record.update(self.evaluators[seed](demo.load_policy(workdir, self.demo), workdir))
     except train.NonFiniteError as error:
       record.update(diverged=True, error=str(error))
     record["seconds"] = time.perf_counter() - start
     print(f"[frontier] {method} {METHODS[method][2]}={tag} seed {seed}: "
           + ("diverged" if record["diverged"] else
-             f"win rate {record['win_rate']:.1%} KL {record['kl']:.3f}"), flush=True)
-    with self.locked():
-      self.points = {**(files.read_json(self.path) or {}), **self.points, name: record}
-      files.write_text(self.path, json.dumps(self.points, indent=1))
+             f"validation {record['validation']['win_rate']:.1%}, test "
+             f"{record['test']['win_rate']:.1%} KL {record['test']['kl']:.3f}"), flush=True)
+    self.points[name] = record
+    self.save()
     os.remove(workdir + ".claim")
     return record
 
   def workdir(self, name: str) -> str:
     method, tag, seed = name.split("|")
     folder = "".join(c if c.isalnum() or c in "-_." else "_" for c in method)
-    return os.path.join(self.output, "points", folder, tag, f"seed_{seed}")
-
-  @contextlib.contextmanager
-  def locked(self):
-    """frontier.json's lock: every worker merges its points into the file under it."""
-    with open(self.path + ".lock", "a") as handle:
-      fcntl.flock(handle, fcntl.LOCK_EX)
-      try:
-        yield
-      finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-
-  def reload(self) -> None:
-    with self.locked():
-      self.points = {**self.points, **(files.read_json(self.path) or {})}
+    return os.path.join(self.output, "points", folder, tag.replace("@", "_"), f"seed_{seed}")
 
   def claimed(self, workdir: str) -> bool:
     """Whether a live process other than this one is training the point in `workdir`."""
@@ -207,221 +294,399 @@ class Frontier:
                              f"worker that stopped; run the same command again to train them")
       time.sleep(POLL_S)
 
-  def values(self, method: str) -> list[float]:
-    default = METHODS[method][3]
-    return [default * factor for factor in (QUICK_FACTORS if self.quick else FACTORS)]
+  # ------------------------------------------------------------------ the sweep and its choices
+
+  def values(self, method: str) -> tuple[float, ...]:
+    return QUICK_VALUES[method] if self.quick else METHODS[method][4]
+
+  def learning_rates(self) -> tuple[float, ...]:
+    return (float(self.demo.demo.align_lr),) if self.quick else LEARNING_RATES
+
+  def decide(self, name: str, candidates: dict[str, list[str]]) -> str:
+    """A choice on validation (protocol.choose) over the points named per candidate, recorded."""
+    runs = {label: self.wait(names) for label, names in candidates.items()}
+    pick, record = protocol.choose(name, runs)
+    self.choices[name] = record
+    self.save()
+    return pick
+
+  def learning_rate(self, method: str) -> float:
+    default, seed = METHODS[method][3], self.seeds[0]
+    candidates = {f"{rate:g}": [point_name(method, f"{default:g}@lr{rate:g}", seed)]
+                  for rate in self.learning_rates()}
+    return float(self.decide(f"learning_rate/{method}", candidates))
+
+  def best_value(self, method: str, rate: float) -> float:
+    candidates = {f"{value:g}": [point_name(method, f"{value:g}@lr{rate:g}", seed)
+                                 for seed in self.seeds] for value in self.values(method)}
+    return float(self.decide(f"best/{method}", candidates))
+
+  def ablation_taus(self, best: float) -> list[float]:
+    """DRO-V's best τ and its two neighbours in the grid (the three nearest at an end)."""
+    grid = list(self.values(REFERENCE))
+    index = grid.index(best)
+    start = min(max(index - 1, 0), max(len(grid) - 3, 0))
+    return grid[start:start + 3]
 
   def run(self) -> None:
-    """Every point, in an order that leaves the choices made from earlier points (the no-1/τ
-    learning rate, the ablation's τ) as late as possible, so that parallel workers keep busy."""
-    rate_points = [] if self.quick else [
-        ("DRO-V (no 1/τ)", 1.0, seed, {"optimizer.learning_rate": rate}, f"lr_{rate:g}")
-        for rate in NO_SCALE_LEARNING_RATES for seed in self.seeds]
-    for method, value, seed, extra, label in rate_points:
-      self.point(method, value, seed, extra, label=label)
-    swept = [m for m in METHODS if m != "DRO-V (no 1/τ)"]
-    names = [self.sweep_points(method) for method in swept]
-    for points in names:
-      for method, value, seed in points:
-        self.point(method, value, seed)
-    extra = {"optimizer.learning_rate": self.best_no_scale_rate(rate_points)}
-    no_scale = self.sweep_points("DRO-V (no 1/τ)")
-    for method, value, seed in no_scale:
-      self.point(method, value, seed, extra)
-    ablation = []
+    """Every point, in an order that leaves each choice as late as possible, so that parallel
+    workers keep busy: the learning-rate grid, then each method's sweep at its chosen rate, then
+    the ablation around DRO-V's best τ."""
+    seed = self.seeds[0]
+    for method in self.methods:
+      for rate in self.learning_rates():
+        self.point(method, METHODS[method][3], seed, rate)
+    rates = {method: self.learning_rate(method) for method in self.methods}
+    for method in self.methods:
+      for value in self.values(method):
+        for s in self.seeds:
+          self.point(method, value, s, rates[method])
+    best = {method: self.best_value(method, rates[method]) for method in self.methods}
+    taus = self.ablation_taus(best[REFERENCE])
+    self.choices["ablation_tau"] = {**self.choices[f"best/{REFERENCE}"], "name": "ablation_tau",
+                                    "taus": taus}
+    self.save()
+    names = []
     if not self.quick:
-      self.wait([point_name(m, f"{v:g}", s) for m, v, s in self.sweep_points("DRO-V")])
-      tau = self.best_value("DRO-V")
-      ablation = [({"dro.value_function": variant, "dro.value_optimizer": chain},
-                   f"ablation_{variant}_{chain}_{tau:g}", seed)
-                  for variant, chain in ABLATION for seed in self.seeds]
-      for extra_, label, seed in ablation:
-        self.point("DRO-V", tau, seed, extra_, label=label)
-    self.wait([point_name(m, f"{v:g}", s) for points in names + [no_scale] for m, v, s in points]
-              + [point_name("DRO-V", label, seed) for _, label, seed in ablation])
+      for variant, chain in ABLATION:
+        for tau in taus:
+          for s in self.seeds:
+            label = f"ablation_{variant}_{chain}_{tau:g}"
+            self.point(REFERENCE, tau, s, rates[REFERENCE],
+                       {"dro.value_function": variant, "dro.value_optimizer": chain}, label=label)
+            names.append(point_name(REFERENCE, f"{label}@lr{rates[REFERENCE]:g}", s))
+    self.wait(names)
 
-  def sweep_points(self, method: str) -> list[tuple[str, float, int]]:
-    return [(method, value, seed) for value in self.values(method) for seed in self.seeds]
+  # ------------------------------------------------------------------ reading the points
 
-  def best_no_scale_rate(self, rate_points) -> float:
-    """The learning rate (of three) at which DRO-V without the 1/τ scale does best at τ = 1."""
-    if self.quick:
-      return self.demo.demo.align_lr
-    runs = self.wait([point_name(m, label, seed) for m, _, seed, _, label in rate_points])
-    rates = {}
-    for (_, _, _, extra, _), run in zip(rate_points, runs):
-      rates.setdefault(extra["optimizer.learning_rate"], []).append(
-          run["win_rate"] if not run["diverged"] else 0.0)
-    return max(rates, key=lambda rate: np.mean(rates[rate]))
+  def rate(self, method: str) -> float:
+    choice = self.choices.get(f"learning_rate/{method}")
+    return float(choice["pick"]) if choice else float(self.learning_rates()[0])
 
-  def best_value(self, method: str) -> float:
-    curve = self.curve(method)
-    return max(curve, key=lambda row: row["win_rate"])["value"] if curve else METHODS[method][3]
+  def sweep(self, method: str) -> list[dict[str, Any]]:
+    """The points of a method's sweep (at its chosen learning rate), not the grid or ablation."""
+    rate = self.rate(method)
+    return [p for p in self.points.values() if p["method"] == method and not p["label"]
+            and p["learning_rate"] == rate and p["seed"] in self.seeds]
 
-  def curve(self, method: str) -> list[dict[str, Any]]:
-    """Per swept value (strongest regularisation first): means and sds over seeds."""
+  def curve(self, method: str, label_prefix: str = "", settings: dict | None = None
+            ) -> list[dict[str, Any]]:
+    """Per swept value (strongest regularisation first) with every seed done and none diverged:
+    its tables (seeds x test prompts) of verdicts and log-ratios, and its summary."""
+    if label_prefix:
+      runs = [p for p in self.points.values() if p["method"] == method
+              and p["label"].startswith(label_prefix) and p["seed"] in self.seeds
+              and all(p["settings"].get(k) == v for k, v in (settings or {}).items())]
+    else:
+      runs = self.sweep(method)
     rows = []
-    for value in sorted({p["value"] for p in self.sweep(method)}, reverse=True):
-      runs = [p for p in self.sweep(method) if p["value"] == value]
-      good = [p for p in runs if not p["diverged"]]
-      row = {"value": value, "seeds": len(runs), "diverged": len(runs) - len(good)}
-      for key in ("win_rate", "kl", "policy_reward", "policy_length"):
-        values = np.array([p[key] for p in good])
-        row[key] = float(values.mean()) if good else float("nan")
-        row[key + "_sd"] = float(values.std(ddof=1)) if len(good) > 1 else 0.0
+    for value in sorted({p["value"] for p in runs}, reverse=METHODS[method][2] != "reference.alpha"):
+      by_seed = {p["seed"]: p for p in runs if p["value"] == value}
+      row = {"value": value, "seeds": len(by_seed),
+             "diverged": sum(p["diverged"] for p in by_seed.values())}
+      if set(by_seed) == set(self.seeds) and not row["diverged"]:
+        ordered = [by_seed[s] for s in self.seeds]
+        row["scores"] = np.stack([protocol.unpack(p["test"]["prompt_scores"]) for p in ordered])
+        row["kls"] = np.stack([protocol.unpack(p["test"]["prompt_kl"]) for p in ordered])
+        row["validation"] = float(np.mean([p["validation"]["win_rate"] for p in ordered]))
+        row["halfwidth"] = max((p["test"]["win_rate_high"] - p["test"]["win_rate_low"]) / 2
+                               for p in ordered)
+        row["length"] = float(np.mean([p["test"]["policy_length"] for p in ordered]))
+        row["kl_seed_sd"] = float(np.std([p["test"]["kl"] for p in ordered], ddof=1)) \
+            if len(ordered) > 1 else 0.0
       rows.append(row)
     return rows
 
-  def sweep(self, method: str) -> list[dict[str, Any]]:
-    return [p for p in self.points.values() if p["method"] == method
-            and not p["label"].startswith(("ablation_", "lr_"))]
+
+def complete(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  return [row for row in rows if "scores" in row]
 
 
-def matched(curves: dict[str, list[dict[str, Any]]]) -> tuple[list[float], dict[str, list]]:
-  """Three KL levels inside the KL range of as many methods as possible (all of them when their
-  ranges overlap), and each method's win rate there, interpolated between its measured points;
-  None at a level outside the method's own range (no extrapolation)."""
+def as_points(rows: list[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
+  return [(row["scores"], row["kls"]) for row in complete(rows)]
+
+
+def matched_levels(curves: dict[str, list[dict[str, Any]]], count: int = LEVELS) -> list[float]:
+  """`count` KL levels, evenly spaced in log KL inside the range the most methods share (its
+  middle: the ends of a range are where the bootstrap's replicates fall outside it)."""
   ranges = {}
   for method, rows in curves.items():
-    kls = [r["kl"] for r in rows if np.isfinite(r["kl"])]
-    if kls:
+    kls = [float(row["kls"].mean()) for row in complete(rows)]
+    if len(kls) > 1:
       ranges[method] = (min(kls), max(kls))
   if not ranges:
-    return [], {}
+    return []
 
   def span(x):
-    """The methods whose range holds KL x: how many, and the range they all share."""
     methods = [m for m, (low, high) in ranges.items() if low <= x <= high]
     if not methods:
       return 0, 0.0, 0.0
-    return (len(methods), max(ranges[m][0] for m in methods),
-            min(ranges[m][1] for m in methods))
+    return len(methods), max(ranges[m][0] for m in methods), min(ranges[m][1] for m in methods)
 
   ends = sorted({kl for pair in ranges.values() for kl in pair})
   candidates = ends + [(a + b) / 2 for a, b in zip(ends, ends[1:])]
-  _, low, high = max((span(x) for x in candidates), key=lambda s: (s[0], s[2] - s[1]))
+  _, low, high = max((span(x) for x in candidates),
+                     key=lambda s: (s[0], math.log(max(s[2], 1e-6) / max(s[1], 1e-6))))
+  if not high > 0:
+    return []
+  low = low if low > 0 else high / 100  # an estimate at or below 0: log KL needs a floor
   if not high > low:
-    return [], {}
-  levels = [float(level) for level in np.linspace(low, high, 5)[1:4]]
-  return levels, {method: interpolate(rows, levels) for method, rows in curves.items()
-                  if method in ranges}
+    return []
+  return [float(level) for level in np.exp(np.linspace(math.log(low), math.log(high),
+                                                       count + 2)[1:-1])]
 
 
-def interpolate(rows: list[dict[str, Any]], levels: list[float]) -> list[float | None]:
-  """Win rate at each KL level, linear between the measured points; None outside their range."""
-  finite = sorted((r["kl"], r["win_rate"]) for r in rows if np.isfinite(r["kl"]))
-  if not finite:
-    return [None] * len(levels)
-  kls, wins = zip(*finite)
-  return [float(np.interp(level, kls, wins)) if kls[0] <= level <= kls[-1] else None
-          for level in levels]
+def matched_table(curves: dict[str, list[dict[str, Any]]], reference: str, levels: list[float],
+                  replicates: protocol.Replicates) -> dict[str, Any]:
+  """Per method and level: its win rate read linearly in KL and in log KL (each with its
+  interval), and its paired difference from `reference` under both readings; `unstable` where
+  the two readings differ by more than the cell's half-width (no claim is made from it); a
+  `verdict` ("better", "worse", "indistinguishable") only where both readings agree."""
+  table: dict[str, Any] = {}
+  base = as_points(curves[reference]) if reference in curves else []
+  for method, rows in curves.items():
+    points = as_points(rows)
+    if len(points) < 2:
+      continue
+    cells = []
+    for level in levels:
+      cell: dict[str, Any] = {"kl": level}
+      for reading, log_kl in (("linear", False), ("log", True)):
+        cell[reading] = protocol.matched_value(points, level, log_kl, replicates)
+        if method != reference and len(base) > 1:
+          cell[f"{reading}_difference"] = protocol.matched_difference(points, base, level,
+                                                                      log_kl, replicates)
+      lin, log = cell["linear"], cell["log"]
+      halfwidth = max((lin["high"] - lin["low"]) / 2, (log["high"] - log["low"]) / 2) \
+          if math.isfinite(lin["win_rate"]) and math.isfinite(log["win_rate"]) else math.nan
+      cell["unstable"] = bool(not math.isfinite(halfwidth)
+                              or abs(lin["win_rate"] - log["win_rate"]) > halfwidth)
+      if "linear_difference" in cell:
+        differences = [cell["linear_difference"], cell["log_difference"]]
+        if cell["unstable"] or not all(math.isfinite(d["difference"]) for d in differences):
+          cell["verdict"] = "no claim"
+        elif all(d["low"] > 0 for d in differences):
+          cell["verdict"] = "better"
+        elif all(d["high"] < 0 for d in differences):
+          cell["verdict"] = "worse"
+        else:
+          cell["verdict"] = "indistinguishable"
+      cells.append(cell)
+    table[method] = cells
+  return table
 
 
 def monotonicity(curves: dict[str, list[dict[str, Any]]]) -> list[str]:
   """Where KL falls as the regularisation weakens (beyond the tolerance)."""
   violations = []
   for method, rows in curves.items():
+    rows = complete(rows)
     for stronger, weaker in zip(rows, rows[1:]):  # rows go from strongest to weakest
-      tolerance = max(KL_TOLERANCE, 2 * max(stronger["kl_sd"], weaker["kl_sd"]))
-      if weaker["kl"] < stronger["kl"] - tolerance:
+      tolerance = max(KL_TOLERANCE, 2 * max(stronger["kl_seed_sd"], weaker["kl_seed_sd"]))
+      low, high = float(stronger["kls"].mean()), float(weaker["kls"].mean())
+      if high < low - tolerance:
         violations.append(f"{method}: {METHODS[method][2]} {stronger['value']:g} -> "
-                          f"{weaker['value']:g}, KL {stronger['kl']:.3f} -> {weaker['kl']:.3f} "
+                          f"{weaker['value']:g}, KL {low:.3f} -> {high:.3f} "
                           f"(tolerance {tolerance:.3f})")
   return violations
 
 
+def _pct(value: float) -> str:
+  return "—" if not math.isfinite(value) else f"{value:.1%}"
+
+
+def _interval_text(cell: dict[str, float], key: str = "win_rate") -> str:
+  if not math.isfinite(cell[key]):
+    return "—"
+  return f"{cell[key]:.1%} [{cell['low']:.1%}, {cell['high']:.1%}]"
+
+
+def _difference_text(cell: dict[str, float]) -> str:
+  if not math.isfinite(cell["difference"]):
+    return "—"
+  return (f"{100 * cell['difference']:+.1f} [{100 * cell['low']:+.1f}, "
+          f"{100 * cell['high']:+.1f}]")
+
+
 def write(frontier: Frontier, command: str) -> str:
-  curves = {m: frontier.curve(m) for m in METHODS if frontier.sweep(m)}
+  frontier.reload()
+  curves = {m: frontier.curve(m) for m in frontier.methods if frontier.sweep(m)}
+  replicates = protocol.Replicates(len(frontier.seeds), frontier.protocol["test_prompts"])
+  p = frontier.protocol
   lines = [f"# The reward-KL frontier on the demo task ({'quick' if frontier.quick else 'full'} "
            f"run, seeds {frontier.seeds})", "", f"Made by `{command}`.", "",
-           "| method | parameter | value | seeds | diverged | win rate vs SFT (mean ± sd) | "
-           "KL(π‖SFT) | judge reward | length |", "|---|---|---|---|---|---|---|---|---|"]
+           "## Protocol", "",
+           f"- Prompts: {p['train_prompts_per_seed']} training prompts per seed ({p['train_prompts']}"
+           f" in all), {p['validation_prompts']} validation and {p['test_prompts']} test prompts, "
+           f"disjoint (checked); {p['samples_per_prompt']} answers per prompt and side, judged by "
+           f"the true judge (`{p['judge']}`) against SFT's answers.",
+           "- Every choice below is made on validation; test results are reported only.",
+           "- A seed replicates everything after SFT: its judged training samples, its training "
+           "order, its evaluation sampling.",
+           "- Intervals (95%): a bootstrap over seeds and test prompts together (crossed; "
+           "benchmarks/protocol.py), so they hold training-seed variation and evaluation noise. "
+           "Differences are paired: the same replicates, prompts and SFT answers on both sides."]
+  halfwidths = [row["halfwidth"] for rows in curves.values() for row in complete(rows)]
+  if halfwidths:
+    lines.append(f"- Evaluation noise: each point's own 95% half-width on test (one seed) is at "
+                 f"most {100 * max(halfwidths):.1f} points (median "
+                 f"{100 * float(np.median(halfwidths)):.1f}).")
+  lines += ["", "## Choices (on validation)", "", "| choice | grid | validation win rate | pick |",
+            "|---|---|---|---|"]
+  for name, choice in sorted(frontier.choices.items()):
+    scores = ", ".join(f"{label}: {_pct(score)}" for label, score in choice["validation"].items())
+    pick = choice["pick"] + (f" (τ run: {', '.join(f'{t:g}' for t in choice['taus'])})"
+                             if "taus" in choice else "")
+    lines.append(f"| {name} | {', '.join(choice['grid'])} | {scores} | {pick} |")
+  lines += ["", "## Every point (test prompts)", "",
+            "| method | parameter | value | learning rate | seeds | diverged | validation win rate "
+            "| test win rate [95%] | KL(π‖SFT) [95%] | length |", "|---|---|---|---|---|---|---|---|---|---|"]
   for method, rows in curves.items():
-    for r in rows:
-      lines.append(f"| {method} | {METHODS[method][2]} | {r['value']:g} | {r['seeds']} | "
-                   f"{r['diverged']} | {r['win_rate']:.1%} ± {r['win_rate_sd']:.1%} | "
-                   f"{r['kl']:.3f} ± {r['kl_sd']:.3f} | {r['policy_reward']:.3f} | "
-                   f"{r['policy_length']:.2f} |")
-  levels, rates = matched(curves)
-  lines += ["", "## Win rate at matched KL", ""]
-  if levels:
-    lines += ["| method | " + " | ".join(f"KL {level:.2f}" for level in levels) + " |",
-              "|---|" + "---|" * len(levels)]
-    for method, values in rates.items():
-      # Each seed's own curve interpolated too: the spread over seeds at the same KL.
-      by_seed = [interpolate([p for p in frontier.sweep(method) if p["seed"] == seed
-                              and not p["diverged"]], levels) for seed in frontier.seeds]
-      cells = []
-      for i, value in enumerate(values):
-        spread = [seed[i] for seed in by_seed if seed[i] is not None]
-        cells.append("—" if value is None else f"{value:.1%}" + (
-            f" ± {np.std(spread, ddof=1):.1%}" if len(spread) > 1 else ""))
-      lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    apart = {m: (min(r["kl"] for r in curves[m]), max(r["kl"] for r in curves[m]))
-             for m, values in rates.items() if None in values}
-    if apart:
-      lines += ["", "Interpolated between each method's measured points (means over seeds; ± the sd "
-                "over seeds of each seed's own curve interpolated); — is a "
-                "level outside the method's measured KL range: " + "; ".join(
-                    f"{m} spans KL {low:.2f} to {high:.2f}" for m, (low, high) in apart.items())
-                + "."]
+    for row in rows:
+      if "scores" in row:
+        win = protocol.point_interval(row["scores"], replicates)
+        kl = protocol.point_interval(row["kls"], replicates)
+        cells = (f"{_pct(row['validation'])} | {win[0]:.1%} [{win[1]:.1%}, {win[2]:.1%}] | "
+                 f"{kl[0]:.3f} [{kl[1]:.3f}, {kl[2]:.3f}] | {row['length']:.2f}")
+      else:
+        cells = "— | — | — | —"
+      lines.append(f"| {method} | {METHODS[method][2]} | {row['value']:g} | "
+                   f"{frontier.rate(method):g} | {row['seeds']} | {row['diverged']} | {cells} |")
+  levels = matched_levels(curves)
+  table = matched_table(curves, REFERENCE, levels, replicates) if levels else {}
+  lines += ["", "## Paired differences at matched KL", ""]
+  if table:
+    lines += [f"Each method's win rate at KL levels inside the range the methods share, read off "
+              f"its curve linearly in KL and linearly in log KL, and its paired difference from "
+              f"{REFERENCE} (points of win rate; 95% interval). A cell whose two readings differ by "
+              f"more than its half-width is marked *unstable* and makes no claim; a method is called "
+              f"better or worse than {REFERENCE} only where both readings' intervals exclude 0.", "",
+              "| method | KL | win rate (linear) | win rate (log KL) | − " + REFERENCE +
+              " (linear) | − " + REFERENCE + " (log KL) | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for method, cells in table.items():
+      for cell in cells:
+        lines.append(
+            f"| {method} | {cell['kl']:.2f} | {_interval_text(cell['linear'])} | "
+            f"{_interval_text(cell['log'])}{' (unstable)' if cell['unstable'] else ''} | "
+            + (f"{_difference_text(cell['linear_difference'])} | "
+               f"{_difference_text(cell['log_difference'])} | {cell['verdict']} |"
+               if "linear_difference" in cell else "— | — | reference |"))
+    missing = [m for m in curves if m not in table or all(
+        not math.isfinite(c["linear"]["win_rate"]) for c in table[m])]
+    if missing:
+      lines += ["", "Outside the shared KL range (no matched cells): " + ", ".join(
+          f"{m} (KL {min(float(r['kls'].mean()) for r in complete(curves[m])):.2f} to "
+          f"{max(float(r['kls'].mean()) for r in complete(curves[m])):.2f})"
+          if complete(curves[m]) else m for m in missing) + "."]
   else:
-    lines.append("The methods' KL ranges do not overlap: no matched comparison.")
+    lines.append("Too few complete points for matched KL.")
   violations = monotonicity(curves)
   lines += ["", "## KL against the regularisation", "",
-            f"Expected: KL grows as τ or β falls (tolerance {KL_TOLERANCE} nats or twice the seed "
-            f"sd). " + ("No violations." if not violations else
-                        f"{len(violations)} violations:")]
+            f"Expected: KL grows as the regularisation weakens (τ or β falls, TR-DPO's α grows; "
+            f"tolerance {KL_TOLERANCE} nats or twice the seed sd). "
+            + ("No violations." if not violations else f"{len(violations)} violations:")]
   lines += [f"- {v}" for v in violations]
-  ablation = [p for p in frontier.points.values() if p["label"].startswith("ablation_")]
-  lines += ["", "## DRO-V value functions at its best τ", ""]
-  if ablation:
-    lines += ["| value function | value optimizer | win rate (mean ± sd) | KL |", "|---|---|---|---|"]
-    for variant, chain in ABLATION:
-      runs = [p for p in ablation if p["settings"].get("dro.value_function") == variant
-              and p["settings"].get("dro.value_optimizer") == chain and not p["diverged"]]
-      if runs:
-        wins = np.array([p["win_rate"] for p in runs])
-        lines.append(f"| {variant} | {chain} | {wins.mean():.1%} ± "
-                     f"{(wins.std(ddof=1) if len(runs) > 1 else 0):.1%} | "
-                     f"{np.mean([p['kl'] for p in runs]):.3f} |")
-    lines.append("\nDouble-net variants keep their own value chain under either value optimizer, "
-                 "so `policy` is not run for them.")
+  ablation = ablation_table(frontier, replicates)
+  lines += ["", "## DRO-V value functions at matched KL", ""]
+  if ablation["cells"]:
+    lines += [f"Each variant run at τ {', '.join(f'{t:g}' for t in ablation['taus'])} (DRO-V's "
+              f"best on validation and its neighbours); its win rate at common KL levels against "
+              f"DRO-V's own curve (double_multiple, value), paired, linear | log KL.", "",
+              "| value function | value optimizer | KL | win rate (log KL) | − DRO-V (linear) | "
+              "− DRO-V (log KL) | verdict |", "|---|---|---|---|---|---|---|"]
+    for (variant, chain), cells in ablation["cells"].items():
+      for cell in cells:
+        lines.append(f"| {variant} | {chain} | {cell['kl']:.2f} | {_interval_text(cell['log'])} | "
+                     f"{_difference_text(cell['linear_difference'])} | "
+                     f"{_difference_text(cell['log_difference'])} | {cell['verdict']} |")
   else:
     lines.append("Run without --quick for the ablation.")
   lines += ["", "![win rate against KL](frontier.png)", ""]
   text = "\n".join(lines)
+  with frontier.locked():
+    state = frontier.read()
+    state["matched"] = {"levels": levels, "reference": REFERENCE,
+                        "cells": _plain(table), "ablation": _plain(ablation)}
+    files.write_text(frontier.path, json.dumps(state, indent=1))
   files.write_text(os.path.join(frontier.output, "frontier.md"), text)
-  plot(curves, os.path.join(frontier.output, "frontier.png"))
+  plot(curves, replicates, os.path.join(frontier.output, "frontier.png"))
   return text
 
 
-def plot(curves: dict[str, list[dict[str, Any]]], path: str) -> None:
+def ablation_table(frontier: Frontier, replicates: protocol.Replicates) -> dict[str, Any]:
+  """The value-function variants against DRO-V's curve at KL levels their curves share."""
+  taus = frontier.choices.get("ablation_tau", {}).get("taus", [])
+  curves = {}
+  for variant, chain in ABLATION:
+    rows = frontier.curve(REFERENCE, "ablation_", {"dro.value_function": variant,
+                                                   "dro.value_optimizer": chain})
+    if len(complete(rows)) > 1:
+      curves[(variant, chain)] = rows
+  reference = frontier.curve(REFERENCE)
+  if not curves or len(complete(reference)) < 2:
+    return {"taus": taus, "levels": [], "cells": {}}
+  named = {f"{v}|{c}": rows for (v, c), rows in curves.items()}
+  levels = matched_levels({**named, REFERENCE: reference})
+  table = matched_table({**named, REFERENCE: reference}, REFERENCE, levels, replicates)
+  return {"taus": taus, "levels": levels,
+          "cells": {tuple(name.split("|")): cells for name, cells in table.items()
+                    if name != REFERENCE}}
+
+
+def _plain(value):
+  """JSON-ready: tuple keys joined, numpy numbers as floats, NaN as None."""
+  if isinstance(value, dict):
+    return {("|".join(k) if isinstance(k, tuple) else k): _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, np.bool_):
+    return bool(value)
+  return value
+
+
+def plot(curves: dict[str, list[dict[str, Any]]], replicates: protocol.Replicates,
+         path: str) -> None:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   from matplotlib.ticker import FuncFormatter
   figure = Figure(figsize=(7, 5))
   FigureCanvasAgg(figure)
   axis = figure.subplots()
+  top = 1.0
   for method, rows in curves.items():
-    rows = sorted((r for r in rows if np.isfinite(r["kl"])), key=lambda r: r["kl"])
-    if rows:
-      axis.errorbar([r["kl"] for r in rows], [r["win_rate"] for r in rows],
-                    xerr=[r["kl_sd"] for r in rows], yerr=[r["win_rate_sd"] for r in rows],
-                    marker="o", capsize=3, label=method)
+    rows = sorted(complete(rows), key=lambda row: float(row["kls"].mean()))
+    if not rows:
+      continue
+    wins = np.array([protocol.point_interval(row["scores"], replicates) for row in rows])
+    kls = np.array([protocol.point_interval(row["kls"], replicates) for row in rows])
+    top = max(top, float(kls[:, 0].max()))
+    spread = lambda t: np.maximum([t[:, 0] - t[:, 1], t[:, 2] - t[:, 0]], 0.0)  # noqa: E731
+    axis.errorbar(kls[:, 0], wins[:, 0], xerr=spread(kls), yerr=spread(wins), marker="o",
+                  markersize=3, capsize=2, label=method)
   axis.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
-  # Logarithmic above 0.01 nats (KLs span four decades), linear below it (an estimate near 0 can
-  # come out negative).
+  # Logarithmic above 0.01 nats (KLs span decades), linear below (an estimate near 0 can be < 0).
   axis.set_xscale("symlog", linthresh=0.01)
-  top = max([r["kl"] for rows in curves.values() for r in rows if np.isfinite(r["kl"])] + [1.0])
   axis.set_xticks([t for t in (0, 0.01, 0.1, 1, 10, 100) if t <= 10 * top])
   axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-  axis.set(xlabel="KL(π‖SFT), nats per answer (policy's own samples)",
-           ylabel="win rate against SFT (mean ± sd over seeds)",
+  axis.set(xlabel="KL(π‖SFT), nats per answer (policy's own samples, test prompts)",
+           ylabel="win rate against SFT on test prompts (95%: seeds x prompts)",
            title="Reward-KL frontier on the demo task")
   axis.legend(fontsize=8)
   figure.tight_layout()
   figure.savefig(path, dpi=100)
+
+
+def _digest(params) -> str:
+  """The SFT parameters' sha256 (a resumed sweep must start from the same SFT)."""
+  import hashlib
+  import jax
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(params)):
+    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return digest.hexdigest()[:16]
 
 
 def point_name(method: str, tag: str, seed: int) -> str:
@@ -443,8 +708,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--output", required=True, help="the folder of the points, frontier.json, "
                       "frontier.md and frontier.png")
-  parser.add_argument("--quick", action="store_true",
-                      help="2 values per method, 1 seed, a smaller demo and evaluation")
+  parser.add_argument("--quick", action="store_true", help="DRO-V, KTO and DPO at 2 values each, 1 "
+                      "seed, one learning rate, no ablation, a smaller demo and fewer prompts")
   parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
   parser.add_argument("--data_cache", default=None, help="the demo data's folder (default: "
                       "<output>/data_cache)")
@@ -452,11 +717,17 @@ def main(argv=None) -> None:
                       "from (default: trained in <output>/shared/sft)")
   parser.add_argument("--workers", type=int, default=1, help="points trained at once, each "
                       "worker a process of its own (default 1)")
+  parser.add_argument("--report", action="store_true", help="only write frontier.md and "
+                      "frontier.png from the points in frontier.json (nothing trained)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
   console.initialize_backends()  # without the start-up notices of devices this machine lacks
   frontier = Frontier(args.output, args.quick, seeds, data_cache=args.data_cache, sft=args.sft)
+  command = "python benchmarks/frontier.py --output DIR" + (" --quick" if args.quick else "")
+  if args.report:
+    print(write(frontier, command), flush=True)
+    return
   # The shared SFT policy and samples exist now: the extra workers only train points.
   argv = list(sys.argv[1:] if argv is None else argv)
   workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--worker",
@@ -473,7 +744,6 @@ def main(argv=None) -> None:
         print(f"[frontier] a worker exited with {worker.returncode}", file=sys.stderr)
   if args.worker:
     return
-  command = "python benchmarks/frontier.py --output DIR" + (" --quick" if args.quick else "")
   print(write(frontier, command), flush=True)
 
 
