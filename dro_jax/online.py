@@ -40,10 +40,11 @@ On disk (<workdir>):
                             cumulative `judge_calls/{tournament,labelling,evaluation,total}`
   online.md, online.png     the table and the curves, rewritten after each iteration
 
-Every random draw (the samples, the tournament's bracket, the order a pair is shown in, a noisy
-oracle's flips, the data order) is a function of (seed, iteration, row): a run stopped by
-SIGTERM or Ctrl-C in any phase (exit 143) and restarted ends bitwise equal to an uninterrupted
-one, with the same judge calls.
+Every random draw (the samples, the tournament's bracket, the order a pair is shown in, the data
+order) is a function of (seed, iteration, row), and a `noisy:P:SPEC` oracle's flips of (seed,
+query index), its query counter set from the calls on disk before each judged phase
+(`restore_queries`): a run stopped by SIGTERM or Ctrl-C in any phase (exit 143) and restarted
+ends bitwise equal to an uninterrupted one, with the same judge calls.
 """
 
 from __future__ import annotations
@@ -511,6 +512,30 @@ class OnlineRun:
         calls.add(evaluation=evaluated["judge_calls"])
     return calls
 
+  def restore_queries(self, k: int, phase: str) -> None:
+    """Sets the query counters of the oracle and the evaluation judge (where they have one: a
+    `noisy:P:SPEC` judge draws its flip from the query's index) to the comparisons they had been
+    asked before iteration k's `phase` ("judged" or "evaluated"), counted from the phases on
+    disk. An uninterrupted run and a restarted one, which never asks again what is on disk, so
+    draw the same noise for the same queries."""
+    oracle = evaluator = 0
+    for j in range(1, k + 1):
+      judged = (files.read_json(self.path(j, "judged.json"))
+                if j < k or phase == "evaluated" else None)
+      if judged:
+        oracle += judged["judge_calls"]["labelling"]
+        if judged["ranker"] == self.settings.oracle:  # the oracle ranked too
+          oracle += judged["judge_calls"]["tournament"]
+      evaluated = files.read_json(self.path(j, "evaluation.json")) if j < k else None
+      if evaluated:
+        evaluator += evaluated["judge_calls"]
+    if self.eval_judge is self.oracle:
+      oracle += evaluator
+    elif hasattr(self.eval_judge, "queries"):
+      self.eval_judge.queries = evaluator
+    if hasattr(self.oracle, "queries"):
+      self.oracle.queries = oracle
+
   # ------------------------------------------------------------------------------ the phases
 
   def sampled(self, k: int, policy_params: PyTree) -> list[dict[str, Any]]:
@@ -536,6 +561,7 @@ class OnlineRun:
     record = files.read_json(record_path)
     if record is not None:
       return record
+    self.restore_queries(k, "judged")
     start = time.perf_counter()
     ranker = self.ranker(k)
     best, worst, tournament_calls = rank(samples, ranker, self.config, k,
@@ -690,6 +716,7 @@ class OnlineRun:
     record = files.read_json(path)
     if record is not None:
       return record
+    self.restore_queries(k, "evaluated")
     settings = self.config.evaluation
     sampling = decoding.SamplingParams(
         max_decode_length=settings.max_decode_length or self.config.max_target_length,

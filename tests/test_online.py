@@ -120,12 +120,28 @@ def test_a_stopped_run_resumes_bitwise_without_judging_again(tmp_path, demo_sft,
   """Stopped by SIGTERM after iteration 1's pairs are judged, then again in the middle of
   iteration 2's training: each restart resumes where it stopped, asks the oracle nothing it
   answered before, and the run ends bitwise equal to an uninterrupted one, with the same judge
-  calls. With reference="previous", iteration 2 starts from iterate 1's parameters and its
-  reference equals them."""
-  config = online_config(demo_cache, demo_sft, "reference=previous,oracle=" + counting_oracle,
-                         **SMALL)
+  calls. The oracle is noisy with a fresh flip per query (noisy:P:SPEC): each restart sets its
+  query counter from the calls on disk, so it draws the flips an uninterrupted run draws. With
+  reference="previous", iteration 2 starts from iterate 1's parameters and its reference equals
+  them."""
+  config = online_config(demo_cache, demo_sft,
+                         "reference=previous,oracle=noisy:0.3:" + counting_oracle, **SMALL)
+  restore = online.OnlineRun.restore_queries
+  live = []
+
+  def checked_restore(self, k, phase):
+    before = self.oracle.queries
+    restore(self, k, phase)
+    live.append((k, phase, before, self.oracle.queries))
+  monkeypatch.setattr(online.OnlineRun, "restore_queries", checked_restore)
   reference = online.run(config, str(tmp_path / "uninterrupted"))
+  monkeypatch.undo()
   uninterrupted_calls = CountingJudge.calls
+  # Uninterrupted, the counter read from disk is the one the oracle kept: no query index reused.
+  assert [(k, phase) for k, phase, _, _ in live] == [
+      (1, "judged"), (1, "evaluated"), (2, "judged"), (2, "evaluated")]
+  assert all(before == after for _, _, before, after in live), live
+  assert live[-1][3] > live[1][3] > 0
 
   workdir = tmp_path / "stopped"
   CountingJudge.calls = 0
