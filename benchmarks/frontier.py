@@ -362,6 +362,13 @@ class Frontier:
             names.append(point_name(REFERENCE, f"{label}@lr{rates[REFERENCE]:g}", s))
     self.wait(names)
 
+  def planned(self) -> int:
+    """How many points the whole sweep trains (each method's default value is in its grid, so
+    the learning-rate grid adds all rates but the chosen one)."""
+    sweep = sum(len(self.values(method)) for method in self.methods) * len(self.seeds)
+    rates = len(self.methods) * (len(self.learning_rates()) - 1)
+    return sweep + rates + (0 if self.quick else len(ABLATION) * 3 * len(self.seeds))
+
   # ------------------------------------------------------------------ reading the points
 
   def rate(self, method: str) -> float:
@@ -518,8 +525,12 @@ def write(frontier: Frontier, command: str) -> str:
   curves = {m: frontier.curve(m) for m in frontier.methods if frontier.sweep(m)}
   replicates = protocol.Replicates(len(frontier.seeds), frontier.protocol["test_prompts"])
   p = frontier.protocol
+  done = sum(p["seed"] in frontier.seeds for p in frontier.points.values())
+  status = "" if done >= frontier.planned() else (
+      f" Partial: {done} of the sweep's {frontier.planned()} points are done; the same command "
+      f"resumes it.")
   lines = [f"# The reward-KL frontier on the demo task ({'quick' if frontier.quick else 'full'} "
-           f"run, seeds {frontier.seeds})", "", f"Made by `{command}`.", "",
+           f"run, seeds {frontier.seeds})", "", f"Made by `{command}`.{status}", "",
            "## Protocol", "",
            f"- Prompts: {p['train_prompts_per_seed']} training prompts per seed ({p['train_prompts']}"
            f" in all), {p['validation_prompts']} validation and {p['test_prompts']} test prompts, "
