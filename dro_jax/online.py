@@ -481,6 +481,9 @@ class OnlineRun:
       raise ValueError(f"the vocabulary has {self.vocabulary.vocab_size} pieces but the model's "
                        f"embedding {self.model_config.vocab_size}: set config.model.vocab_size")
     self.oracle = judges.judge_from_spec(self.settings.oracle)
+    if isinstance(self.oracle, judges.NoisyJudge):  # its flips drawn from the run's seed
+      self.oracle = type(self.oracle)(self.oracle.judge, self.oracle.flip, seed=config.seed,
+                                      spec=self.oracle.spec)
     self.eval_spec = config.evaluation.judge or self.settings.oracle
     self.eval_judge = (self.oracle if self.eval_spec == self.settings.oracle
                        else judges.judge_from_spec(self.eval_spec))
