@@ -1,161 +1,642 @@
-"""Online iterative RLHF against offline, on the demo task, over seeds and two oracles.
+"""Online iterative RLHF against offline at equal oracle budgets, on the demo task.
 
-  python benchmarks/online_vs_offline.py --output /tmp/online_bench [--seeds 0,1,2] [--quick]
+  python benchmarks/online_vs_offline.py --output /tmp/online_bench --workers 2  # the full run
+  python benchmarks/online_vs_offline.py --output /tmp/online_bench --quick      # a smoke test
 
-Per seed, one SFT policy (the online loop's demo SFT, shared by every run of the seed), then
-per oracle (`demo`, the programmatic judge, and `noisy:0.2:demo`, the same with 20% of its
-verdicts flipped):
-  online IPO (enhancer)     configs/online.py defaults: 3 iterations, the main agent's sample
-                            against the best of 4 by the oracle's tournament
-  online IPO (best-worst)   tournament winner against tournament loser
-  online DPO (enhancer)     the same loop with the DPO loss
-  offline IPO               one iteration from SFT: 3x the prompts, sampled once, the same
-                            pairing and oracle, capped at the number of pairs online IPO
-                            (enhancer) labelled, trained for the same total steps
-Every run is evaluated by the TRUE judge (`demo`) against SFT on the held-out prompts after each
-iteration. Every run is a workdir under --output and resumes (a finished one is read back). The
-table goes to <output>/online_vs_offline.md (win rate per iteration, mean ± sd over seeds),
-the curves to online_vs_offline.png, everything to results.json.
+Under the benchmarks' protocol (benchmarks/protocol.py): one SFT policy (the online loop's demo
+SFT, <output>/sft) is shared by every run; a seed replicates the whole pipeline after it (its own
+samples, pairs, labels, preference-model fits, training order and evaluation sampling seeds).
+Per seed and per oracle (`demo`, the programmatic judge, and `noisy:0.2:demo`, the same with each
+verdict flipped with probability 0.2, a fresh draw per query):
+
+  online (enhancer)    IPO (τ 0.1), K iterations; the main agent's sample against the best of
+                       4 by the learned ranker (`online.preference_model=fit`: a preference
+                       model refit on every label so far; the first iteration ranks at random)
+  online (best-worst)  the same loop, the ranker's best against its worst
+  offline              IPO, one iteration from SFT: two SFT samples per prompt (no ranker), more
+                       prompts, trained for up to the online runs' total steps; its step count
+                       is chosen on the VALIDATION prompts from a grid of checkpoints of the one
+                       run (constant learning rate after the warm-up: the checkpoint at s steps
+                       is the run trained for s steps)
+
+The oracle budget. The oracle only labels (the ranker is learned, so the tournament asks no
+oracle), and every run asks it exactly B labelling calls per online iteration, K·B in all
+(`online.max_oracle_calls`: the candidate pairs are asked in order until the budget is spent);
+offline asks its K·B in one go. So every run of one seed and oracle makes the same number of
+oracle calls, best-worst and enhancer included (`oracle_calls` per run in results.json, checked
+equal). The labelled pairs kept after ties are dropped differ between runs only by their ties
+(reported beside).
+
+Evaluation. Each online iterate and each offline checkpoint of the grid is judged by the TRUE
+judge (`demo`) against SFT on the protocol's test prompts (offline's also on the validation
+prompts, for the choice); each prompt keeps its mean verdict and its mean log-ratio (KL), so a
+point's 95% interval is the protocol's two-level bootstrap over seeds and test prompts, and
+methods are compared as paired differences on the same prompts and SFT answers (a winner only
+where the interval excludes 0), at equal oracle calls, and at matched KL (interpolated in KL and
+in log KL along each method's points).
+
+Resumable: every run is a workdir under --output (the online loop resumes it), each point's
+evaluation is cached beside it, and a finished run's record is <output>/records/<name>.json. The
+report: <output>/results.json, online_vs_offline.md and online_vs_offline.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import subprocess
 import sys
 import time
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # protocol
 
-from dro_jax import files  # noqa: E402  (configs and the online loop once the flags are parsed)
+from dro_jax import files  # noqa: E402  (the heavy modules once the flags are parsed)
 
 ORACLES = ("demo", "noisy:0.2:demo")
-VARIANTS = {
-    "online IPO (enhancer)": "pairing=enhancer",
-    "online IPO (best-worst)": "pairing=best_worst",
-    "online DPO (enhancer)": "pairing=enhancer,loss=dpo",
-    "offline IPO": "pairing=enhancer,iterations=1",
+METHODS = ("online (enhancer)", "online (best-worst)", "offline")
+TAGS = {"online (enhancer)": "online_enhancer", "online (best-worst)": "online_best_worst",
+        "offline": "offline"}
+OFFLINE_TAUS = (0.1, 0.3)  # offline's IPO τ grid (online runs at configs/online.py's 0.1)
+
+
+# Sizes. Full: 3 iterations of 120 steps (configs/online.py's tiny defaults), each online run
+# evaluated every half iteration, and B = 192 oracle calls per iteration (576 per run), the
+# candidate pairs drawn from 1536 prompts per iteration so the budget is filled even when most of
+# the main agent's samples are the best; offline labels 576 pairs of 1536 prompts, at each τ of
+# OFFLINE_TAUS, evaluated at 7 checkpoints up to the online runs' 360 steps. Test: 2400 prompts x
+# 2 samples per side (a point's 95% half-width about 1.2-1.5 points); validation 600 x 2.
+SIZES = {
+    "full": {"iterations": 3, "steps": 120, "budget": 192, "prompts": 1536, "samples": 4,
+             "fit_steps": 300, "offline_prompts": 1536,
+             "offline_grid": (30, 60, 120, 180, 240, 300, 360), "validation": 600, "test": 2400,
+             "eval_samples": 2, "seeds": "0,1,2", "sft_steps": 1000},
+    "quick": {"iterations": 2, "steps": 6, "budget": 12, "prompts": 48, "samples": 4,
+              "fit_steps": 6, "offline_prompts": 64, "offline_grid": (4, 8, 12),
+              "validation": 24, "test": 32, "eval_samples": 1, "seeds": "0,1",
+              "sft_steps": 300},
 }
 
 
-def run_config(seed: int, oracle: str, variant: str, cache_dir: str, sft: str, quick: bool,
-               offline_pairs: int | None):
-  from dro_jax import configs
-  config = configs.load("online", f"size=tiny,seed={seed},oracle={oracle},{VARIANTS[variant]}")
-  config.data.cache_dir = cache_dir
-  config.init_checkpoint = sft
-  config.evaluation.judge = "demo"  # the truth, whatever the oracle
-  if quick:
-    config.online.prompts, config.online.steps = 128, 30
-    config.evaluation.prompts = 64
-  if variant == "offline IPO":
-    iterations = configs.load("online", "size=tiny").online.iterations
-    config.online.prompts *= iterations
-    config.online.steps *= iterations
-    config.online.max_pairs = int(offline_pairs or 0)
-  return config
+RUNS = tuple([(method, None) for method in METHODS[:2]]
+             + [("offline", tau) for tau in OFFLINE_TAUS])  # (method, offline τ)
 
 
-def sft_for(seed: int, output: str, cache_dir: str, quick: bool) -> str:
-  from dro_jax import configs
-  config = configs.load("online", f"size=tiny,seed={seed}")
-  config.data.cache_dir = cache_dir
-  if quick:
-    config.online.sft_steps = 300
-  from dro_jax import online
-  return online.train_sft(config, os.path.join(output, f"seed_{seed}"))
+def run_name(seed: int, oracle: str, method: str, tau: float | None = None) -> str:
+  return (f"seed_{seed}/{oracle.replace(':', '_')}/{TAGS[method]}"
+          + ("" if tau is None else f"_tau_{tau:g}"))
 
 
-def summarise(results: dict, path_md: str, path_png: str) -> str:
-  lines = ["| oracle | method | pairs (all iterations) | win rate vs SFT per iteration (mean ± sd "
-           "over seeds) | final KL | judged pairs/s |", "|---|---|---|---|---|---|"]
-  curves = {}
-  for oracle in ORACLES:
-    for variant in VARIANTS:
-      runs = [r for r in results.values() if r["oracle"] == oracle and r["variant"] == variant]
-      if not runs:
+def oracle_calls(judge_calls: Mapping[str, int], preference_model: str) -> int:
+  """The oracle's calls in a run's `judge_calls`: labelling, plus the tournament's when the
+  oracle itself ranks (`preference_model='oracle'`; a learned ranker's calls cost no oracle)."""
+  calls = int(judge_calls["labelling"])
+  if preference_model == "oracle":
+    calls += int(judge_calls["tournament"])
+  return calls
+
+
+# ------------------------------------------------------------------------------------ the runs
+
+
+class Bench:
+  def __init__(self, output: str, size: Mapping[str, Any], seeds: Sequence[int],
+               oracles: Sequence[str], sft: str | None = None):
+    self.output, self.size, self.seeds, self.oracles = output, dict(size), list(seeds), oracles
+    self.cache_dir = os.path.join(output, "data_cache")
+    self.sft_arg = sft
+    self.sft_dir = sft or os.path.join(output, "sft")
+    self.records_dir = os.path.join(output, "records")
+
+  # ------------------------------------------------------------------------- shared inputs
+
+  def prepare(self) -> None:
+    """The prompt sets' files and the SFT policy (trained once, before any worker starts)."""
+    import protocol
+    sets = protocol.prompt_sets(self.size["validation"], self.size["test"])
+    for name, prompts in sets.items():
+      protocol.write_prompts(self.prompts_path(name), prompts)
+    if not self.sft_arg:
+      from dro_jax import online
+      online.train_sft(self.base_config(0, "demo"), self.output)
+
+  def prompts_path(self, name: str) -> str:
+    return os.path.join(self.output, "prompts", f"{name}.jsonl")
+
+  def sets(self) -> dict[str, list[str]]:
+    from dro_jax import datasets
+    return {name: datasets.read_prompts(self.prompts_path(name)) for name in ("validation", "test")}
+
+  def base_config(self, seed: int, oracle: str, arg: str = ""):
+    from dro_jax import configs
+    config = configs.load("online", f"size=tiny,seed={seed},oracle={oracle}" + arg)
+    config.data.cache_dir = self.cache_dir
+    config.online.sft_steps = int(self.size["sft_steps"])
+    return config
+
+  def config(self, seed: int, oracle: str, method: str, tau: float | None = None):
+    size = self.size
+    pairing = "enhancer" if method == "online (enhancer)" else "best_worst"
+    config = self.base_config(seed, oracle, f",pairing={pairing},preference_model=fit")
+    config.init_checkpoint = self.sft_dir
+    settings = config.online
+    settings.fit_steps = int(size["fit_steps"])
+    # The loop's own per-iteration check, kept small: the protocol's evaluation is the report.
+    config.evaluation.judge = "demo"
+    config.evaluation.prompts, config.evaluation.samples = 16, 1
+    settings.eval_prompts_file = self.prompts_path("validation")
+    if method == "offline":
+      grid = tuple(size["offline_grid"])
+      settings.iterations, settings.samples = 1, 2
+      settings.prompts, settings.steps = int(size["offline_prompts"]), max(grid)
+      settings.max_oracle_calls = int(size["budget"]) * int(size["iterations"])
+      config.ipo.tau = float(tau)
+      config.checkpoint_every = math.gcd(*grid)
+    else:
+      settings.iterations, settings.samples = int(size["iterations"]), int(size["samples"])
+      settings.prompts, settings.steps = int(size["prompts"]), int(size["steps"])
+      settings.max_oracle_calls = int(size["budget"])
+      config.checkpoint_every = max(settings.steps // 2, 1)
+    config.total_steps = settings.steps * settings.iterations
+    config.keep_last = config.total_steps // config.checkpoint_every + 1  # every point kept
+    config.log_every = max(settings.steps // 10, 1)
+    return config
+
+  def jobs(self) -> list[tuple[int, str, str, float | None]]:
+    return [(seed, oracle, method, tau) for seed in self.seeds for oracle in self.oracles
+            for method, tau in RUNS]
+
+  def record_path(self, name: str) -> str:
+    return os.path.join(self.records_dir, name.replace("/", "__") + ".json")
+
+  def run_job(self, seed: int, oracle: str, method: str, tau: float | None, evaluator
+              ) -> dict[str, Any]:
+    """One run (trained, or resumed, or read back) and its points' evaluations."""
+    from dro_jax import online
+    import protocol
+    name = run_name(seed, oracle, method, tau)
+    record = files.read_json(self.record_path(name))
+    if record is not None:
+      return record
+    config = self.config(seed, oracle, method, tau)
+    workdir = os.path.join(self.output, name)
+    start = time.perf_counter()
+    result = online.run(config, workdir)
+    trained = time.perf_counter() - start
+    train_prompts = sorted({row["prompt"] for k in range(1, config.online.iterations + 1)
+                            for row in online.read_jsonl(os.path.join(
+                                workdir, "iterations", str(k), "samples.jsonl"))})
+    protocol.check_disjoint({"train": train_prompts, **evaluator.sets})
+    judged = [files.read_json(os.path.join(workdir, "iterations", str(it["iteration"]),
+                                           "judged.json")) for it in result["iterations"]]
+    points = []
+    if method == "offline":
+      steps = [(None, s) for s in self.size["offline_grid"]]
+    else:  # every half iteration; the iterates are the whole ones
+      every = config.checkpoint_every
+      steps = [(s / config.online.steps, s) for s in range(every, config.total_steps + 1, every)]
+    for iteration, step in steps:
+      splits = ("validation", "test") if method == "offline" else ("test",)
+      policy = iterate_policy(workdir, step)
+      evaluated = evaluator(policy, os.path.join(workdir, "protocol", str(step)), splits)
+      points.append({"iteration": iteration, "step": step, **evaluated})
+    record = {
+        "seed": seed, "oracle": oracle, "method": method, "tau": float(config.ipo.tau),
+        "workdir": workdir,
+        "oracle_calls": oracle_calls(result["judge_calls"], config.online.preference_model),
+        "judge_calls": result["judge_calls"], "preference_model": config.online.preference_model,
+        "labelled_pairs": sum(j["pairs"] for j in judged),
+        "ties": sum(j["dropped_tie"] for j in judged),
+        "per_iteration": [{"iteration": j_it, "labelling_calls": None, "pairs": j["pairs"],
+                           "ties": j["dropped_tie"], "identical": j["dropped_identical"],
+                           "not_asked": j.get("dropped_over_cap", 0), "ranker": j["ranker"]}
+                          for j_it, j in enumerate(judged, 1)],
+        "train_prompts": len(train_prompts), "points": points,
+        "seconds": {"train": trained, "total": time.perf_counter() - start}}
+    for row, j in zip(record["per_iteration"], judged):
+      row["labelling_calls"] = j["judge_calls"]["labelling"]
+    files.write_text(self.record_path(name), json.dumps(record, indent=1))
+    print(f"[online_vs_offline] {name}: {record['oracle_calls']} oracle calls, "
+          f"{record['labelled_pairs']} pairs kept; test win rate "
+          + ", ".join(f"{p['test']['win_rate']:.1%} (KL {p['test']['kl']:.2f})" for p in points),
+          flush=True)
+    return record
+
+  def work(self, part: int = 0, parts: int = 1) -> None:
+    """This worker's share of the runs (every `parts`-th, from `part`)."""
+    evaluators: dict[int, Any] = {}
+    for index, (seed, oracle, method, tau) in enumerate(self.jobs()):
+      if index % parts != part:
         continue
-      rates = np.array([[it["win_rate"] for it in r["iterations"]] for r in runs])
-      kls = [r["iterations"][-1]["kl"] for r in runs]
-      pairs = [sum(it["pairs"] for it in r["iterations"]) for r in runs]
-      speed = [np.mean([it["judged_pairs_per_second"] for it in r["iterations"]]) for r in runs]
-      cells = ", ".join(f"{m:.1%} ± {s:.1%}" for m, s in zip(rates.mean(0), rates.std(0, ddof=1)
-                                                            if len(runs) > 1 else
-                                                            np.zeros(rates.shape[1])))
-      lines.append(f"| {oracle} | {variant} | {np.mean(pairs):.0f} | {cells} | "
-                   f"{np.mean(kls):.2f} | {np.mean(speed):.0f} |")
-      curves[(oracle, variant)] = rates
-  table = "\n".join(lines)
-  seeds = sorted({r["seed"] for r in results.values()})
-  files.write_text(path_md, f"# Online against offline on the demo task (seeds {seeds})\n\n"
-                   f"Win rate against SFT judged by the true judge (`demo`) on held-out prompts "
-                   f"after each iteration.\n\n{table}\n\n![curves](online_vs_offline.png)\n")
+      if seed not in evaluators:
+        evaluators[seed] = self.evaluator(seed)
+      self.run_job(seed, oracle, method, tau, evaluators[seed])
+
+  def evaluator(self, seed: int):
+    import types
+    import seqio
+    import protocol
+    from dro_jax import policies
+    from dro_jax.data import synthetic
+    config = self.base_config(seed, "demo")
+    lengths = types.SimpleNamespace(
+        max_input_length=config.max_input_length,
+        demo=types.SimpleNamespace(max_decode_length=config.evaluation.max_decode_length
+                                   or config.max_target_length))
+    synthetic.register_demo_tasks(self.cache_dir, sft_examples=config.online.sft_examples)
+    vocabulary = seqio.SentencePieceVocabulary(synthetic.demo_vocabulary(self.cache_dir))
+    sft = policies.load_policy(self.sft_dir).policy
+    return protocol.Evaluator(lengths, sft, vocabulary, self.sets(), seed,
+                              int(self.size["eval_samples"]), judge="demo")
+
+  def records(self) -> dict[str, dict[str, Any]]:
+    found = {}
+    for seed, oracle, method, tau in self.jobs():
+      name = run_name(seed, oracle, method, tau)
+      record = files.read_json(self.record_path(name))
+      if record is not None:
+        found[name] = record
+    return found
+
+
+def iterate_policy(workdir: str, step: int):
+  """The policy a run's checkpoint holds at `step`."""
+  from dro_jax import policies
+  return policies.load_policy(os.path.join(workdir, "checkpoints", str(step))).policy
+
+
+# --------------------------------------------------------------------------------- the report
+
+
+def tables(runs: Sequence[Mapping[str, Any]], split: str, index: int) -> tuple[np.ndarray,
+                                                                              np.ndarray]:
+  """(scores, kls) [seeds, prompts] of point `index` of these runs (one per seed, in order)."""
+  import protocol
+  scores = np.stack([protocol.unpack(run["points"][index][split]["prompt_scores"])
+                     for run in runs])
+  kls = np.stack([protocol.unpack(run["points"][index][split]["prompt_kl"]) for run in runs])
+  return scores, kls
+
+
+def choose_offline(runs: Sequence[Mapping[str, Any]], oracle: str
+                   ) -> tuple[tuple[float, int], dict[str, Any]]:
+  """Offline's (τ, steps) for `oracle`: the grid's point with the best mean VALIDATION win rate
+  over the seeds (protocol.choose; nothing of the test results is read)."""
+  import protocol
+  candidates: dict[str, list[Mapping[str, Any]]] = {}
+  keys = {}
+  for run in runs:
+    if run["method"] != "offline" or run["oracle"] != oracle:
+      continue
+    for point in run["points"]:
+      label = f"τ {run['tau']:g}, {point['step']} steps"
+      keys[label] = (float(run["tau"]), int(point["step"]))
+      candidates.setdefault(label, []).append({"validation": point["validation"]})
+  pick, record = protocol.choose(f"offline τ and steps ({oracle})", candidates)
+  return keys[pick], record
+
+
+def complete_seeds(records: Mapping[str, Mapping[str, Any]], oracle: str) -> list[int]:
+  seeds = sorted({r["seed"] for r in records.values()})
+  return [s for s in seeds if all(run_name(s, oracle, m, tau) in records for m, tau in RUNS)]
+
+
+def anchored(curve: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+  """A curve with SFT itself in front: win rate ½ and KL 0 on every prompt, exactly (the policy
+  is SFT), so a level just below a curve's first measured KL still reads inside it."""
+  scores, _ = curve[0]
+  return [(np.full_like(scores, 0.5), np.zeros_like(scores))] + list(curve)
+
+
+def oracle_report(records: Mapping[str, Mapping[str, Any]], oracle: str) -> dict[str, Any] | None:
+  """Points, the choice, the paired differences and the matched-KL cells of one oracle, over
+  the seeds whose every run is finished (all read under one set of bootstrap replicates)."""
+  import protocol
+  seeds = complete_seeds(records, oracle)
+  if not seeds:
+    return None
+  runs = {(m, tau): [records[run_name(s, oracle, m, tau)] for s in seeds] for m, tau in RUNS}
+  budgets = {run_name(0, oracle, m, tau).split("/")[-1]: sorted({r["oracle_calls"] for r in
+                                                                  group})
+             for (m, tau), group in runs.items()}
+  equal = len({calls for values in budgets.values() for calls in values}) == 1
+  (tau, steps), choice = choose_offline([r for group in runs.values() for r in group], oracle)
+  prompts = tables(runs[RUNS[0]], "test", 0)[0].shape[1]
+  replicates = protocol.Replicates(len(seeds), prompts)
+  curves: dict[tuple[str, float | None], list[tuple[np.ndarray, np.ndarray]]] = {}
+  points = []
+  for (method, run_tau), group in runs.items():
+    curves[(method, run_tau)] = []
+    for index, point in enumerate(group[0]["points"]):
+      scores, kls = tables(group, "test", index)
+      curves[(method, run_tau)].append((scores, kls))
+      mean, low, high = protocol.point_interval(scores, replicates)
+      record = {"method": method, "tau": group[0]["tau"], "iteration": point["iteration"],
+                "step": point["step"],
+                "chosen": method == "offline" and run_tau == tau and point["step"] == steps,
+                "test": {"win_rate": mean, "win_rate_low": low, "win_rate_high": high,
+                         "kl": float(kls.mean())}}
+      if method == "offline":
+        record["validation"] = {key: float(np.mean([r["points"][index]["validation"][key]
+                                                    for r in group]))
+                                for key in ("win_rate", "kl")}
+      points.append(record)
+  offline_steps = [p["step"] for p in runs[("offline", tau)][0]["points"]]
+  method_curves = {"online (enhancer)": curves[("online (enhancer)", None)],
+                   "online (best-worst)": curves[("online (best-worst)", None)],
+                   "offline": curves[("offline", tau)]}
+  final = {"online (enhancer)": method_curves["online (enhancer)"][-1],
+           "online (best-worst)": method_curves["online (best-worst)"][-1],
+           "offline": method_curves["offline"][offline_steps.index(steps)]}
+  differences, matched = [], []
+  for a, b in (("online (enhancer)", "offline"), ("online (best-worst)", "offline"),
+               ("online (best-worst)", "online (enhancer)")):
+    mean, low, high = protocol.paired_difference(final[a][0], final[b][0], replicates)
+    cell = {"a": a, "b": b, "difference": mean, "low": low, "high": high,
+            "kl_a": float(final[a][1].mean()), "kl_b": float(final[b][1].mean())}
+    cell["verdict"] = verdict(cell)
+    differences.append(cell)
+    for level in matched_levels(method_curves[a], method_curves[b]):
+      cell = {"a": a, "b": b, "kl": level}
+      for reading, log_kl in (("linear", False), ("log", True)):
+        cell[reading] = protocol.matched_difference(anchored(method_curves[a]),
+                                                    anchored(method_curves[b]), level, log_kl,
+                                                    replicates)
+      cell["verdict"] = matched_verdict(cell)
+      matched.append(cell)
+  labelled = {run_name(0, oracle, m, t).split("/")[-1]: float(np.mean(
+      [r["labelled_pairs"] for r in group])) for (m, t), group in runs.items()}
+  ties = {run_name(0, oracle, m, t).split("/")[-1]: float(np.mean([r["ties"] for r in group]))
+          for (m, t), group in runs.items()}
+  return {"oracle": oracle, "seeds": seeds, "test_prompts": prompts,
+          "oracle_calls": budgets, "equal_oracle_calls": equal, "labelled_pairs": labelled,
+          "ties": ties, "offline_tau": tau, "offline_steps": steps, "choice": choice,
+          "points": points, "paired_differences": differences, "matched_kl": matched}
+
+
+def matched_levels(curve_a, curve_b, count: int = 3) -> list[float]:
+  """`count` KL levels spread inside the overlap of two curves' KL ranges (on the full data),
+  10% in from its ends; none when the ranges do not overlap."""
+  a = [float(np.mean(kl)) for _, kl in curve_a]
+  b = [float(np.mean(kl)) for _, kl in curve_b]
+  low, high = max(min(a), min(b)), min(max(a), max(b))
+  if not high > low:
+    return []
+  span = high - low
+  return [float(v) for v in np.linspace(low + 0.1 * span, high - 0.1 * span, count)]
+
+
+def verdict(cell: Mapping[str, Any]) -> str:
+  if cell["low"] > 0:
+    return f"{cell['a']} better"
+  if cell["high"] < 0:
+    return f"{cell['b']} better"
+  return "indistinguishable at this size"
+
+
+def matched_verdict(cell: Mapping[str, Any]) -> str:
+  """A matched cell's reading: no claim when either interpolation has no value there, or the
+  two differ by more than the linear reading's half-width; else as `verdict`."""
+  linear, log = cell["linear"], cell["log"]
+  if not (math.isfinite(linear["difference"]) and math.isfinite(log["difference"])):
+    return "no claim (outside a curve)"
+  half = (linear["high"] - linear["low"]) / 2
+  if abs(linear["difference"] - log["difference"]) > half:
+    return "no claim (the interpolations disagree)"
+  both = [verdict({"a": cell["a"], "b": cell["b"], **reading}) for reading in (linear, log)]
+  return both[0] if both[0] == both[1] else "indistinguishable at this size"
+
+
+def point_label(point: Mapping[str, Any]) -> str:
+  if point["method"] == "offline":
+    return f"{point['step']} steps" + (" (chosen)" if point["chosen"] else "")
+  iteration = float(point["iteration"])
+  if iteration == int(iteration):
+    return f"iteration {int(iteration)} (step {point['step']})"
+  return f"half-way through iteration {math.ceil(iteration)} (step {point['step']})"
+
+
+def percent(value: float) -> str:
+  return f"{100 * value:.1f}%" if math.isfinite(value) else "n/a"
+
+
+def points_label(value: float) -> str:
+  return f"{100 * value:+.1f}" if math.isfinite(value) else "n/a"
+
+
+def markdown(summary: Mapping[str, Any], command: str) -> str:
+  protocol_record = summary["protocol"]
+  size = summary["size"]
+  lines = [
+      "# Online against offline at equal oracle budgets (demo task)", "",
+      f"Produced by `{command}`. Protocol (benchmarks/protocol.py): "
+      f"{protocol_record['validation_prompts']} validation and {protocol_record['test_prompts']} "
+      f"test prompts (disjoint from each other and from every training prompt), "
+      f"{size['eval_samples']} answers per prompt and side, judged by the true judge `demo` "
+      f"against SFT; seeds {protocol_record['seeds']} (each replicates everything after SFT); "
+      f"95% intervals from the two-level bootstrap over seeds and test prompts; the offline step "
+      f"count chosen on validation.", "",
+      f"Budget: every run asks the oracle {size['budget']} labelling calls per online iteration, "
+      f"{size['budget'] * size['iterations']} in all; the ranker is learned "
+      f"(`online.preference_model=fit`), so the tournament asks no oracle. "
+      f"`noisy:0.2:demo` flips each verdict with probability 0.2, a fresh draw per query.", ""]
+  for oracle, report in summary["oracles"].items():
+    if report is None:
+      lines += [f"## Oracle `{oracle}`", "", "No seed finished yet.", ""]
+      continue
+    lines += [f"## Oracle `{oracle}` (seeds {report['seeds']})", "",
+              "| run | oracle calls | labelled pairs kept (mean) | ties dropped (mean) |",
+              "|---|---|---|---|"]
+    for run, calls in report["oracle_calls"].items():
+      lines.append(f"| {run} | {', '.join(map(str, calls))} | "
+                   f"{report['labelled_pairs'][run]:.0f} | {report['ties'][run]:.0f} |")
+    lines += ["", "Equal oracle calls: " + ("yes." if report["equal_oracle_calls"] else
+                                            "**no** (a run could not fill its budget)."), ""]
+    choice = report["choice"]
+    lines += [f"Offline's τ and steps, chosen on validation (mean win rate over the seeds): "
+              + ", ".join(f"{label} {percent(score)}" for label, score in
+                          choice["validation"].items())
+              + f" -> **{choice['pick']}**.", "",
+              "| run | point | test win rate vs SFT [95%] | KL(π‖SFT) |", "|---|---|---|---|"]
+    for point in report["points"]:
+      where = point_label(point)
+      test = point["test"]
+      lines.append(f"| {point['method']}{' τ %g' % point['tau'] if point['method'] == 'offline' else ''} | {where} | {percent(test['win_rate'])} "
+                   f"[{percent(test['win_rate_low'])}, {percent(test['win_rate_high'])}] | "
+                   f"{test['kl']:.2f} |")
+    lines += ["", "### Paired differences at equal oracle calls", "",
+              "Final iterates against offline at its chosen steps, and the two pairings; in "
+              "points of win rate against SFT, on the same test prompts and SFT answers.", "",
+              "| a − b | difference [95%] | KL a, b | reading |", "|---|---|---|---|"]
+    for cell in report["paired_differences"]:
+      lines.append(f"| {cell['a']} − {cell['b']} | {points_label(cell['difference'])} "
+                   f"[{points_label(cell['low'])}, {points_label(cell['high'])}] | "
+                   f"{cell['kl_a']:.2f}, {cell['kl_b']:.2f} | {cell['verdict']} |")
+    lines += ["", "### Paired differences at matched KL", "",
+              "Each curve read at the KL level by interpolation along its points (online: its "
+              "iterates; offline: its checkpoints), linear in KL and linear in log KL.", "",
+              "| a − b | KL | linear in KL [95%] | linear in log KL [95%] | reading |",
+              "|---|---|---|---|---|"]
+    for cell in report["matched_kl"]:
+      linear, log = cell["linear"], cell["log"]
+      lines.append(f"| {cell['a']} − {cell['b']} | {cell['kl']:.2f} | "
+                   f"{points_label(linear['difference'])} [{points_label(linear['low'])}, "
+                   f"{points_label(linear['high'])}] | {points_label(log['difference'])} "
+                   f"[{points_label(log['low'])}, {points_label(log['high'])}] | "
+                   f"{cell['verdict']} |")
+    if not report["matched_kl"]:
+      lines.append("| (the curves' KL ranges do not overlap) | | | | |")
+    lines.append("")
+  lines += ["![win rate against KL](online_vs_offline.png)", ""]
+  return "\n".join(lines)
+
+
+def plot(summary: Mapping[str, Any], path: str) -> None:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
-  figure = Figure(figsize=(11, 4))
+  reports = [r for r in summary["oracles"].values() if r is not None]
+  if not reports:
+    return
+  figure = Figure(figsize=(5.5 * len(reports), 4.2))
   FigureCanvasAgg(figure)
-  axes = figure.subplots(1, len(ORACLES), sharey=True)
-  for axis, oracle in zip(axes, ORACLES):
-    for (name, variant), rates in curves.items():
-      if name != oracle:
-        continue
-      x = np.arange(1, rates.shape[1] + 1)
-      mean, spread = rates.mean(0), rates.std(0) if len(rates) > 1 else np.zeros(rates.shape[1])
-      if variant == "offline IPO":
-        x = np.array([1, 3])
-        mean, spread = np.repeat(mean, 2), np.repeat(spread, 2)
-      line, = axis.plot(x, mean, marker="o", label=variant)
-      axis.fill_between(x, mean - spread, mean + spread, alpha=0.15, color=line.get_color())
+  axes = np.atleast_1d(figure.subplots(1, len(reports), sharey=True))
+  for axis, report in zip(axes, reports):
+    for method in METHODS:
+      points = [p for p in report["points"] if p["method"] == method and (
+          method != "offline" or p["tau"] == report["offline_tau"])]
+      x = [p["test"]["kl"] for p in points]
+      y = np.array([p["test"]["win_rate"] for p in points])
+      error = np.array([[p["test"]["win_rate"] - p["test"]["win_rate_low"] for p in points],
+                        [p["test"]["win_rate_high"] - p["test"]["win_rate"] for p in points]])
+      label = method + (f" (τ {report['offline_tau']:g})" if method == "offline" else "")
+      line = axis.errorbar(x, y, yerr=error, marker="o", capsize=3, label=label)
+      for p, xi, yi in zip(points, x, y):
+        if method == "offline":
+          text = f"{p['step']}" + ("*" if p["chosen"] else "")
+        elif float(p["iteration"]) == int(p["iteration"]):
+          text = f"{int(p['iteration'])}"
+        else:
+          continue
+        axis.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                      color=line.lines[0].get_color())
     axis.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
-    axis.set(title=f"oracle: {oracle}", xlabel="iteration", xticks=[1, 2, 3])
-  axes[0].set(ylabel="win rate vs SFT (true judge; mean ± sd over seeds)")
-  axes[0].legend(loc="lower right", fontsize=8)
+    axis.set(title=f"oracle {report['oracle']}", xlabel="KL(π‖SFT), nats per answer (test)")
+  axes[0].set(ylabel="test win rate vs SFT (true judge, 95%)")
+  axes[0].legend(loc="lower right", fontsize=8, title_fontsize=7,
+                 title="online: iteration (and half-way points); offline: steps (* chosen)")
   figure.tight_layout()
-  figure.savefig(path_png, dpi=100)
-  return table
+  figure.savefig(path, dpi=100)
+
+
+def summarise(bench: Bench, command: str) -> dict[str, Any]:
+  import protocol
+  records = bench.records()
+  sets = bench.sets()
+  summary = {
+      "protocol": {"validation_prompts": len(sets["validation"]),
+                   "test_prompts": len(sets["test"]), "selection": "validation",
+                   "seeds": bench.seeds, "eval_samples": bench.size["eval_samples"],
+                   "judge": "demo", "bootstrap": "seeds x test prompts",
+                   "resamples": protocol.RESAMPLES},
+      "size": {key: (list(value) if isinstance(value, tuple) else value)
+               for key, value in bench.size.items()},
+      "oracles": {oracle: oracle_report(records, oracle) for oracle in bench.oracles},
+      "runs": records}
+  summary["choices"] = {oracle: report["choice"] for oracle, report in
+                        summary["oracles"].items() if report is not None}
+  files.write_text(os.path.join(bench.output, "results.json"), json.dumps(summary, indent=1))
+  text = markdown(summary, command)
+  files.write_text(os.path.join(bench.output, "online_vs_offline.md"), text)
+  plot(summary, os.path.join(bench.output, "online_vs_offline.png"))
+  return summary
+
+
+def estimate(size: Mapping[str, Any], seeds: int, oracles: int, workers: int) -> str:
+  """The run's work, and a wall-time estimate from per-unit costs measured on the 2-core
+  machine with one worker per core (the constants below)."""
+  offline_runs = len(OFFLINE_TAUS)
+  runs = seeds * oracles * len(RUNS)
+  groups = seeds * oracles
+  policy_steps = groups * (2 * size["iterations"] * size["steps"]
+                           + offline_runs * max(size["offline_grid"]))
+  fit_steps = groups * 2 * (size["iterations"] - 1) * size["fit_steps"]
+  tests = groups * (2 * 2 * size["iterations"] + offline_runs * len(size["offline_grid"]))
+  validations = groups * offline_runs * len(size["offline_grid"])
+  answers = (tests * size["test"] + validations * size["validation"]) * size["eval_samples"]
+  seconds = (policy_steps * STEP_SECONDS + fit_steps * FIT_STEP_SECONDS
+             + answers * ANSWER_SECONDS + runs * RUN_SECONDS)
+  return (f"{runs} runs: {policy_steps} policy and {fit_steps} preference-model steps, "
+          f"{tests} test and {validations} validation evaluations ({answers} answers judged "
+          f"against SFT's); about {seconds / 3600 / workers:.1f} h with {workers} worker(s)")
+
+
+# Per-unit costs with one worker per core of the 2-core machine: a policy step (batch 64), a
+# preference-model step (inputs of 64 tokens), an answer sampled, scored and judged, and a run's
+# fixed cost (compilations, sampling and ranking the training prompts).
+STEP_SECONDS = 0.25
+FIT_STEP_SECONDS = 0.35
+ANSWER_SECONDS = 0.002
+RUN_SECONDS = 120
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--output", required=True)
-  parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--quick", action="store_true", help="shorter runs (a smoke test)")
+  parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick 0,1)")
+  parser.add_argument("--oracles", default=",".join(ORACLES),
+                      help=f"comma-separated judge specs (default {','.join(ORACLES)})")
+  parser.add_argument("--quick", action="store_true", help="tiny runs and prompt sets (a smoke "
+                      "test; its numbers mean nothing)")
+  parser.add_argument("--sft", default=None, help="an SFT workdir of the online loop's demo "
+                      "model (default: trained in <output>/sft)")
+  parser.add_argument("--workers", type=int, default=1, help="runs trained at once, each worker "
+                      "a process of its own (default 1)")
+  parser.add_argument("--report", action="store_true", help="only write the report from the "
+                      "finished runs")
+  parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  from dro_jax import online
-  cache_dir = os.path.join(args.output, "data_cache")
-  results_path = os.path.join(args.output, "results.json")
-  results = files.read_json(results_path) or {}
-  for seed in (int(s) for s in args.seeds.split(",")):
-    sft = sft_for(seed, args.output, cache_dir, args.quick)
-    for oracle in ORACLES:
-      online_pairs = None
-      for variant in VARIANTS:
-        name = f"seed_{seed}/{oracle.replace(':', '_')}/{variant.split(' (')[0].replace(' ', '_')}"
-        name += "" if "(" not in variant else "_" + variant.split("(")[1].rstrip(")")
-        name = name.replace("-", "_")
-        config = run_config(seed, oracle, variant, cache_dir, sft, args.quick, online_pairs)
-        start = time.perf_counter()
-        result = online.run(config, os.path.join(args.output, name))
-        iterations = [{"iteration": it["iteration"], "pairs": it["judged"]["pairs"],
-                       "win_rate": it["evaluation"]["vs_sft"]["win_rate"],
-                       "win_rate_low": it["evaluation"]["vs_sft"]["win_rate_low"],
-                       "win_rate_high": it["evaluation"]["vs_sft"]["win_rate_high"],
-                       "kl": it["evaluation"]["vs_sft"]["kl"],
-                       "judged_pairs_per_second": it["judged"]["judged_pairs_per_second"]}
-                      for it in result["iterations"]]
-        if variant == "online IPO (enhancer)":
-          online_pairs = sum(it["pairs"] for it in iterations)
-        results[name] = {"seed": seed, "oracle": oracle, "variant": variant,
-                         "iterations": iterations, "judge_calls": result["judge_calls"],
-                         "seconds": results.get(name, {}).get("seconds",
-                                                              time.perf_counter() - start)}
-        files.write_text(results_path, json.dumps(results, indent=1))
-  table = summarise(results, os.path.join(args.output, "online_vs_offline.md"),
-                    os.path.join(args.output, "online_vs_offline.png"))
-  print(table)
+  size = SIZES["quick" if args.quick else "full"]
+  seeds = [int(s) for s in (args.seeds or size["seeds"]).split(",")]
+  oracles = [o for o in args.oracles.split(",") if o]
+  bench = Bench(args.output, size, seeds, oracles, sft=args.sft)
+  workers = max(int(args.workers), 1)
+  if args.worker is not None:
+    bench.work(args.worker, workers)
+    return
+  command = "python benchmarks/online_vs_offline.py --output DIR" + (
+      " --quick" if args.quick else f" --workers {workers}")
+  if not args.report:
+    print(f"[online_vs_offline] {estimate(size, len(seeds), len(oracles), workers)}",
+          flush=True)
+    bench.prepare()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    children = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv,
+                                  "--worker", str(part)]) for part in range(1, workers)]
+    try:
+      bench.work(0, workers)
+    except BaseException:
+      for child in children:
+        child.terminate()
+      raise
+    failed = [child.args for child in children if child.wait() != 0]
+    if failed:
+      raise SystemExit(f"online_vs_offline: {len(failed)} worker(s) failed; run the same "
+                       f"command again to resume")
+  summary = summarise(bench, command)
+  for oracle, report in summary["oracles"].items():
+    if report is None:
+      continue
+    for cell in report["paired_differences"]:
+      print(f"[online_vs_offline] {oracle}: {cell['a']} − {cell['b']}: "
+            f"{points_label(cell['difference'])} points [{points_label(cell['low'])}, "
+            f"{points_label(cell['high'])}] ({cell['verdict']})", flush=True)
+  print(f"[online_vs_offline] report in {os.path.join(args.output, 'online_vs_offline.md')}",
+        flush=True)
 
 
 if __name__ == "__main__":
