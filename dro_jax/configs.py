@@ -309,7 +309,7 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
   # Judged evaluation every eval_every steps (periodic_evaluation.py); off without a judge.
   config.evaluation = ml_collections.ConfigDict({
       # A judge spec (dro_jax.judges): demo, reward_model:DIR, preference_model:DIR,
-      # noisy:P:SPEC, a registered name, or module:factory.
+      # noisy:P:SPEC, noisy_persistent:P:SPEC, a registered name, or module:factory.
       "judge": placeholder(str),
       "debias": True,  # ask a non-symmetric judge in both orders and average
       "baseline": placeholder(str),  # workdir / HF / T5X folder; default: init_checkpoint

@@ -78,7 +78,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   add("--prompts", help="a .jsonl file with a \"prompt\" field per line, or one prompt per line "
       "(default: the held-out prompts of the policy's task)")
   add("--judge", help="a judge spec: demo, reward_model:DIR, preference_model:DIR, "
-      "noisy:P:SPEC, a registered name, or module:factory (default: the policy's task's)")
+      "noisy:P:SPEC, noisy_persistent:P:SPEC, a registered name, or module:factory (default: "
+      "the policy's task's)")
   add("--no_debias", action="store_true", help="ask a non-symmetric judge in one order only "
       "(policy first); by default it is asked in both orders and the verdicts averaged")
   add("--num_prompts", type=int, help=f"the first N prompts (default: all of --prompts, or "
