@@ -62,7 +62,7 @@ ORACLES = ("demo", "noisy:0.2:demo")
 METHODS = ("online (enhancer)", "online (best-worst)", "offline")
 TAGS = {"online (enhancer)": "online_enhancer", "online (best-worst)": "online_best_worst",
         "offline": "offline"}
-OFFLINE_TAUS = (0.1, 0.3)  # offline's IPO τ grid (online runs at configs/online.py's 0.1)
+OFFLINE_TAUS = (0.1, 0.3)  # offline's IPO τ grid at full size (online: configs/online.py's 0.1)
 
 
 # Sizes. Full: 3 iterations of 120 steps (configs/online.py's tiny defaults), each online run
@@ -75,16 +75,21 @@ SIZES = {
     "full": {"iterations": 3, "steps": 120, "budget": 192, "prompts": 1536, "samples": 4,
              "fit_steps": 300, "offline_prompts": 1536,
              "offline_grid": (30, 60, 120, 180, 240, 300, 360), "validation": 600, "test": 2400,
-             "eval_samples": 2, "seeds": "0,1,2", "sft_steps": 1000},
+             "eval_samples": 2, "seeds": "0,1,2", "sft_steps": 1000,
+             "offline_taus": OFFLINE_TAUS},
     "quick": {"iterations": 2, "steps": 6, "budget": 12, "prompts": 48, "samples": 4,
               "fit_steps": 6, "offline_prompts": 64, "offline_grid": (4, 8, 12),
               "validation": 24, "test": 32, "eval_samples": 1, "seeds": "0,1",
-              "sft_steps": 300},
+              "sft_steps": 300, "offline_taus": (0.1,)},
 }
 
 
-RUNS = tuple([(method, None) for method in METHODS[:2]]
-             + [("offline", tau) for tau in OFFLINE_TAUS])  # (method, offline τ)
+def runs_for(taus: Sequence[float]) -> tuple[tuple[str, float | None], ...]:
+  """Each seed's and oracle's runs: (method, offline τ or None)."""
+  return tuple([(method, None) for method in METHODS[:2]] + [("offline", tau) for tau in taus])
+
+
+RUNS = runs_for(OFFLINE_TAUS)
 
 
 def run_name(seed: int, oracle: str, method: str, tau: float | None = None) -> str:
@@ -106,12 +111,13 @@ def oracle_calls(judge_calls: Mapping[str, int], preference_model: str) -> int:
 
 class Bench:
   def __init__(self, output: str, size: Mapping[str, Any], seeds: Sequence[int],
-               oracles: Sequence[str], sft: str | None = None):
+               oracles: Sequence[str], sft: str | None = None, data_cache: str | None = None):
     self.output, self.size, self.seeds, self.oracles = output, dict(size), list(seeds), oracles
-    self.cache_dir = os.path.join(output, "data_cache")
+    self.cache_dir = data_cache or os.path.join(output, "data_cache")
     self.sft_arg = sft
     self.sft_dir = sft or os.path.join(output, "sft")
     self.records_dir = os.path.join(output, "records")
+    self.runs = runs_for(self.size["offline_taus"])
 
   # ------------------------------------------------------------------------- shared inputs
 
@@ -169,7 +175,7 @@ class Bench:
 
   def jobs(self) -> list[tuple[int, str, str, float | None]]:
     return [(seed, oracle, method, tau) for seed in self.seeds for oracle in self.oracles
-            for method, tau in RUNS]
+            for method, tau in self.runs]
 
   def record_path(self, name: str) -> str:
     return os.path.join(self.records_dir, name.replace("/", "__") + ".json")
@@ -301,9 +307,10 @@ def choose_offline(runs: Sequence[Mapping[str, Any]], oracle: str
   return keys[pick], record
 
 
-def complete_seeds(records: Mapping[str, Mapping[str, Any]], oracle: str) -> list[int]:
+def complete_seeds(records: Mapping[str, Mapping[str, Any]], oracle: str,
+                   runs: Sequence[tuple[str, float | None]] = RUNS) -> list[int]:
   seeds = sorted({r["seed"] for r in records.values()})
-  return [s for s in seeds if all(run_name(s, oracle, m, tau) in records for m, tau in RUNS)]
+  return [s for s in seeds if all(run_name(s, oracle, m, tau) in records for m, tau in runs)]
 
 
 def anchored(curve: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -313,20 +320,22 @@ def anchored(curve: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarra
   return [(np.full_like(scores, 0.5), np.zeros_like(scores))] + list(curve)
 
 
-def oracle_report(records: Mapping[str, Mapping[str, Any]], oracle: str) -> dict[str, Any] | None:
+def oracle_report(records: Mapping[str, Mapping[str, Any]], oracle: str,
+                  run_keys: Sequence[tuple[str, float | None]] = RUNS) -> dict[str, Any] | None:
   """Points, the choice, the paired differences and the matched-KL cells of one oracle, over
   the seeds whose every run is finished (all read under one set of bootstrap replicates)."""
   import protocol
-  seeds = complete_seeds(records, oracle)
+  seeds = complete_seeds(records, oracle, run_keys)
   if not seeds:
     return None
-  runs = {(m, tau): [records[run_name(s, oracle, m, tau)] for s in seeds] for m, tau in RUNS}
+  runs = {(m, tau): [records[run_name(s, oracle, m, tau)] for s in seeds]
+          for m, tau in run_keys}
   budgets = {run_name(0, oracle, m, tau).split("/")[-1]: sorted({r["oracle_calls"] for r in
                                                                   group})
              for (m, tau), group in runs.items()}
   equal = len({calls for values in budgets.values() for calls in values}) == 1
   (tau, steps), choice = choose_offline([r for group in runs.values() for r in group], oracle)
-  prompts = tables(runs[RUNS[0]], "test", 0)[0].shape[1]
+  prompts = tables(runs[run_keys[0]], "test", 0)[0].shape[1]
   replicates = protocol.Replicates(len(seeds), prompts)
   curves: dict[tuple[str, float | None], list[tuple[np.ndarray, np.ndarray]]] = {}
   points = []
@@ -466,7 +475,8 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
     for point in report["points"]:
       where = point_label(point)
       test = point["test"]
-      lines.append(f"| {point['method']}{' τ %g' % point['tau'] if point['method'] == 'offline' else ''} | {where} | {percent(test['win_rate'])} "
+      run = point["method"] + (f" τ {point['tau']:g}" if point["method"] == "offline" else "")
+      lines.append(f"| {run} | {where} | {percent(test['win_rate'])} "
                    f"[{percent(test['win_rate_low'])}, {percent(test['win_rate_high'])}] | "
                    f"{test['kl']:.2f} |")
     lines += ["", "### Paired differences at equal oracle calls", "",
@@ -545,7 +555,8 @@ def summarise(bench: Bench, command: str) -> dict[str, Any]:
                    "resamples": protocol.RESAMPLES},
       "size": {key: (list(value) if isinstance(value, tuple) else value)
                for key, value in bench.size.items()},
-      "oracles": {oracle: oracle_report(records, oracle) for oracle in bench.oracles},
+      "oracles": {oracle: oracle_report(records, oracle, bench.runs)
+                  for oracle in bench.oracles},
       "runs": records}
   summary["choices"] = {oracle: report["choice"] for oracle, report in
                         summary["oracles"].items() if report is not None}
@@ -559,8 +570,8 @@ def summarise(bench: Bench, command: str) -> dict[str, Any]:
 def estimate(size: Mapping[str, Any], seeds: int, oracles: int, workers: int) -> str:
   """The run's work, and a wall-time estimate from per-unit costs measured on the 2-core
   machine with one worker per core (the constants below)."""
-  offline_runs = len(OFFLINE_TAUS)
-  runs = seeds * oracles * len(RUNS)
+  offline_runs = len(size["offline_taus"])
+  runs = seeds * oracles * (2 + offline_runs)
   groups = seeds * oracles
   policy_steps = groups * (2 * size["iterations"] * size["steps"]
                            + offline_runs * max(size["offline_grid"]))
@@ -594,6 +605,8 @@ def main(argv=None) -> None:
                       "test; its numbers mean nothing)")
   parser.add_argument("--sft", default=None, help="an SFT workdir of the online loop's demo "
                       "model (default: trained in <output>/sft)")
+  parser.add_argument("--data_cache", default=None, help="the demo data's folder (default: "
+                      "<output>/data_cache; with --sft, the one it was trained with)")
   parser.add_argument("--workers", type=int, default=1, help="runs trained at once, each worker "
                       "a process of its own (default 1)")
   parser.add_argument("--report", action="store_true", help="only write the report from the "
@@ -603,8 +616,13 @@ def main(argv=None) -> None:
   size = SIZES["quick" if args.quick else "full"]
   seeds = [int(s) for s in (args.seeds or size["seeds"]).split(",")]
   oracles = [o for o in args.oracles.split(",") if o]
-  bench = Bench(args.output, size, seeds, oracles, sft=args.sft)
+  from dro_jax import judge_specs
+  for oracle in oracles:
+    judge_specs.check(oracle, "--oracles")
+  bench = Bench(args.output, size, seeds, oracles, sft=args.sft, data_cache=args.data_cache)
   workers = max(int(args.workers), 1)
+  from dro_jax import console
+  console.initialize_backends()  # without the start-up notices of devices this machine lacks
   if args.worker is not None:
     bench.work(args.worker, workers)
     return
