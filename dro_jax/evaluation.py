@@ -128,10 +128,11 @@ def minority_prompts(values: np.ndarray) -> int:
 
 def clustered_intervals(per_prompt: np.ndarray, minority: np.ndarray | int,
                         level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """`clustered_interval` from its sufficient statistics, over a batch: `per_prompt` [..., prompts]
-  (each prompt's mean verdict; every prompt with the same number of samples) and `minority`
-  [...] (`minority_prompts` of each). Returns (low, high, n_eff), each [...]. The coverage simulation
-  (benchmarks/interval_coverage.py) runs this very function over many evaluations at once."""
+  """`clustered_interval` from its sufficient statistics, over a batch: `per_prompt`
+  [..., prompts] (each prompt's mean verdict; every prompt with the same number of samples) and
+  `minority` [...] (`minority_prompts` of each). Returns (low, high, n_eff), each [...]. The
+  coverage simulation (benchmarks/interval_coverage.py) runs this very function over many
+  evaluations at once."""
   per_prompt = np.asarray(per_prompt, np.float64)
   prompts = per_prompt.shape[-1]
   minority = np.broadcast_to(np.asarray(minority, np.float64), per_prompt.shape[:-1])
