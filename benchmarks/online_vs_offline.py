@@ -65,7 +65,8 @@ TAGS = {"online (enhancer)": "online_enhancer", "online (best-worst)": "online_b
 OFFLINE_TAUS = (0.1, 0.3)  # offline's IPO τ grid at full size (online: configs/online.py's 0.1)
 
 
-# Sizes. Full: 3 iterations of 120 steps (configs/online.py's tiny defaults), each online run
+# Sizes. Full: 3 iterations of 120 steps (configs/online.py's tiny defaults; the preference
+# model's refit 100 steps, a third of the default, for time: it dominates the cost), each online run
 # evaluated every half iteration, and B = 192 oracle calls per iteration (576 per run), the
 # candidate pairs drawn from 1536 prompts per iteration so the budget is filled even when most of
 # the main agent's samples are the best; offline labels 576 pairs of 1536 prompts, at each τ of
@@ -73,7 +74,7 @@ OFFLINE_TAUS = (0.1, 0.3)  # offline's IPO τ grid at full size (online: configs
 # 2 samples per side (a point's 95% half-width about 1.2-1.5 points); validation 600 x 2.
 SIZES = {
     "full": {"iterations": 3, "steps": 120, "budget": 192, "prompts": 1536, "samples": 4,
-             "fit_steps": 300, "offline_prompts": 1536,
+             "fit_steps": 100, "offline_prompts": 1536,
              "offline_grid": (30, 60, 120, 180, 240, 300, 360), "validation": 600, "test": 2400,
              "eval_samples": 2, "seeds": "0,1,2", "sft_steps": 1000,
              "offline_taus": OFFLINE_TAUS},
@@ -586,11 +587,12 @@ def estimate(size: Mapping[str, Any], seeds: int, oracles: int, workers: int) ->
           f"against SFT's); about {seconds / 3600 / workers:.1f} h with {workers} worker(s)")
 
 
-# Per-unit costs with one worker per core of the 2-core machine: a policy step (batch 64), a
+# Per-unit costs with one worker per core of the 2-core machine, nothing else running (about 4x
+# more when other jobs share it): a policy step (batch 64), a
 # preference-model step (inputs of 64 tokens), an answer sampled, scored and judged, and a run's
 # fixed cost (compilations, sampling and ranking the training prompts).
-STEP_SECONDS = 0.25
-FIT_STEP_SECONDS = 0.35
+STEP_SECONDS = 0.3
+FIT_STEP_SECONDS = 1.0
 ANSWER_SECONDS = 0.002
 RUN_SECONDS = 120
 
