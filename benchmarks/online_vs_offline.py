@@ -383,7 +383,9 @@ def oracle_report(records: Mapping[str, Mapping[str, Any]], oracle: str,
       [r["labelled_pairs"] for r in group])) for (m, t), group in runs.items()}
   ties = {run_name(0, oracle, m, t).split("/")[-1]: float(np.mean([r["ties"] for r in group]))
           for (m, t), group in runs.items()}
+  half_width = max((p["test"]["win_rate_high"] - p["test"]["win_rate_low"]) / 2 for p in points)
   return {"oracle": oracle, "seeds": seeds, "test_prompts": prompts,
+          "largest_half_width": half_width,
           "oracle_calls": budgets, "equal_oracle_calls": equal, "labelled_pairs": labelled,
           "ties": ties, "offline_tau": tau, "offline_steps": steps, "choice": choice,
           "points": points, "paired_differences": differences, "matched_kl": matched}
@@ -466,7 +468,9 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
       lines.append(f"| {run} | {', '.join(map(str, calls))} | "
                    f"{report['labelled_pairs'][run]:.0f} | {report['ties'][run]:.0f} |")
     lines += ["", "Equal oracle calls: " + ("yes." if report["equal_oracle_calls"] else
-                                            "**no** (a run could not fill its budget)."), ""]
+                                            "**no** (a run could not fill its budget)."),
+              "", f"Largest 95% half-width of a point: {100 * report['largest_half_width']:.1f} "
+              f"points (the protocol asks at most 1.5).", ""]
     choice = report["choice"]
     lines += [f"Offline's τ and steps, chosen on validation (mean win rate over the seeds): "
               + ", ".join(f"{label} {percent(score)}" for label, score in
