@@ -271,6 +271,23 @@ class Bench:
     return found
 
 
+def ranker_agreement(workdir: str) -> list[float | None]:
+  """Per iteration of a run: the fraction of its kept pairs whose oracle label agrees with the
+  ranker (the chosen answer is the one the tournament ranked best): about ½ for a random ranking
+  (the first iteration), above it for a ranker that learned the oracle. None where the files are
+  gone."""
+  from dro_jax import online
+  shares = []
+  for k in range(1, 100):
+    judged = files.read_json(os.path.join(workdir, "iterations", str(k), "judged.json"))
+    if judged is None:
+      break
+    pairs = online.read_jsonl(os.path.join(workdir, "iterations", str(k), "pairs.jsonl"))
+    agree = [pair["chosen_index"] == judged["best"][pair["row"]] for pair in pairs]
+    shares.append(float(np.mean(agree)) if agree else None)
+  return shares
+
+
 def iterate_policy(workdir: str, step: int):
   """The policy a run's checkpoint holds at `step`."""
   from dro_jax import policies
@@ -383,9 +400,18 @@ def oracle_report(records: Mapping[str, Mapping[str, Any]], oracle: str,
       [r["labelled_pairs"] for r in group])) for (m, t), group in runs.items()}
   ties = {run_name(0, oracle, m, t).split("/")[-1]: float(np.mean([r["ties"] for r in group]))
           for (m, t), group in runs.items()}
+  agreement = {}
+  for (m, t), group in runs.items():
+    if m == "offline":
+      continue
+    per_run = [ranker_agreement(r["workdir"]) for r in group
+               if os.path.isdir(r.get("workdir") or "")]
+    per_run = [shares for shares in per_run if shares and None not in shares]
+    if per_run and len({len(shares) for shares in per_run}) == 1:
+      agreement[m] = [float(v) for v in np.mean(per_run, axis=0)]
   half_width = max((p["test"]["win_rate_high"] - p["test"]["win_rate_low"]) / 2 for p in points)
   return {"oracle": oracle, "seeds": seeds, "test_prompts": prompts,
-          "largest_half_width": half_width,
+          "largest_half_width": half_width, "ranker_agreement": agreement,
           "oracle_calls": budgets, "equal_oracle_calls": equal, "labelled_pairs": labelled,
           "ties": ties, "offline_tau": tau, "offline_steps": steps, "choice": choice,
           "points": points, "paired_differences": differences, "matched_kl": matched}
@@ -471,6 +497,12 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
                                             "**no** (a run could not fill its budget)."),
               "", f"Largest 95% half-width of a point: {100 * report['largest_half_width']:.1f} "
               f"points (the protocol asks at most 1.5).", ""]
+    if report.get("ranker_agreement"):
+      lines += ["The ranker against the oracle: the share of kept pairs whose label agrees with "
+                "the tournament's pick, per iteration (mean over seeds; the first ranks at "
+                "random): " + "; ".join(
+                    f"{method} " + ", ".join(percent(v) for v in shares)
+                    for method, shares in report["ranker_agreement"].items()) + ".", ""]
     choice = report["choice"]
     lines += [f"Offline's τ and steps, chosen on validation (mean win rate over the seeds): "
               + ", ".join(f"{label} {percent(score)}" for label, score in
