@@ -55,6 +55,7 @@ def get_config(arg=None):
       # on every oracle-labelled pair so far (warm-started).
       "preference_model": args.preference_model,
       "fit_steps": 300 if tiny else 1000,  # the refit's steps per iteration
+      # The refit's prompt length (at most the policy's; its answers: max_target_length).
       "fit_max_input_length": 64 if tiny else 1024,
       # At most this many labelled pairs per iteration, counted after ties are dropped (0: all).
       "max_pairs": 0,

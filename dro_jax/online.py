@@ -627,8 +627,11 @@ class OnlineRun:
       pm.model[key] = value
     pm.seed, pm.compute_dtype, pm.mesh_shape = (self.config.seed + k, self.config.compute_dtype,
                                                 self.config.mesh_shape)
-    pm.max_input_length = int(self.settings.fit_max_input_length)
-    pm.max_target_length = 2
+    # It reads prompt ‖ answer A ‖ answer B (judge_inputs): the policy's prompt length (at most
+    # `fit_max_input_length`) and its answer length, so it sees every token of both answers.
+    pm.max_input_length = min(int(self.settings.fit_max_input_length),
+                              int(self.config.max_input_length))
+    pm.max_target_length = int(self.config.max_target_length)
     pm.data.train_files = ",".join(paths)
     pm.data.vocabulary = self.vocabulary_path
     pm.data.cache_dir = self.config.data.cache_dir

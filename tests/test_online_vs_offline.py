@@ -214,3 +214,24 @@ def test_quick_run_gives_every_run_the_same_oracle_calls(demo_sft, demo_cache, t
   before = results["oracles"]
   bench.main(argv)
   assert json.loads((output / "results.json").read_text())["oracles"] == before
+
+
+def test_the_refit_preference_model_reads_whole_answers(demo_sft, demo_cache, tmp_path,
+                                                        monkeypatch):
+  """The learned ranker's inputs hold the policy's prompt and both answers in full: its answer
+  length is the policy's max_target_length (a length of 2 kept one token of each answer, and the
+  fitted ranker agreed with the oracle no more than chance)."""
+  config = configs.load("online", "size=tiny,preference_model=fit")
+  config.data.cache_dir = demo_cache
+  config.init_checkpoint = str(demo_sft)
+  run = online.OnlineRun(config, str(tmp_path / "run"))
+  online.write_jsonl(run.path(1, "pairs.jsonl"), [
+      {"prompt": "increment: 1 2", "chosen": "2 3", "rejected": "2 4", "p_chosen": 1.0}])
+  seen = {}
+  monkeypatch.setattr(online.train, "run", lambda pm, workdir: seen.update(config=pm))
+  monkeypatch.setattr(online.judges, "PreferenceModelJudge", lambda workdir: workdir)
+  run.fitted_preference_model(2)
+  pm = seen["config"]
+  assert pm.loss == "preference_model"
+  assert pm.max_target_length == config.max_target_length == 12
+  assert pm.max_input_length == config.max_input_length
