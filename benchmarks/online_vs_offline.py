@@ -389,7 +389,9 @@ def oracle_report(records: Mapping[str, Mapping[str, Any]], oracle: str,
     cell["verdict"] = verdict(cell)
     differences.append(cell)
     for level in matched_levels(method_curves[a], method_curves[b]):
-      cell = {"a": a, "b": b, "kl": level}
+      cell = {"a": a, "b": b, "kl": level,
+              "between_a": bracket(method_curves[a], level),
+              "between_b": bracket(method_curves[b], level)}
       for reading, log_kl in (("linear", False), ("log", True)):
         cell[reading] = protocol.matched_difference(anchored(method_curves[a]),
                                                     anchored(method_curves[b]), level, log_kl,
@@ -427,6 +429,15 @@ def matched_levels(curve_a, curve_b, count: int = 3) -> list[float]:
     return []
   span = high - low
   return [float(v) for v in np.linspace(low + 0.1 * span, high - 0.1 * span, count)]
+
+
+def bracket(curve, level: float) -> list[float]:
+  """The measured KLs (full data) of the two points of a curve on either side of `level`: a
+  wide bracket means the matched value there is a chord across a gap under either reading."""
+  kls = sorted(float(np.mean(kl)) for _, kl in curve)
+  below = [kl for kl in kls if kl <= level]
+  above = [kl for kl in kls if kl >= level]
+  return [below[-1] if below else 0.0, above[0] if above else math.nan]
 
 
 def verdict(cell: Mapping[str, Any]) -> str:
@@ -526,18 +537,23 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
                    f"{cell['kl_a']:.2f}, {cell['kl_b']:.2f} | {cell['verdict']} |")
     lines += ["", "### Paired differences at matched KL", "",
               "Each curve read at the KL level by interpolation along its points (online: its "
-              "iterates; offline: its checkpoints), linear in KL and linear in log KL.", "",
-              "| a − b | KL | linear in KL [95%] | linear in log KL [95%] | reading |",
-              "|---|---|---|---|---|"]
+              "iterates and half-iterations; offline: the chosen τ's checkpoints; SFT at KL 0 in "
+              "front), linear in KL and linear in log KL. Where a curve's bracketing points are "
+              "far apart, both readings are chords across the gap.", "",
+              "| a − b | KL | read between the points at KL (a; b) | linear in KL [95%] | "
+              "linear in log KL [95%] | reading |",
+              "|---|---|---|---|---|---|"]
     for cell in report["matched_kl"]:
       linear, log = cell["linear"], cell["log"]
-      lines.append(f"| {cell['a']} − {cell['b']} | {cell['kl']:.2f} | "
+      gaps = "; ".join("{:.2f}-{:.2f}".format(*cell[key]) for key in ("between_a", "between_b")
+                       if key in cell)
+      lines.append(f"| {cell['a']} − {cell['b']} | {cell['kl']:.2f} | {gaps} | "
                    f"{points_label(linear['difference'])} [{points_label(linear['low'])}, "
                    f"{points_label(linear['high'])}] | {points_label(log['difference'])} "
                    f"[{points_label(log['low'])}, {points_label(log['high'])}] | "
                    f"{cell['verdict']} |")
     if not report["matched_kl"]:
-      lines.append("| (the curves' KL ranges do not overlap) | | | | |")
+      lines.append("| (the curves' KL ranges do not overlap) | | | | | |")
     lines.append("")
   lines += ["![win rate against KL](online_vs_offline.png)", ""]
   return "\n".join(lines)
