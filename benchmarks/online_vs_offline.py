@@ -380,14 +380,23 @@ def oracle_report(records: Mapping[str, Mapping[str, Any]], oracle: str,
   final = {"online (enhancer)": method_curves["online (enhancer)"][-1],
            "online (best-worst)": method_curves["online (best-worst)"][-1],
            "offline": method_curves["offline"][offline_steps.index(steps)]}
-  differences, matched = [], []
-  for a, b in (("online (enhancer)", "offline"), ("online (best-worst)", "offline"),
-               ("online (best-worst)", "online (enhancer)")):
+  pairs = (("online (enhancer)", "offline"), ("online (best-worst)", "offline"),
+           ("online (best-worst)", "online (enhancer)"))
+  differences = []
+  for a, b in pairs:
     mean, low, high = protocol.paired_difference(final[a][0], final[b][0], replicates)
     cell = {"a": a, "b": b, "difference": mean, "low": low, "high": high,
             "kl_a": float(final[a][1].mean()), "kl_b": float(final[b][1].mean())}
     cell["verdict"] = verdict(cell)
     differences.append(cell)
+  # At matched KL, offline is the chosen τ's checkpoints, and also each other τ's (a curve is
+  # no choice; it reaches KLs the chosen one may not).
+  others = [t for (m, t) in runs if m == "offline" and t != tau]
+  for other in others:
+    method_curves[f"offline (τ {other:g})"] = curves[("offline", other)]
+  matched = []
+  for a, b in pairs + tuple((online_method, f"offline (τ {other:g})") for other in others
+                            for online_method in METHODS[:2]):
     for level in matched_levels(method_curves[a], method_curves[b]):
       cell = {"a": a, "b": b, "kl": level,
               "between_a": bracket(method_curves[a], level),
@@ -537,9 +546,11 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
                    f"{cell['kl_a']:.2f}, {cell['kl_b']:.2f} | {cell['verdict']} |")
     lines += ["", "### Paired differences at matched KL", "",
               "Each curve read at the KL level by interpolation along its points (online: its "
-              "iterates and half-iterations; offline: the chosen τ's checkpoints; SFT at KL 0 in "
-              "front), linear in KL and linear in log KL. Where a curve's bracketing points are "
-              "far apart, both readings are chords across the gap.", "",
+              "iterates and half-iterations; `offline`: the chosen τ's checkpoints, `offline (τ "
+              "...)`: another τ's; SFT at KL 0 in front), sorted by KL, linear in KL and linear "
+              "in log KL. Where a curve's bracketing points are far apart, both readings are "
+              "chords across the gap; an online run's KL does not grow with every step (see the "
+              "plot), so its points sorted by KL are not its order in training.", "",
               "| a − b | KL | read between the points at KL (a; b) | linear in KL [95%] | "
               "linear in log KL [95%] | reading |",
               "|---|---|---|---|---|---|"]
