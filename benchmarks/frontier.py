@@ -371,13 +371,17 @@ class Frontier:
 
   # ------------------------------------------------------------------ reading the points
 
-  def rate(self, method: str) -> float:
+  def rate(self, method: str) -> float | None:
+    """The method's learning rate chosen on validation (None before the choice)."""
     choice = self.choices.get(f"learning_rate/{method}")
-    return float(choice["pick"]) if choice else float(self.learning_rates()[0])
+    return float(choice["pick"]) if choice else None
 
   def sweep(self, method: str) -> list[dict[str, Any]]:
-    """The points of a method's sweep (at its chosen learning rate), not the grid or ablation."""
+    """The points of a method's sweep (at its chosen learning rate), not the grid or ablation;
+    none before its learning rate is chosen."""
     rate = self.rate(method)
+    if rate is None:
+      return []
     return [p for p in self.points.values() if p["method"] == method and not p["label"]
             and p["learning_rate"] == rate and p["seed"] in self.seeds]
 
@@ -621,7 +625,8 @@ def write(frontier: Frontier, command: str) -> str:
   lines += ["", "![win rate against KL](frontier.png)", ""]
   text = "\n".join(lines)
   with frontier.locked():
-    state = frontier.read()
+    state = frontier.read() or {"protocol": frontier.protocol, "choices": frontier.choices,
+                                "points": frontier.points}
     state["matched"] = {"levels": levels, "reference": REFERENCE,
                         "cells": _plain(table), "ablation": _plain(ablation)}
     files.write_text(frontier.path, json.dumps(state, indent=1))
@@ -690,7 +695,8 @@ def plot(curves: dict[str, list[dict[str, Any]]], replicates: protocol.Replicate
   axis.set(xlabel="KL(π‖SFT), nats per answer (policy's own samples, test prompts)",
            ylabel="win rate against SFT on test prompts (95%: seeds x prompts)",
            title="Reward-KL frontier on the demo task")
-  axis.legend(fontsize=8)
+  if axis.get_legend_handles_labels()[0]:
+    axis.legend(fontsize=8)
   figure.tight_layout()
   figure.savefig(path, dpi=100)
 

@@ -103,6 +103,10 @@ def test_the_full_sweep_order_choices_and_ablation(tmp_path, monkeypatch):
   stale = pathlib.Path(run.workdir("DPO|0.5@lr0.001|0") + ".claim")
   stale.parent.mkdir(parents=True)
   stale.write_text("999999999")  # no such process
+  # A report before any point is done says so and claims nothing.
+  empty = frontier.write(run, "frontier")
+  assert f"Partial: 0 of the sweep's {run.planned()} points" in empty
+  assert "Too few complete points for matched KL." in empty
   run.run()
   methods, values = len(frontier.METHODS), len(frontier.METHODS["DRO-V"][4])
   # The grid: one seed, every rate, at the default (its 1e-3 point is the sweep's too).
@@ -117,6 +121,7 @@ def test_the_full_sweep_order_choices_and_ablation(tmp_path, monkeypatch):
   for choice in run.choices.values():
     assert choice["selection"] == "validation" and set(choice["validation"]) == set(choice["grid"])
   text = frontier.write(run, "frontier")
+  assert "Partial" not in text
   state = json.loads((tmp_path / "frontier.json").read_text())
   assert {"protocol", "points", "choices", "matched"} <= set(state)
   assert "## Paired differences at matched KL" in text
