@@ -611,10 +611,19 @@ class OnlineRun:
     """A pairwise preference model trained (train.run, in iterations/<k>/preference_model) on
     every pair labelled before iteration k, warm-started from iteration k−1's (the first from
     the SFT policy); None before any pair is labelled."""
-    paths = [self.path(j, "pairs.jsonl") for j in range(1, k)
-             if read_jsonl(self.path(j, "pairs.jsonl"))]
-    if not paths:
+    # Its training pairs: every labelled pair so far whose two answers are not empty (a policy
+    # may answer with EOS at once; the policy's own training skips such pairs too), written once.
+    fit_pairs = self.path(k, "fit_pairs.jsonl")
+    if not os.path.exists(fit_pairs):
+      rows = [row for j in range(1, k) for row in read_jsonl(self.path(j, "pairs.jsonl"))]
+      kept = [row for row in rows if row["chosen"].strip() and row["rejected"].strip()]
+      if len(kept) < len(rows):
+        print(f"[online] iteration {k}: the preference model skips {len(rows) - len(kept)} "
+              f"labelled pairs with an empty answer", flush=True)
+      write_jsonl(fit_pairs, kept)
+    if not read_jsonl(fit_pairs):
       return None
+    paths = [fit_pairs]
     if not self.vocabulary_path:
       raise ValueError("online.preference_model='fit' needs a sentencepiece file "
                        "(config.data.vocabulary)")
@@ -645,8 +654,9 @@ class OnlineRun:
     pm.log_every = max(pm.total_steps // 10, 1)
     from dro_jax import demo
     if not demo.finished(workdir, pm.total_steps):
-      print(f"[online] iteration {k}: fitting the preference model on {len(paths)} "
-            f"iterations' pairs ({pm.total_steps} steps)", flush=True)
+      print(f"[online] iteration {k}: fitting the preference model on "
+            f"{len(read_jsonl(fit_pairs))} pairs of {k - 1} iterations ({pm.total_steps} steps)",
+            flush=True)
       train.run(pm, workdir)
     return judges.PreferenceModelJudge(workdir)
 

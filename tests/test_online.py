@@ -277,3 +277,28 @@ def test_a_fitted_preference_model_ranks_from_the_second_iteration(tmp_path, dem
   assert (model / "checkpoints").is_dir()
   assert json.loads((model / "config.json").read_text())["loss"] == "preference_model"
   assert not (tmp_path / "fit" / "iterations" / "1" / "preference_model").exists()
+
+
+def test_the_fitted_preference_model_skips_pairs_with_an_empty_answer(tmp_path, monkeypatch):
+  """A policy may answer with EOS at once: such a labelled pair is left out of the preference
+  model's training file (its reader refuses an empty answer), and the rest are kept."""
+  rows = {1: [{"prompt": "sort: 3 1", "chosen": "1 3", "rejected": "", "p_chosen": 1.0},
+              {"prompt": "sort: 2 1", "chosen": "1 2", "rejected": "2 1", "p_chosen": 1.0}],
+          2: [{"prompt": "sort: 5 4", "chosen": " ", "rejected": "4 5", "p_chosen": 1.0},
+              {"prompt": "sort: 9 8", "chosen": "8 9", "rejected": "9 9", "p_chosen": 1.0}]}
+  for k, pairs in rows.items():
+    (tmp_path / str(k)).mkdir()
+    files.write_jsonl(str(tmp_path / str(k) / "pairs.jsonl"), pairs)
+  run = object.__new__(online.OnlineRun)
+  run.path = lambda k, name: str(tmp_path / str(k) / name)
+  run.vocabulary_path, run.sft_dir = "vocabulary.model", str(tmp_path / "sft")
+  run.config = configs.load("online", "size=tiny")
+  run.user_config, run.settings = run.config, run.config.online
+  trained = []
+  monkeypatch.setattr(train, "run", lambda config, workdir: trained.append(config))
+  monkeypatch.setattr(judges, "PreferenceModelJudge", lambda workdir: workdir)
+  assert run.fitted_preference_model(3) == str(tmp_path / "3" / "preference_model")
+  (config,) = trained
+  assert config.data.train_files == str(tmp_path / "3" / "fit_pairs.jsonl")
+  kept = files.read_jsonl(config.data.train_files)
+  assert [row["prompt"] for row in kept] == ["sort: 2 1", "sort: 9 8"]
