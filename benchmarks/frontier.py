@@ -558,6 +558,13 @@ def write(frontier: Frontier, command: str) -> str:
     pick = choice["pick"] + (f" (τ run: {', '.join(f'{t:g}' for t in choice['taus'])})"
                              if "taus" in choice else "")
     lines.append(f"| {name} | {', '.join(choice['grid'])} | {scores} | {pick} |")
+  pending = [p for p in frontier.points.values() if not p["label"] and p["seed"] in frontier.seeds
+             and f"learning_rate/{p['method']}" not in frontier.choices and not p["diverged"]]
+  if pending:  # the learning-rate grid of a partial sweep, before its choices
+    lines += ["", "Learning-rate grid points done, before their choice (validation only):", ""]
+    lines += [f"- {p['method']} at {METHODS[p['method']][2]} {p['value']:g}, learning rate "
+              f"{p['learning_rate']:g}, seed {p['seed']}: {_pct(p['validation']['win_rate'])}"
+              for p in sorted(pending, key=lambda p: (p["method"], p["learning_rate"]))]
   lines += ["", "## Every point (test prompts)", "",
             "| method | parameter | value | learning rate | seeds | diverged | validation win rate "
             "| test win rate [95%] | KL(π‖SFT) [95%] | length |", "|---|---|---|---|---|---|---|---|---|---|"]
