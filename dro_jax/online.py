@@ -72,10 +72,9 @@ PyTree = Any
 PHASES = ("sampled", "judged", "trained", "evaluated")
 # The KL guard (`online.max_kl`): above this KL(π‖SFT), in nats per answer from the policy's own
 # samples, an iteration is warned about on the console and in online.md. Healthy runs stay well
-# below it: the online demo's iterates measure 1.1-4.9 nats over every pairing, loss and seed
-# (benchmarks/results/online_vs_offline), and the reward-KL frontier's most over-optimised point
-# (IPO at τ = 0.01) 6.2 (benchmarks/results/frontier); a policy that runs away from SFT passes it
-# within an iteration (tens of nats).
+# below it: the online demo's iterates measured 1.1-4.9 nats over every pairing, loss and seed,
+# and an earlier sweep of the reward-KL frontier's most over-optimised point (IPO at τ = 0.01)
+# 6.2; a policy that runs away from SFT passes it within an iteration (tens of nats).
 DEFAULT_MAX_KL = 10.0
 # size=tiny's IPO learning rate (configs/online.py): the demo's, with fresh prompts every
 # iteration, and a task of one's own, where 1e-3 over a small prompt pool drove KL(π‖SFT) from 10
