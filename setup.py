@@ -22,6 +22,9 @@ INSTALL_REQUIRES = [
     "clu>=0.0.12",
     "tensorboard>=2.20",
     "tqdm>=4.60",
+    # api:MODEL@BASE_URL judges (dro_jax/api_judge.py)
+    "openai>=3.51,<4",
+    "tenacity>=9.2,<10",
 ]
 
 EXTRAS = {
@@ -45,6 +48,8 @@ setuptools.setup(
     description=__doc__,
     packages=setuptools.find_packages(include=["dro_jax", "dro_jax.*"]),
     python_requires=">=3.11",
+    # the default judging prompt of api:MODEL@BASE_URL judges
+    package_data={"dro_jax": ["templates/*.txt"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["dro_jax=dro_jax.main:run"]},

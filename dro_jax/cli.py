@@ -4,7 +4,9 @@
 program parses its flags and checks the paths they name (`check`) with nothing but the standard
 library, and only then starts the backends and does its work. A user's mistake (a
 `dro_jax.errors.UserError`, or a ValueError / CheckpointError raised on what the user gave) is one
-line on stderr and exit status 2; `--verbosity=1` or DRO_JAX_TRACEBACK=1 shows the traceback.
+line on stderr and exit status 2; `--verbosity=1` or DRO_JAX_TRACEBACK=1 shows the traceback. A
+judge's budget reached is exit status 3, and judging stopped by SIGTERM / Ctrl-C 143 (both with
+every paid verdict stored).
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ def run(parse: Callable[[Sequence[str]], Any], main: Callable[[], Any], *,
       from dro_jax import console
       console.initialize_backends()
     return main()
+  except (errors.JudgeBudgetExceeded, errors.JudgingStopped) as error:
+    if errors.traceback_wanted(argv):
+      raise
+    budget = isinstance(error, errors.JudgeBudgetExceeded)
+    print(f"{'stopped' if budget else 'preempted'}: {errors.one_line(error)}", file=sys.stderr,
+          flush=True)
+    sys.exit(errors.BUDGET_EXIT_CODE if budget else errors.STOPPED_EXIT_CODE)
   except Exception as error:  # noqa: BLE001 (a user's mistake is told apart below)
     if not _users_mistake(error) or errors.traceback_wanted(argv):
       raise

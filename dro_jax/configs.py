@@ -309,8 +309,18 @@ def base_config(loss: str, args: ml_collections.ConfigDict) -> ml_collections.Co
   # Judged evaluation every eval_every steps (periodic_evaluation.py); off without a judge.
   config.evaluation = ml_collections.ConfigDict({
       # A judge spec (dro_jax.judges): demo, reward_model:DIR, preference_model:DIR,
-      # noisy:P:SPEC, noisy_persistent:P:SPEC, a registered name, or module:factory.
+      # noisy:P:SPEC, noisy_persistent:P:SPEC, api:MODEL@BASE_URL, a registered name, or
+      # module:factory.
       "judge": placeholder(str),
+      # api:MODEL@BASE_URL judges (the online oracle's too; docs/llm_judges.md): the judging
+      # prompt (a file with {prompt}, {response_a}, {response_b}; default: the package's),
+      # requests in flight at most, the most requests the evaluation's judge may pay for over
+      # the cache's life (0: no cap; reached: exit 3), and the verdict cache (SQLite; default
+      # <workdir>/judge_cache.sqlite where the run has a workdir, else in memory).
+      "judge_template": placeholder(str),
+      "judge_max_concurrency": 8,
+      "judge_max_calls": 0,
+      "judge_cache": placeholder(str),
       "debias": True,  # ask a non-symmetric judge in both orders and average
       "baseline": placeholder(str),  # workdir / HF / T5X folder; default: init_checkpoint
       "prompts": 200, "samples": 1, "temperature": 1.0,

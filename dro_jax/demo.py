@@ -254,7 +254,8 @@ class FinalEvaluation:
     self.seeds = {"policy_seed": 2 * demo.seed + 11, "baseline_seed": 2 * demo.seed + 12}
     self.baseline_samples = None
     self.judge_spec = demo.evaluation.judge or "demo"
-    self.judge = judges.judge_from_spec(self.judge_spec)
+    self.judge = judges.judge_from_spec(self.judge_spec, **judges.judge_options(
+        demo.evaluation, max_calls=demo.evaluation.get("judge_max_calls") or 0))
     self.debias = bool(demo.evaluation.debias)
 
   def __call__(self, policy: evaluation.Policy, workdir: str) -> dict[str, Any]:

@@ -20,6 +20,20 @@ class UserError(ValueError):
   """A mistake in what the user gave; the message says what is wrong and how to fix it."""
 
 
+BUDGET_EXIT_CODE = 3
+STOPPED_EXIT_CODE = 143
+
+
+class JudgeBudgetExceeded(Exception):
+  """The next batch of judge calls would pass the budget (`evaluation.judge_max_calls`,
+  `online.oracle_max_calls`): nothing of it was sent, every verdict paid for is stored; exit 3."""
+
+
+class JudgingStopped(Exception):
+  """SIGTERM or Ctrl-C while an API judge was judging: the verdicts received are stored, the
+  rest was not asked; exit 143 (the same command resumes)."""
+
+
 def one_line(message: object) -> str:
   """The message on one line (a multi-line message's lines joined)."""
   return " ".join(part.strip() for part in str(message).splitlines() if part.strip())

@@ -78,8 +78,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   add("--prompts", help="a .jsonl file with a \"prompt\" field per line, or one prompt per line "
       "(default: the held-out prompts of the policy's task)")
   add("--judge", help="a judge spec: demo, reward_model:DIR, preference_model:DIR, "
-      "noisy:P:SPEC, noisy_persistent:P:SPEC, a registered name, or module:factory (default: "
-      "the policy's task's)")
+      "noisy:P:SPEC, noisy_persistent:P:SPEC, api:MODEL@BASE_URL (key from "
+      "$DRO_JAX_JUDGE_API_KEY), a registered name, or module:factory (default: the policy's "
+      "task's)")
+  add("--judge_template", help="api judges: the judging prompt, a text file with {prompt}, "
+      "{response_a} and {response_b} (default: the package's templates/pairwise_judge.txt)")
+  add("--judge_max_concurrency", type=int, default=8,
+      help="api judges: requests in flight at most")
+  add("--judge_max_calls", type=int, default=0, help="api judges: the most requests paid for "
+      "over the cache's life (0: no cap); a batch that would pass it stops with exit status 3")
+  add("--judge_cache", help="api judges: the SQLite verdict cache (default: "
+      "<policy workdir>/judge_cache.sqlite, or judge_cache.sqlite in --output)")
   add("--no_debias", action="store_true", help="ask a non-symmetric judge in one order only "
       "(policy first); by default it is asked in both orders and the verdicts averaged")
   add("--num_prompts", type=int, help=f"the first N prompts (default: all of --prompts, or "
@@ -139,6 +148,15 @@ def check_args(args: argparse.Namespace) -> str:
                            f"evaluation.json and samples.jsonl")
   if args.judge:
     judge_specs.check(args.judge, "--judge")
+  if args.judge_max_concurrency < 1:
+    raise errors.UserError(f"--judge_max_concurrency must be at least 1, got "
+                           f"{args.judge_max_concurrency}")
+  if args.judge_max_calls < 0:
+    raise errors.UserError(f"--judge_max_calls must be 0 (no cap) or more, got "
+                           f"{args.judge_max_calls}")
+  if args.judge_template:
+    from dro_jax import api_judge
+    api_judge.read_template(args.judge_template, "--judge_template")
   if "://" in args.policy or "://" in args.baseline:  # read once loaded (see main)
     return args.judge
   run = _run_config_on_disk(args.policy) or _run_config_on_disk(args.baseline)
@@ -149,6 +167,18 @@ def check_args(args: argparse.Namespace) -> str:
 
 NO_TASK = ("neither --policy nor --baseline is a training workdir, so there is no task to take "
            "held-out prompts from; pass --prompts FILE")
+
+
+def judge_options(args: argparse.Namespace) -> dict[str, Any]:
+  """What an api:MODEL@BASE_URL judge takes from the command line; its cache defaults to the
+  policy's workdir (or the output folder)."""
+  from dro_jax import judge_specs
+  workdir = judge_specs._learned_workdir(args.policy) if "://" not in args.policy else None
+  cache = args.judge_cache or os.path.join(workdir or args.output or "evaluation",
+                                           "judge_cache.sqlite")
+  return {"template": args.judge_template, "max_concurrency": args.judge_max_concurrency,
+          "max_calls": args.judge_max_calls, "cache": cache,
+          "budget_key": "--judge_max_calls", "template_flag": "--judge_template"}
 
 
 def _vocabulary(args: argparse.Namespace, policy: LoadedPolicy, baseline: LoadedPolicy) -> Any:
@@ -190,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     prompts = read_prompts(args.prompts)[:args.num_prompts]
     if not prompts:
       raise errors.UserError(f"--prompts {args.prompts} holds no prompt")
-  judge = judges_lib.judge_from_spec(judge_name) if judge_name else None
+  options = judge_options(args)
+  judge = judges_lib.judge_from_spec(judge_name, **options) if judge_name else None
   policy = load_policy(args.policy, dtype=args.dtype)
   baseline = load_policy(args.baseline, dtype=args.dtype)
   vocabulary = _vocabulary(args, policy, baseline)
@@ -198,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   run = policy.run_config or baseline.run_config
   if judge is None:  # a workdir on a bucket: its task known only now
     judge_name = default_judge(run)
-    judge = judges_lib.judge_from_spec(judge_name)
+    judge = judges_lib.judge_from_spec(judge_name, **options)
   if not args.prompts:
     if run is None:
       raise errors.UserError(NO_TASK)
@@ -249,7 +280,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   order = ("symmetric judge, asked once" if metrics["judge_symmetric"] else
            "asked in both orders, averaged" if metrics["debiased"] else
            "asked in one order only (--no_debias)")
-  print(f"  judge {judge_name}: {order}; {metrics['judge_calls']} judge calls")
+  paid = ""
+  if "judge_calls_paid" in metrics:
+    paid = (f" ({metrics['judge_calls_paid']} requests paid, {metrics['judge_calls_cached']} "
+            f"answered from the cache {options['cache']})")
+  print(f"  judge {judge_name}: {order}; {metrics['judge_calls']} judge calls{paid}")
+  if metrics.get("unjudged"):
+    print(f"  {metrics['unjudged']} comparisons got no verdict (replies unparseable twice): "
+          f"{metrics['prompts_dropped_unjudged']} prompts left out of the win rate")
   sides = []
   for name in ("policy", "baseline"):
     reward = metrics.get(f"{name}_reward")

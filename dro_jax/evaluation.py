@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import math
 import statistics
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -499,20 +500,38 @@ def evaluate_policies(policy: Policy, baseline: Policy, vocabulary: decoding.Voc
   if judges_lib.has_reward(judge):
     for name, samples in sides.items():
       rewards[name] = np.asarray(judge.score(prompt_rows, samples.responses), np.float64)
+  counted: dict[str, int] = {}
   if rewards and type(judge).prefer is judges_lib.ScoringJudge.prefer:
     # Its preference is the comparison of the rewards: judge each response once, not twice.
     preferences = judges_lib.preference_from_rewards(rewards["policy"], rewards["baseline"])
     calls, debiased = len(prompt_rows), False
   else:
+    before = judges_lib.call_counts(judge)
     preferences, calls, debiased = judges_lib.compare(
         judge, prompt_rows, sides["policy"].responses, sides["baseline"].responses,
         debias=debias)
-  rate = win_rate(preferences.reshape(shape), level=level, resamples=resamples,
+    counted = {key: value - before.get(key, 0)
+               for key, value in judges_lib.call_counts(judge).items()}
+  # A comparison the judge gave no verdict for (NaN: an API judge's reply unparseable twice, in
+  # every order asked) is not taken as one: its prompt leaves the win rate (the clusters keep
+  # equal sizes) and is counted.
+  missing = np.isnan(preferences).reshape(shape)
+  kept = ~missing.any(axis=1)
+  if not kept.any():
+    raise ValueError(f"judge {judges_lib.describe(judge)} gave no verdict on any prompt: every "
+                     f"prompt has a comparison it could not judge")
+  rate = win_rate(preferences.reshape(shape)[kept], level=level, resamples=resamples,
                   seed=policy_seed, folds=folds)
   metrics: dict[str, Any] = rate.metrics()
   metrics["debiased"] = debiased
   metrics["judge_symmetric"] = judges_lib.is_symmetric(judge)
   metrics["judge_calls"] = calls
+  if counted:  # an API judge: requests paid and comparisons answered from its cache
+    metrics["judge_calls_paid"] = counted["judge_calls/paid"]
+    metrics["judge_calls_cached"] = counted["judge_calls/cached"]
+  if missing.any():
+    metrics["unjudged"] = int(missing.sum())
+    metrics["prompts_dropped_unjudged"] = int((~kept).sum())
 
   rows = batch_size * repeats
   logratios = (sequence_logps(policy, encoder_rows, sides["policy"].tokens, batch_size=rows,
@@ -522,8 +541,10 @@ def evaluate_policies(policy: Policy, baseline: Policy, vocabulary: decoding.Voc
   metrics["kl"] = float(logratios.mean())
   metrics["kl_stderr"] = (float(logratios.reshape(shape).mean(axis=1).std(ddof=1)
                                 / math.sqrt(len(prompts))) if len(prompts) > 1 else math.nan)
-  if per_prompt:
-    metrics["prompt_scores"] = preferences.reshape(shape).mean(axis=1).tolist()
+  if per_prompt:  # a prompt with an unjudged comparison: its judged ones' mean (NaN: none)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)
+      metrics["prompt_scores"] = np.nanmean(preferences.reshape(shape), axis=1).tolist()
     metrics["prompt_kl"] = logratios.reshape(shape).mean(axis=1).tolist()
   for name, values in rewards.items():
     metrics[f"{name}_reward"] = float(values.mean())

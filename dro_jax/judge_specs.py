@@ -3,7 +3,8 @@
 `check(spec, flag)` raises a one-line `UserError` naming the flag (or config key) for a spec that
 cannot work: an empty one, an unknown name, a `reward_model:DIR` / `preference_model:DIR` whose
 DIR is not a workdir of that recipe (or a step folder of one), `noisy:P:SPEC` or
-`noisy_persistent:P:SPEC` with P outside [0, 1] (or an inner SPEC that cannot work), a
+`noisy_persistent:P:SPEC` with P outside [0, 1] (or an inner SPEC that cannot work), an
+`api:MODEL@BASE_URL` not of that form (the endpoint is reached when the judge is built), a
 `module:factory` whose module does not import or has no such callable. Nothing is
 built: no network is restored and no factory is called (`judges.judge_from_spec` does that), so
 the command lines check their judge first and load their policies after.
@@ -66,6 +67,13 @@ def check(spec: str, flag: str = "--judge") -> None:
     if loss != head:
       raise errors.UserError(f"{flag} {spec}: {workdir} is a {loss} workdir, not a {head} one; "
                              f"train it with configs/{head}.py")
+    return
+  if head == "api":
+    from dro_jax import api_judge
+    if api_judge.parse_spec(spec) is None:
+      raise errors.UserError(f"{flag} {spec}: expected {api_judge.FORM}, e.g. "
+                             f"api:gpt-4o-mini@https://api.openai.com/v1 (the key from "
+                             f"${api_judge.KEY_ENV})")
     return
   if head in ("noisy", "noisy_persistent") and rest:
     from dro_jax import judges

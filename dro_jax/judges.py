@@ -19,8 +19,14 @@ Judges are chosen everywhere by one spec string (`judge_from_spec`; the evaluate
                               query i of the judge flipped iff a hash of (seed, i) < P
     noisy_persistent:P:SPEC   SPEC's verdict flipped with probability P, the same flip for the
                               same (prompt, unordered pair) every time it is asked
+    api:MODEL@BASE_URL        a model behind an OpenAI-compatible chat endpoint, cached,
+                              concurrent, retried and budgeted (`api_judge`, docs/llm_judges.md)
     NAME                      a judge added with `register_judge(NAME, factory)`
     module:factory            anything else: `module` imported from the Python path, `factory()`
+
+A judge that declares `abstains = True` (the API judge) may answer NaN for a row it could not
+judge (a reply unparseable twice): `compare` then keeps the other order's verdict, or NaN when
+both orders have none; the callers drop such rows rather than take them as verdicts.
 
 `tournament(prompts, candidates, judge)` runs a knock-out per prompt (the online enhancer's
 best-of-n, and the worst-of-n), counting the calls it spends.
@@ -85,13 +91,19 @@ def preference_from_rewards(rewards_a: np.ndarray, rewards_b: np.ndarray) -> np.
   return 0.5 + 0.5 * np.sign(np.asarray(rewards_a, np.float64) - np.asarray(rewards_b, np.float64))
 
 
+def abstains(judge: Judge) -> bool:
+  """Whether the judge may answer NaN (no verdict) for a row."""
+  return bool(getattr(judge, "abstains", False))
+
+
 def _verdicts(judge: Judge, prompts, responses_a, responses_b) -> np.ndarray:
   values = np.asarray(judge.prefer(list(prompts), list(responses_a), list(responses_b)),
                       np.float64).reshape(-1)
   if values.shape[0] != len(prompts):
     raise ValueError(f"judge {describe(judge)} answered {values.shape[0]} verdicts for "
                      f"{len(prompts)} comparisons")
-  if not np.all(np.isfinite(values)) or np.any((values < 0) | (values > 1)):
+  checked = values[~np.isnan(values)] if abstains(judge) else values
+  if not np.all(np.isfinite(checked)) or np.any((checked < 0) | (checked > 1)):
     raise ValueError(f"judge {describe(judge)} answered values outside [0, 1]")
   return values
 
@@ -111,7 +123,12 @@ def compare(judge: Judge, prompts: Sequence[str], responses_a: Sequence[str],
     return _verdicts(judge, prompts, responses_a, responses_b), count, False
   both = _verdicts(judge, list(prompts) * 2, list(responses_a) + list(responses_b),
                    list(responses_b) + list(responses_a))
-  return 0.5 * (both[:count] + 1.0 - both[count:]), 2 * count, True
+  forward, backward = both[:count], 1.0 - both[count:]
+  averaged = 0.5 * (forward + backward)
+  # An order without a verdict (an abstaining judge's NaN): the other order's alone.
+  averaged = np.where(np.isnan(forward), backward, np.where(np.isnan(backward), forward,
+                                                            averaged))
+  return averaged, 2 * count, True
 
 
 class ScoringJudge(abc.ABC):
@@ -201,6 +218,7 @@ class NoisyJudge:
       raise ValueError(f"{self.head} judge: the flip probability must be in [0, 1], got {flip}")
     self.judge, self.flip, self.seed = judge, float(flip), int(seed)
     self.symmetric = is_symmetric(judge)
+    self.abstains = abstains(judge)
     inner = getattr(judge, "spec", None) or describe(judge)
     self.spec = spec or f"{self.head}:{flip}:{inner}"
     digest = hashlib.sha256(repr((self.seed, self.head, inner)).encode()).digest()
@@ -418,7 +436,7 @@ def _preference_function(model_config: Any, a_token: int, b_token: int) -> Calla
 # name -> a factory of the judge (called with no arguments).
 JUDGES: dict[str, Callable[[], Judge]] = {"demo": DemoJudge}
 SPEC_FORMS = ("demo", "reward_model:DIR", "preference_model:DIR", "noisy:P:SPEC",
-              "noisy_persistent:P:SPEC", "module:factory")
+              "noisy_persistent:P:SPEC", "api:MODEL@BASE_URL", "module:factory")
 # the head of a noisy spec -> its judge: a fresh flip per query, or the same flip per pair
 NOISY_JUDGES: dict[str, type[NoisyJudge]] = {"noisy": NoisyJudge,
                                              "noisy_persistent": PersistentNoisyJudge}
@@ -451,12 +469,46 @@ def noisy_parts(rest: str) -> tuple[float, str] | None:
   return flip, inner
 
 
-def judge_from_spec(spec: str) -> Judge:
-  """The judge a spec string names (the module docstring lists the forms)."""
+def judge_options(settings: Any, *, cache: str | None = None, max_calls: int = 0,
+                  budget_key: str = "evaluation.judge_max_calls",
+                  template_flag: str = "evaluation.judge_template") -> dict[str, Any]:
+  """What an `api:MODEL@BASE_URL` judge takes from a config's `evaluation` block (its
+  judge_template, judge_max_concurrency and judge_cache; `cache` is the default store),
+  for `judge_from_spec(spec, **options)`. Other judges ignore them."""
+  get = settings.get if hasattr(settings, "get") else (lambda key, default=None: default)
+  return {"template": get("judge_template") or None,
+          "max_concurrency": int(get("judge_max_concurrency") or 8),
+          "cache": get("judge_cache") or cache, "max_calls": int(max_calls or 0),
+          "budget_key": budget_key, "template_flag": template_flag}
+
+
+def call_counts(*judges: Judge) -> dict[str, int]:
+  """`judge_calls/paid` and `judge_calls/cached` summed over the distinct judges that count
+  them (API judges: requests paid and comparisons answered from the cache, over the cache's
+  life); empty when none does."""
+  totals: dict[str, int] = {}
+  seen = set()
+  for judge in judges:
+    while judge is not None and not callable(getattr(judge, "counts", None)):
+      judge = getattr(judge, "judge", None)  # a noisy judge's wrapped one
+    if judge is None or id(judge) in seen:
+      continue
+    seen.add(id(judge))
+    for name, value in judge.counts().items():
+      totals[f"judge_calls/{name}"] = totals.get(f"judge_calls/{name}", 0) + value
+  return totals
+
+
+def judge_from_spec(spec: str, **options: Any) -> Judge:
+  """The judge a spec string names (the module docstring lists the forms). `options` go to an
+  `api:MODEL@BASE_URL` judge (`judge_options`; also inside a noisy spec); the rest ignore them."""
   if not isinstance(spec, str) or not spec.strip():
     raise ValueError(f"judge spec must be a non-empty string, one of {', '.join(SPEC_FORMS)}")
   spec = spec.strip()
   head, _, rest = spec.partition(":")
+  if head == "api":
+    from dro_jax import api_judge
+    return api_judge.ApiJudge(spec, **options)
   if head == "reward_model" and rest:
     return RewardModelJudge(rest)
   if head == "preference_model" and rest:
@@ -466,7 +518,7 @@ def judge_from_spec(spec: str) -> Judge:
     if parsed is None:
       raise ValueError(f"judge spec {spec!r}: {noisy_form(head)}")
     flip, inner = parsed
-    return NOISY_JUDGES[head](judge_from_spec(inner), flip, spec=spec)
+    return NOISY_JUDGES[head](judge_from_spec(inner, **options), flip, spec=spec)
   if spec in JUDGES:
     return JUDGES[spec]()
   if rest:
@@ -519,7 +571,8 @@ def tournament(prompts: Sequence[str], candidates: Sequence[Sequence[str]], judg
     calls += spent
     winners: dict[int, list[int]] = {}
     for (i, a, b), value in zip(matches, p):
-      a_wins = value >= 0.5 if not worst else value < 0.5
+      # No verdict (NaN from an abstaining judge): the earlier goes through.
+      a_wins = (value >= 0.5 if not worst else value < 0.5) or bool(np.isnan(value))
       winners.setdefault(i, []).append(a if a_wins else b)
     alive = [winners.get(i, []) + (row[-1:] if len(row) % 2 else []) if len(row) > 1 else row
              for i, row in enumerate(alive)]

@@ -246,6 +246,12 @@ def main(argv) -> None:
   except train.Preempted as preempted:
     print(str(preempted), flush=True)
     sys.exit(143)
+  except errors.JudgeBudgetExceeded as error:  # the run's state is saved; the cache holds verdicts
+    print(f"stopped: {errors.one_line(error)}", file=sys.stderr, flush=True)
+    sys.exit(errors.BUDGET_EXIT_CODE)
+  except errors.JudgingStopped as error:
+    print(f"preempted: {errors.one_line(error)}", flush=True)
+    sys.exit(errors.STOPPED_EXIT_CODE)
 
 
 def _exists(workdir: str) -> bool:
