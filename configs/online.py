@@ -62,6 +62,10 @@ def get_config(arg=None):
       # At most this many oracle calls per iteration for labelling (0: no cap); the pairs are
       # asked in order until the next would pass it (an equal oracle budget across runs).
       "max_oracle_calls": 0,
+      # At most this many paid requests to an api:MODEL@BASE_URL oracle over the run (its
+      # verdict cache's life; 0: no cap): the next batch that would pass it stops the run with
+      # its state and every paid verdict saved, exit 3 (docs/llm_judges.md).
+      "oracle_max_calls": 0,
       "accumulate": True,  # train on every iteration's pairs so far (False: this one's)
       # sft: the SFT policy, fixed; previous: iterate k-1; ema: moved towards the policy as the
       # trust-region rule `reference.alpha` / `reference.sync_every` says.

@@ -127,7 +127,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("iterations", "samples", "prompts", "steps"):
     if int(settings[key]) < 1:
       raise errors.UserError(f"config.online.{key}={settings[key]}: must be at least 1")
-  for key in ("max_pairs", "max_oracle_calls"):
+  for key in ("max_pairs", "max_oracle_calls", "oracle_max_calls"):
     if int(settings.get(key) or 0) < 0:
       raise errors.UserError(f"config.online.{key}={settings[key]}: must be 0 (no cap) or more")
   if settings.samples < 2:
@@ -143,7 +143,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.evaluation.get("judge"):
     judge_specs.check(config.evaluation.judge, "config.evaluation.judge")
   try:
-    judges.judge_from_spec(settings.oracle)  # a factory that fails, or builds no judge, fails now
+    # a factory that fails, or builds no judge, fails now (an api judge: its endpoint reached)
+    judges.judge_from_spec(settings.oracle, **judges.judge_options(config.evaluation))
   except ValueError as error:
     raise errors.UserError(f"config.online.oracle {settings.oracle}: "
                            f"{errors.one_line(error)}") from error
@@ -395,7 +396,7 @@ def label(pairs: list[dict[str, Any]], oracle: judges.Judge, config,
   labelled, ties = [], 0
   for pair, p, swapped in zip(pairs, p_shown, (swap[p["row"]] for p in pairs)):
     p_first = 1.0 - float(p) if swapped else float(p)
-    if p_first == 0.5:
+    if p_first == 0.5 or np.isnan(p_first):  # NaN: the oracle gave no verdict (api_judge)
       ties += 1
       continue
     first_wins = p_first > 0.5
@@ -479,13 +480,18 @@ class OnlineRun:
     if self.vocabulary.vocab_size > self.model_config.vocab_size:
       raise ValueError(f"the vocabulary has {self.vocabulary.vocab_size} pieces but the model's "
                        f"embedding {self.model_config.vocab_size}: set config.model.vocab_size")
-    self.oracle = judges.judge_from_spec(self.settings.oracle)
+    cache = os.path.join(workdir, "judge_cache.sqlite")  # api:MODEL@BASE_URL judges' verdicts
+    self.oracle = judges.judge_from_spec(self.settings.oracle, **judges.judge_options(
+        config.evaluation, cache=cache, max_calls=self.settings.get("oracle_max_calls") or 0,
+        budget_key="online.oracle_max_calls"))
     if isinstance(self.oracle, judges.NoisyJudge):  # its flips drawn from the run's seed
       self.oracle = type(self.oracle)(self.oracle.judge, self.oracle.flip, seed=config.seed,
                                       spec=self.oracle.spec)
     self.eval_spec = config.evaluation.judge or self.settings.oracle
     self.eval_judge = (self.oracle if self.eval_spec == self.settings.oracle
-                       else judges.judge_from_spec(self.eval_spec))
+                       else judges.judge_from_spec(self.eval_spec, **judges.judge_options(
+                           config.evaluation, cache=cache,
+                           max_calls=config.evaluation.get("judge_max_calls") or 0)))
     self.prompts = Prompts(config)
     self.max_kl = self.settings.get("max_kl", DEFAULT_MAX_KL)
     self.steps = int(self.settings.steps)
@@ -899,6 +905,7 @@ class OnlineRun:
                   "online/win_rate_vs_previous_low": vs_previous["win_rate_low"],
                   "online/win_rate_vs_previous_high": vs_previous["win_rate_high"]})
     row.update({f"judge_calls/{kind}": value for kind, value in calls.as_dict().items()})
+    row.update(judges.call_counts(self.oracle, self.eval_judge))  # paid and cached (api judges)
     return row
 
   def report(self, results: list[dict[str, Any]]) -> None:

@@ -29,7 +29,9 @@ ALLOWED = ("total_steps", "eval_every", "eval_batches", "checkpoint_every", "log
            "preference.a_piece", "preference.b_piece",
            # whether the run is on the demo task follows from its data, which is compared
            # (datasets.resolve_demo records it; a config.json from before has none)
-           "data.demo")
+           "data.demo",
+           # the oracle's budget of paid calls: raised to go on after it stopped a run
+           "online.oracle_max_calls")
 RECIPE_KEYS = ("loss", "runner")
 MISSING = object()
 
