@@ -9,7 +9,8 @@ and of how many times that request was seen before:
 
 - a first-position bias: a share `bias` of the requests answer A whatever the rewards say;
 - latency: every request sleeps `latency` seconds;
-- failures: a share `fail_429` answers HTTP 429 (with `Retry-After: retry_after`), `fail_500`
+- failures: a share `fail_429` answers HTTP 429 (with `Retry-After: retry_after`; with
+  `first_429`, every request's first try does), `fail_500`
   HTTP 500, `malformed_json` a 200 whose body is not JSON, `unparseable` a reply that is no
   verdict ("I would rather not say.");
 - log-probabilities, when asked for and `logprobs` is on: the verdict token at `confidence`.
@@ -54,12 +55,13 @@ class JudgeServer:
   def __init__(self, *, bias: float = 0.0, latency: float = 0.0, fail_429: float = 0.0,
                fail_500: float = 0.0, malformed_json: float = 0.0, unparseable: float = 0.0,
                retry_after: float | None = 0.0, logprobs: bool = False,
-               confidence: float = 0.9, api_key: str | None = None, seed: int = 0):
+               confidence: float = 0.9, api_key: str | None = None, seed: int = 0,
+               first_429: bool = False):
     self.bias, self.latency = bias, latency
     self.fail_429, self.fail_500 = fail_429, fail_500
     self.malformed_json, self.unparseable = malformed_json, unparseable
     self.retry_after, self.logprobs, self.confidence = retry_after, logprobs, confidence
-    self.api_key, self.seed = api_key, seed
+    self.api_key, self.seed, self.first_429 = api_key, seed, first_429
     self.lock = threading.Lock()
     self.in_flight = self.max_in_flight = 0
     self.requests = 0
@@ -176,6 +178,8 @@ class JudgeServer:
       if low <= draw < low + share:
         kind = name
       low += share
+    if self.first_429 and seen == 0:
+      kind = "429"
     with self.lock:
       self.statuses[kind or "verdict"] += 1
     if kind == "429":
