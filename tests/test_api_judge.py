@@ -269,9 +269,10 @@ def test_unjudged_comparisons_leave_the_win_rate_by_prompt(one_step_sft):
 @pytest.mark.slow
 def test_evaluate_with_an_api_judge_stops_at_its_budget_and_never_shows_the_key(
     tmp_path, one_step_sft):
-  """`python -m dro_jax.evaluate --judge api:...`: stopped by --judge_max_calls (exit 3, one
-  line naming the calls paid and to do), then run again to the end asking nothing twice; the
-  key is in no file of the workdir or the output, and not on the console."""
+  """`python -m dro_jax.evaluate --judge api:...`: stopped by --judge_max_calls before the batch
+  that would pass it (exit 3, one line naming the calls paid and to do, nothing sent), then run
+  to the end with room for it; the key (checked by the server) is in no file of the workdir,
+  the output or the cache, and not on the console."""
   secret = "sk-test-" + "5ecret" * 6
   env = {**os.environ, "DRO_JAX_JUDGE_API_KEY": secret, "JAX_PLATFORMS": "cpu"}
   output, cache = tmp_path / "evaluation", tmp_path / "judge_cache.sqlite"
@@ -286,21 +287,16 @@ def test_evaluate_with_an_api_judge_stops_at_its_budget_and_never_shows_the_key(
     assert line.startswith("stopped: judge budget --judge_max_calls=10 reached: 0 calls paid")
     assert "24 more not in the cache" in line
     assert server.requests == 0
-    # A budget that runs out mid-way: the next batch would pass it only on a second call, so
-    # run with room for all of it.
+    # Room for all of it: run to the end (the 500s retried), each comparison paid once.
     finished = subprocess.run(command + ["--judge_max_calls", "24"], capture_output=True,
                               text=True, cwd=ROOT, env=env, timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "24 requests paid, 0 answered from the cache" in finished.stdout
-    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env,
-                           timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "0 requests paid, 24 answered from the cache" in again.stdout
   assert server.bearers == {secret}
   assert sum(server.verdicts.values()) == 24 and max(server.verdicts.values()) == 1
   report = json.loads((output / "evaluation.json").read_text())
-  assert report["judge_calls"] == 24 and report["judge_calls_cached"] == 24
-  for run in (stopped, finished, again):
+  assert report["judge_calls"] == 24 and report["judge_calls_paid"] == 24
+  for run in (stopped, finished):
     assert secret not in run.stdout + run.stderr
   assert cache.exists() and (output / "samples.jsonl").exists()
   for folder in (one_step_sft, tmp_path):
@@ -320,3 +316,61 @@ def test_the_evaluate_command_caches_in_the_policy_workdir_by_default(tmp_path):
   assert evaluate.judge_options(args)["cache"] == str(workdir / "judge_cache.sqlite")
   args = evaluate.parse_args(["--policy", "hf_folder", "--baseline", "b", "--output", "out"])
   assert evaluate.judge_options(args)["cache"] == os.path.join("out", "judge_cache.sqlite")
+
+
+# ------------------------------------------------------------------------- the online loop
+
+
+def test_the_online_loop_with_an_api_oracle_stops_and_resumes_asking_nothing_twice(
+    tmp_path, one_step_sft, demo_cache, monkeypatch):
+  """2 tiny iterations with `online.oracle=api:...@http://127.0.0.1:PORT/v1` (it ranks, labels
+  and evaluates): stopped by SIGTERM during iteration 1's labelling, restarted under an
+  `online.oracle_max_calls` the next batch would pass (stopped again before sending it, state
+  and cache kept), then restarted with the budget lifted: the server sees each (pair, order)
+  answered at most once, and the metrics count the paid and the cached calls."""
+  from dro_jax import configs, files, online
+  import run_helpers
+  workdir = str(tmp_path / "online")
+  with JudgeServer(fail_429=0.02, fail_500=0.02) as server:
+    def config(**changes):
+      made = configs.load("online", f"size=tiny,oracle=api:judge@{server.url}")
+      made.data.cache_dir = demo_cache
+      made.init_checkpoint = str(one_step_sft)
+      return run_helpers.set_dotted(made, {
+          "online.iterations": 2, "online.steps": 4, "online.prompts": 24,
+          "evaluation.prompts": 12, "evaluation.samples": 1, "checkpoint_every": 4,
+          "log_every": 2, **changes})
+
+    label_within = online.label_within
+    labelling = {}
+
+    def stopping(*args, **kwargs):  # SIGTERM once 10 more requests came in while labelling
+      labelling["from"] = server.requests
+      server.on_request = lambda count: (count == labelling["from"] + 10
+                                         and os.kill(os.getpid(), signal.SIGTERM))
+      return label_within(*args, **kwargs)
+    monkeypatch.setattr(online, "label_within", stopping)
+    with pytest.raises(errors.JudgingStopped):
+      online.run(config(), workdir)
+    monkeypatch.undo()
+    server.on_request = None
+    assert not os.path.exists(os.path.join(workdir, "iterations", "1", "judged.json"))
+    paid = sum(server.verdicts.values())
+    assert paid > labelling["from"] - sum(server.statuses[k] for k in ("429", "500"))
+
+    asked = server.requests
+    with pytest.raises(errors.JudgeBudgetExceeded, match="online.oracle_max_calls"):
+      online.run(config(**{"online.oracle_max_calls": paid + 2}), workdir)
+    assert server.requests == asked  # the tournament came from the cache; nothing more sent
+
+    result = online.run(config(), workdir)
+  assert len(result["iterations"]) == 2
+  assert max(server.verdicts.values()) == 1, "a (pair, order) was answered twice"
+  rows = [row for row in files.metrics_rows(os.path.join(workdir, "metrics.jsonl"))
+          if "online/iteration" in row]
+  last = rows[-1]
+  assert last["judge_calls/paid"] == sum(server.verdicts.values()) + server.statuses[
+      "unparseable"]
+  assert last["judge_calls/cached"] > 0  # the restarted iteration's tournament, at least
+  # Each comparison the loop made was either paid once or answered from the cache.
+  assert last["judge_calls/total"] <= last["judge_calls/paid"] + last["judge_calls/cached"]
