@@ -149,7 +149,9 @@ def _get(item: Any, name: str) -> Any:
 
 class VerdictCache:
   """Verdicts in SQLite, one committed transaction per row, and the workdir's call counters.
-  `path` None: kept in memory for this process only."""
+  `path` None: kept in memory for this process only. Write-ahead log with synchronous=NORMAL:
+  a committed row survives the process being stopped or killed (it is in the log file), and
+  only a crash of the machine itself may lose the last rows, never corrupt the file."""
 
   def __init__(self, path: str | None):
     self.path = path
@@ -157,6 +159,9 @@ class VerdictCache:
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     self._db = sqlite3.connect(path or ":memory:", timeout=60, check_same_thread=False)
     self._lock = threading.Lock()
+    if path:  # each row's transaction is in the file when committed; no fsync per row
+      self._db.execute("PRAGMA journal_mode=WAL")
+      self._db.execute("PRAGMA synchronous=NORMAL")
     with self._lock, self._db:
       self._db.execute("CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, spec TEXT, "
                        "template TEXT, value REAL, reply TEXT, created REAL)")

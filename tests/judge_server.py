@@ -28,6 +28,7 @@ import http.server
 import json
 import math
 import re
+import socket
 import threading
 import time
 from typing import Any
@@ -84,7 +85,18 @@ class JudgeServer:
       def log_message(self, *args):  # quiet
         del args
 
+      def setup(self):
+        super().setup()
+        # Headers and body go out as two writes: without this, Nagle's algorithm and the
+        # client's delayed ACK hold the body back ~40 ms, which would count as latency.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
       def do_GET(self):
+        if self.path.endswith("/stats"):  # the counts, for a server in another process
+          with server.lock:
+            self._json(200, {"requests": server.requests, "max_in_flight": server.max_in_flight,
+                             "verdicts": sum(server.verdicts.values())})
+          return
         if not self._authorised():
           return
         self._json(200, {"object": "list", "data": [{"id": "judge", "object": "model",
@@ -214,3 +226,16 @@ class JudgeServer:
     return {"id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "judge"), "choices": [choice],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+if __name__ == "__main__":  # a server of its own: python tests/judge_server.py --latency 0.05
+  import argparse
+  import sys
+  parser = argparse.ArgumentParser(description="the test judge server, until stdin closes")
+  parser.add_argument("--latency", type=float, default=0.0)
+  parser.add_argument("--bias", type=float, default=0.0)
+  options = parser.parse_args()
+  running = JudgeServer(latency=options.latency, bias=options.bias).start()
+  print(running.url, flush=True)
+  sys.stdin.read()
+  running.stop()
