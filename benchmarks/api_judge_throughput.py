@@ -2,8 +2,9 @@
 
 The judge asks the local chat-completions server of the tests (tests/judge_server.py: a
 ThreadingHTTPServer on 127.0.0.1 playing the demo's judge, in a process of its own) which sleeps
-`--latency` seconds per request. Each pair is judged in both orders (`judges.compare`, debiased: 2 requests), through a
-fresh verdict cache (nothing cached), so the rate is what a run pays for. The bound is
+`--latency` seconds per request. Each pair is judged in both orders (`judges.compare`,
+debiased: 2 requests), through a fresh verdict cache (nothing cached), so the rate is what a
+run pays for. The bound is
 concurrency / (2 × latency) pairs per second; what is left of it is the client's own cost per
 request (the openai client, JSON, SQLite, the GIL) on this machine.
 
@@ -83,7 +84,8 @@ def main() -> None:
   os.makedirs(os.path.dirname(args.output), exist_ok=True)
   report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
                        f"{platform.python_version()}",
-            "server": "tests/judge_server.py (127.0.0.1, stdlib ThreadingHTTPServer, its own process)",
+            "server": ("tests/judge_server.py (127.0.0.1, stdlib ThreadingHTTPServer, its own "
+                       "process)"),
             "pair": "judged in both orders (2 requests)", "cells": cells}
   with open(args.output, "w") as f:
     json.dump(report, f, indent=1)

@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -91,8 +92,9 @@ def read_template(path: str | None, flag: str = "evaluation.judge_template") -> 
     with open(path, encoding="utf-8") as f:
       text = f.read()
   except OSError as error:
-    raise errors.UserError(f"{flag} {path}: cannot be read ({errors.one_line(error)}); give a "
-                           f"text file with {{prompt}}, {{response_a}} and {{response_b}}") from error
+    raise errors.UserError(
+        f"{flag} {path}: cannot be read ({errors.one_line(error)}); give a text file with "
+        f"{{prompt}}, {{response_a}} and {{response_b}}") from error
   missing = [name for name in FIELDS if "{" + name + "}" not in text]
   if missing:
     raise errors.UserError(f"{flag} {path}: has no {', '.join('{' + m + '}' for m in missing)}; "
@@ -262,6 +264,8 @@ class ApiJudge:
       raise errors.UserError(f"evaluation.judge_max_concurrency={max_concurrency}: must be at "
                              f"least 1")
     import openai
+    # httpx logs a line per request at INFO (the workdir's log.txt takes INFO): warnings only.
+    logging.getLogger("httpx").setLevel(max(logging.getLogger("httpx").level, logging.WARNING))
     self.spec = spec.strip()
     self.model, self.base_url = parsed
     self.template_path = template or DEFAULT_TEMPLATE

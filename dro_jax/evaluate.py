@@ -9,7 +9,9 @@ step directory of it (`<workdir>/checkpoints/<step>`), or a Hugging Face or T5X 
 By default the prompts are the held-out prompts of the policy's task (the demo task's
 `synthetic.eval_prompts`) and the judge is that task's (the demo's programmatic judge); each side
 draws one sample per prompt at temperature 1, the policy with `--seed` and the baseline with
-`--seed + 1`. A judge that is not symmetric is asked in both orders and the verdicts averaged
+`--seed + 1`. `--judge api:MODEL@BASE_URL` judges with an LLM behind an OpenAI-compatible endpoint
+(`--judge_template`, `--judge_max_concurrency`, `--judge_max_calls`, `--judge_cache`;
+docs/llm_judges.md). A judge that is not symmetric is asked in both orders and the verdicts averaged
 (`--no_debias`: one order). Prints `win_rate 0.53 [0.47, 0.59] (n=400, ties=12, ...)` (the 95%
 prompt-clustered interval; see dro_jax.evaluation; a judge with soft verdicts, i.e. probabilities
 like a reward model's, shows `soft verdicts` in place of ties) and

@@ -374,3 +374,17 @@ def test_the_online_loop_with_an_api_oracle_stops_and_resumes_asking_nothing_twi
   assert last["judge_calls/cached"] > 0  # the restarted iteration's tournament, at least
   # Each comparison the loop made was either paid once or answered from the cache.
   assert last["judge_calls/total"] <= last["judge_calls/paid"] + last["judge_calls/cached"]
+
+
+def test_the_online_loop_refuses_an_unreachable_oracle_before_writing_anything(tmp_path,
+                                                                             demo_cache):
+  from dro_jax import configs, online
+  url = "http://127.0.0.1:9/v1"  # the discard port: nothing answers there
+  config = configs.load("online", f"size=tiny,oracle=api:judge@{url}")
+  config.data.cache_dir = demo_cache
+  with pytest.raises(errors.UserError, match=f"cannot reach {url}"):
+    online.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  config.online.oracle = "api:judge"
+  with pytest.raises(errors.UserError, match="config.online.oracle api:judge: expected"):
+    online.validate(config)
