@@ -388,3 +388,25 @@ def test_the_online_loop_refuses_an_unreachable_oracle_before_writing_anything(t
   config.online.oracle = "api:judge"
   with pytest.raises(errors.UserError, match="config.online.oracle api:judge: expected"):
     online.validate(config)
+
+
+def test_the_demos_final_evaluation_judges_with_an_api_judge(tmp_path, one_step_sft):
+  """The demo's `evaluation.judge` as an API judge: its final evaluation asks the server in both
+  orders, and its result equals the demo judge's rule (the server plays it), debiased."""
+  from dro_jax import configs, demo, policies
+  from dro_jax.datasets import task_vocabulary
+  loaded = policies.load_policy(str(one_step_sft))
+  vocabulary = task_vocabulary(loaded.run_config)
+  settings = configs.load("demo", "scale=0.3,methods=dro")
+  settings.demo.eval_prompts, settings.demo.final_samples = 8, 1
+  settings.max_input_length = 32
+  results = {}
+  with JudgeServer() as server:
+    for spec in ("demo", f"api:judge@{server.url}"):
+      settings.evaluation.judge = spec
+      final = demo.FinalEvaluation(settings, loaded.policy, vocabulary)
+      results[spec] = final(loaded.policy, str(tmp_path / spec.replace("/", "_")))
+  api = results[f"api:judge@{server.url}"]
+  assert api["judge"].startswith("api:") and api["debiased"] and api["judge_calls"] == 16
+  assert api["win_rate"] == results["demo"]["win_rate"]
+  assert api["judge_calls_paid"] == sum(server.verdicts.values()) > 0
