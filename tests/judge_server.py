@@ -8,7 +8,8 @@ answers as the demo's judge would: the response with the higher demo reward
 and of how many times that request was seen before:
 
 - a first-position bias: a share `bias` of the requests answer A whatever the rewards say;
-- latency: every request sleeps `latency` seconds;
+- latency: every request sleeps `latency` seconds (with `slow_first`, each request's first
+  try sleeps that long instead: a timeout for a client that waits less);
 - failures: a share `fail_429` answers HTTP 429 (with `Retry-After: retry_after`; with
   `first_429`, every request's first try does), `fail_500`
   HTTP 500, `malformed_json` a 200 whose body is not JSON, `unparseable` a reply that is no
@@ -57,12 +58,13 @@ class JudgeServer:
                fail_500: float = 0.0, malformed_json: float = 0.0, unparseable: float = 0.0,
                retry_after: float | None = 0.0, logprobs: bool = False,
                confidence: float = 0.9, api_key: str | None = None, seed: int = 0,
-               first_429: bool = False):
+               first_429: bool = False, slow_first: float = 0.0):
     self.bias, self.latency = bias, latency
     self.fail_429, self.fail_500 = fail_429, fail_500
     self.malformed_json, self.unparseable = malformed_json, unparseable
     self.retry_after, self.logprobs, self.confidence = retry_after, logprobs, confidence
     self.api_key, self.seed, self.first_429 = api_key, seed, first_429
+    self.slow_first = slow_first
     self.lock = threading.Lock()
     self.in_flight = self.max_in_flight = 0
     self.requests = 0
@@ -131,13 +133,16 @@ class JudgeServer:
         self._raw(status, json.dumps(payload).encode(), headers)
 
       def _raw(self, status, data, headers=None):
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-          self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+          self.send_response(status)
+          self.send_header("Content-Type", "application/json")
+          self.send_header("Content-Length", str(len(data)))
+          for name, value in (headers or {}).items():
+            self.send_header(name, value)
+          self.end_headers()
+          self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+          self.close_connection = True
 
     self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     self._server.daemon_threads = True
@@ -181,8 +186,8 @@ class JudgeServer:
       self.times[key].append(time.monotonic())
     if self.on_request is not None:
       self.on_request(count)
-    if self.latency:
-      time.sleep(self.latency)
+    if self.latency or (self.slow_first and seen == 0):
+      time.sleep(self.slow_first if self.slow_first and seen == 0 else self.latency)
     draw = _share(self.seed, key, seen)
     edges = [self.fail_429, self.fail_500, self.malformed_json, self.unparseable]
     kind, low = None, 0.0

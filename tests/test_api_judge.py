@@ -143,6 +143,17 @@ def test_retry_after_is_waited_out(tmp_path):
   assert len(gaps) == len(set(zip(prompts, a, b))) and min(gaps) >= 0.6, gaps
 
 
+def test_a_request_that_times_out_is_asked_again(tmp_path):
+  prompts, a, b = demo_pairs(6)
+  with JudgeServer(slow_first=1.0) as server:
+    judge = make_judge(server, tmp_path, timeout=0.3)
+    values = judge.prefer(prompts, a, b)
+    keys = len(set(zip(prompts, a, b)))
+    assert len(server.per_key) == keys and set(server.per_key.values()) == {2}
+  np.testing.assert_array_equal(values, [HARD[rule(*row)] for row in zip(prompts, a, b)])
+  assert judge.counts()["paid"] == keys  # a timed-out request is not counted as paid
+
+
 def test_an_unparseable_reply_is_asked_again_then_counted_and_never_a_verdict(tmp_path, capsys):
   prompts, a, b = demo_pairs(6)
   with JudgeServer(unparseable=1.0) as server:
