@@ -281,34 +281,49 @@ def test_unjudged_comparisons_leave_the_win_rate_by_prompt(one_step_sft):
 def test_evaluate_with_an_api_judge_stops_at_its_budget_and_never_shows_the_key(
     tmp_path, one_step_sft):
   """`python -m dro_jax.evaluate --judge api:...`: stopped by --judge_max_calls before the batch
-  that would pass it (exit 3, one line naming the calls paid and to do, nothing sent), then run
-  to the end with room for it; the key (checked by the server) is in no file of the workdir,
-  the output or the cache, and not on the console."""
+  that would pass it (exit 3, one line naming the calls paid and to do, nothing sent), then
+  stopped by SIGTERM in the middle of judging (exit 143), then run to the end: each comparison
+  answered once; the key (checked by the server) is in no file of the workdir, the output or
+  the cache, and not on the console."""
   secret = "sk-test-" + "5ecret" * 6
   env = {**os.environ, "DRO_JAX_JUDGE_API_KEY": secret, "JAX_PLATFORMS": "cpu"}
   output, cache = tmp_path / "evaluation", tmp_path / "judge_cache.sqlite"
-  with JudgeServer(api_key=secret, fail_500=0.05, latency=0.005) as server:
+  with JudgeServer(api_key=secret, fail_500=0.05, latency=0.05) as server:
     command = [sys.executable, "-m", "dro_jax.evaluate", "--policy", str(one_step_sft),
                "--baseline", str(one_step_sft), "--judge", f"api:judge@{server.url}",
-               "--num_prompts", "12", "--output", str(output), "--judge_cache", str(cache)]
+               "--num_prompts", "12", "--output", str(output), "--judge_cache", str(cache),
+               "--judge_max_concurrency", "2"]
     stopped = subprocess.run(command + ["--judge_max_calls", "10"], capture_output=True,
                              text=True, cwd=ROOT, env=env, timeout=600)
     assert stopped.returncode == 3, stopped.stderr[-2000:]
     line = stopped.stderr.strip().splitlines()[-1]
     assert line.startswith("stopped: judge budget --judge_max_calls=10 reached: 0 calls paid")
-    assert "24 more not in the cache" in line
+    assert "more not in the cache remain" in line
     assert server.requests == 0
-    # Room for all of it: run to the end (the 500s retried), each comparison paid once.
-    finished = subprocess.run(command + ["--judge_max_calls", "24"], capture_output=True,
-                              text=True, cwd=ROOT, env=env, timeout=600)
+    # SIGTERM after the 6th request: the requests in flight are answered and stored.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=ROOT, env=env)
+    server.on_request = lambda count: count == 6 and process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=600)
+    server.on_request = None
+    assert process.returncode == 143, err[-2000:]
+    assert "preempted: stopped by SIGTERM while judging" in err
+    paid_before = sum(server.verdicts.values())
+    assert 6 <= paid_before < 24  # stopped part of the way
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env,
+                              timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    assert "24 requests paid, 0 answered from the cache" in finished.stdout
   assert server.bearers == {secret}
-  assert sum(server.verdicts.values()) == 24 and max(server.verdicts.values()) == 1
+  assert max(server.verdicts.values()) == 1  # nothing answered twice over the three runs
   report = json.loads((output / "evaluation.json").read_text())
-  assert report["judge_calls"] == 24 and report["judge_calls_paid"] == 24
-  for run in (stopped, finished):
-    assert secret not in run.stdout + run.stderr
+  assert report["judge_calls"] == 24
+  assert report["judge_calls_paid"] == sum(server.verdicts.values()) - paid_before
+  assert report["judge_calls_cached"] >= paid_before
+  assert (f"{report['judge_calls_paid']} requests paid, {report['judge_calls_cached']} answered "
+          f"from the cache") in finished.stdout
+  for run_output in (stopped.stdout + stopped.stderr, out + err,
+                     finished.stdout + finished.stderr):
+    assert secret not in run_output
   assert cache.exists() and (output / "samples.jsonl").exists()
   for folder in (one_step_sft, tmp_path):
     for root, _, names in os.walk(folder):
