@@ -153,6 +153,10 @@ class Bench:
     config.init_checkpoint = self.sft_dir
     settings = config.online
     settings.fit_steps = int(size["fit_steps"])
+    # The settings the published run (benchmarks/results/online_vs_offline) was made with: the
+    # enhancer ranks the n answers, the main agent's among them, and labels are thresholded
+    # (the demo oracle's verdicts are hard, so the labels are the same as Bernoulli draws).
+    settings.enhancer, settings.labels = "shared", "threshold"
     # The loop's own per-iteration check, kept small: the protocol's evaluation is the report.
     config.evaluation.judge = "demo"
     config.evaluation.prompts, config.evaluation.samples = 16, 1

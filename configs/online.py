@@ -50,7 +50,19 @@ def get_config(arg=None):
       # enhancer: the main agent's own sample (the first) against the best of n (the paper);
       # best_worst: tournament winner against tournament loser (iterative DPO).
       "pairing": args.pairing,
+      # enhancer pairing: independent: the enhancer's best of `samples` is taken over fresh
+      # samples, drawn apart from the main agent's (the paper; n + 1 answers per prompt);
+      # shared: over the n answers, the main agent's own included.
+      "enhancer": "independent",
       "oracle": args.oracle,  # the judge spec that labels the pairs
+      # bernoulli: the first answer of a pair is chosen with the oracle's probability P (drawn
+      # from seed, iteration, row: the paper's general preference oracle); threshold: chosen
+      # when P > 0.5. Alike for a judge of hard verdicts. P = 0.5 exactly is dropped as a tie.
+      "labels": "bernoulli",
+      # Ask a non-symmetric ranker and oracle in both orders and average (the tournament and
+      # the labels: what is trained on, so fixed on resume; evaluation.debias is the
+      # evaluation's own, free to change).
+      "debias": True,
       # oracle: rank with the oracle itself; fit: with a preference model refit each iteration
       # on every oracle-labelled pair so far (warm-started).
       "preference_model": args.preference_model,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import Any
 
 
@@ -16,13 +17,25 @@ def gfile():
   return console.import_tensorflow().io.gfile
 
 
+def temporary_path(path: str) -> str:
+  """A temporary name beside `path` that no other writer (process, host or thread) shares."""
+  return f"{path}.tmp-{uuid.uuid4().hex}"
+
+
 def write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and a rename: never half a file."""
+  """Writes `text` to `path` through a temporary file of this writer's own and a rename: never
+  half a file, and two writers of one path (hosts on a shared filesystem) never share a temporary
+  file."""
   files = gfile()
   files.makedirs(os.path.dirname(path) or ".")
-  with files.GFile(path + ".tmp", "w") as f:
-    f.write(text)
-  files.rename(path + ".tmp", path, overwrite=True)
+  temporary = temporary_path(path)
+  try:
+    with files.GFile(temporary, "w") as f:
+      f.write(text)
+    files.rename(temporary, path, overwrite=True)
+  finally:
+    if files.exists(temporary):
+      files.remove(temporary)
 
 
 def write_jsonl(path: str, rows) -> None:

@@ -12,11 +12,16 @@ Then, per iteration k = 1..K (`config.online`):
             model (`preference_model`: "oracle" ranks with the oracle itself; "fit" with a
             pairwise preference model refit on every oracle-labelled pair so far, warm-started;
             before any pair is labelled, the ranking is random)
-  pair      "enhancer": the main agent's own sample (the first of the n) against the
-            enhancer's best (the paper); "best_worst": tournament winner against tournament
-            loser (iterative DPO). Identical answers (the main sample being the best) are dropped
-  label     the oracle (a judge spec: demo, noisy:0.2:demo, preference_model:DIR, ...): chosen
-            is the answer with P > 0.5 (each pair shown in a random order), P = 0.5 dropped
+  pair      "enhancer": the main agent's own sample against the enhancer's best (the paper;
+            `online.enhancer="independent"`: the enhancer ranks n fresh samples of its own,
+            "shared": the n answers, the main agent's, the first, among them); "best_worst":
+            tournament winner against tournament loser (iterative DPO). Identical answers are
+            dropped
+  label     the oracle (a judge spec: demo, noisy:0.2:demo, preference_model:DIR, ...), each
+            pair shown in a random order: the first answer is chosen with probability P
+            (`online.labels="bernoulli"`, the paper) or when P > 0.5 ("threshold"); P = 0.5
+            is dropped. The tournament and the labels ask a non-symmetric judge in both orders
+            when `online.debias` (fixed on resume)
   train     IPO (default, τ = 0.1) or DPO on this iteration's pairs or all so far (`accumulate`),
             from iterate k−1, against the SFT policy (`reference="sft"`), iterate k−1
             ("previous") or a trust-region reference moved towards the policy ("ema"): the
@@ -81,6 +86,8 @@ DEFAULT_MAX_KL = 10.0
 # to 20 nats in two iterations and 1e-4 stayed near 1-2 (docs/online.md).
 TINY_LEARNING_RATES = {"demo": 1e-3, "own task": 1e-4}
 CALL_KINDS = ("tournament", "labelling", "evaluation")
+ENHANCERS = ("independent", "shared")
+LABELS = ("bernoulli", "threshold")
 
 
 def _seed(seed: int, iteration: int, salt: str) -> int:
@@ -120,9 +127,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.loss not in ("ipo", "dpo"):
     raise errors.UserError(f"config.loss={config.loss!r}: the online loop trains ipo or dpo")
   checks = {"pairing": ("enhancer", "best_worst"), "reference": ("sft", "previous", "ema"),
-            "preference_model": ("oracle", "fit")}
+            "preference_model": ("oracle", "fit"), "enhancer": ENHANCERS, "labels": LABELS}
   for key, choices in checks.items():
-    if settings[key] not in choices:
+    if settings.get(key, choices[0]) not in choices:
       raise errors.UserError(f"config.online.{key}={settings[key]!r}: choose from {choices}")
   for key in ("iterations", "samples", "prompts", "steps"):
     if int(settings[key]) < 1:
@@ -327,7 +334,7 @@ def sample(policy: evaluation.Policy, prompts: list[str], vocabulary, config, it
   settings = config.online
   sampling = decoding.SamplingParams(
       max_decode_length=settings.max_decode_length or config.max_target_length,
-      temperature=float(settings.temperature), num_samples=int(settings.samples))
+      temperature=float(settings.temperature), num_samples=answers_per_prompt(config))
   encoder_tokens = decoding.encode_prompts(vocabulary, prompts,
                                            max_input_length=config.max_input_length)
   samples = evaluation.sample_policy(policy, encoder_tokens, vocabulary, sampling,
@@ -338,25 +345,50 @@ def sample(policy: evaluation.Policy, prompts: list[str], vocabulary, config, it
           for i, prompt in enumerate(prompts)]
 
 
-def _bracket_orders(config, iteration: int, rows: int, n: int) -> list[np.ndarray]:
-  """The tournament's bracket per row: a permutation of the n answers (seed, iteration, row)."""
-  return [_row_rng(config.seed, iteration, "bracket", row).permutation(n) for row in range(rows)]
+def independent_enhancer(config) -> bool:
+  """Whether the enhancer draws its own `online.samples` answers, apart from the main agent's."""
+  settings = config.online
+  return settings.pairing == "enhancer" and settings.get("enhancer", ENHANCERS[0]) == "independent"
+
+
+def answers_per_prompt(config) -> int:
+  """Answers sampled per prompt: n, and the main agent's own one more under an independent
+  enhancer (answer 0 is the main agent's; the enhancer ranks answers 1..n)."""
+  return int(config.online.samples) + (1 if independent_enhancer(config) else 0)
+
+
+def candidate_indices(config) -> np.ndarray:
+  """The answers (indices into a row's responses) the tournament ranks."""
+  start = 1 if independent_enhancer(config) else 0
+  return np.arange(start, start + int(config.online.samples))
+
+
+def online_debias(config) -> bool:
+  """Whether the tournament and the labels ask a non-symmetric judge in both orders."""
+  return bool(config.online.get("debias", config.evaluation.debias))
+
+
+def _bracket_orders(config, iteration: int, rows: int) -> list[np.ndarray]:
+  """The tournament's bracket per row: a permutation of the candidates (seed, iteration, row)."""
+  candidates = candidate_indices(config)
+  return [candidates[_row_rng(config.seed, iteration, "bracket", row).permutation(len(candidates))]
+          for row in range(rows)]
 
 
 def rank(samples: list[dict[str, Any]], ranker: judges.Judge | None, config, iteration: int,
          *, worst: bool) -> tuple[list[int], list[int] | None, int]:
   """(best index per row, worst index per row or None, comparisons spent). `ranker` None: no
   preference model yet, a random pick (a function of seed, iteration, row)."""
-  n = int(config.online.samples)
+  indices = candidate_indices(config)
   rows = len(samples)
   if ranker is None:
-    picks = [_row_rng(config.seed, iteration, "random_rank", row).permutation(n)
-             for row in range(rows)]
+    picks = [indices[_row_rng(config.seed, iteration, "random_rank", row).permutation(
+        len(indices))] for row in range(rows)]
     return ([int(p[0]) for p in picks], [int(p[1]) for p in picks] if worst else None, 0)
-  orders = _bracket_orders(config, iteration, rows, n)
+  orders = _bracket_orders(config, iteration, rows)
   prompts = [row["prompt"] for row in samples]
   candidates = [[row["responses"][i] for i in order] for row, order in zip(samples, orders)]
-  debias = bool(config.evaluation.debias)
+  debias = online_debias(config)
   best, calls = judges.tournament(prompts, candidates, ranker, debias=debias)
   best = [int(order[i]) for order, i in zip(orders, best)]
   lowest = None
@@ -384,29 +416,35 @@ def make_pairs(samples: list[dict[str, Any]], best: list[int], worst: list[int] 
 
 def label(pairs: list[dict[str, Any]], oracle: judges.Judge, config,
           iteration: int) -> tuple[list[dict[str, Any]], dict[str, int], int]:
-  """(labelled pairs {"prompt", "chosen", "rejected", "p_chosen", ...}, counts, calls): each
-  pair is shown to the oracle in a random order (seed, iteration, row); P = 0.5 is dropped."""
+  """(labelled pairs {"prompt", "chosen", "rejected", "p_chosen", "labels", ...}, counts,
+  calls): each pair is shown to the oracle in a random order (seed, iteration, row); its first
+  answer is chosen with probability P (`online.labels="bernoulli"`, drawn from seed, iteration,
+  row) or when P > 0.5 ("threshold"); P = 0.5 is dropped."""
   if not pairs:
     return [], {"dropped_tie": 0}, 0
+  mode = config.online.get("labels", LABELS[0])
   swap = _row_bits(config.seed, iteration, "order", max(p["row"] for p in pairs) + 1) < 0.5
   shown_a = [p["second"] if swap[p["row"]] else p["first"] for p in pairs]
   shown_b = [p["first"] if swap[p["row"]] else p["second"] for p in pairs]
   p_shown, calls, _ = judges.compare(oracle, [p["prompt"] for p in pairs], shown_a, shown_b,
-                                     debias=bool(config.evaluation.debias))
+                                     debias=online_debias(config))
   labelled, ties = [], 0
   for pair, p, swapped in zip(pairs, p_shown, (swap[p["row"]] for p in pairs)):
     p_first = 1.0 - float(p) if swapped else float(p)
     if p_first == 0.5 or np.isnan(p_first):  # NaN: the oracle gave no verdict (api_judge)
       ties += 1
       continue
-    first_wins = p_first > 0.5
+    if mode == "bernoulli":
+      first_wins = bool(_row_rng(config.seed, iteration, "label", pair["row"]).random() < p_first)
+    else:
+      first_wins = p_first > 0.5
     labelled.append({
         "prompt": pair["prompt"], "row": pair["row"],
         "chosen": pair["first"] if first_wins else pair["second"],
         "rejected": pair["second"] if first_wins else pair["first"],
         "chosen_index": pair["first_index"] if first_wins else pair["second_index"],
         "rejected_index": pair["second_index"] if first_wins else pair["first_index"],
-        "p_chosen": p_first if first_wins else 1.0 - p_first})
+        "p_chosen": p_first if first_wins else 1.0 - p_first, "labels": mode})
   return labelled, {"dropped_tie": ties}, calls
 
 
@@ -418,7 +456,7 @@ def label_within(pairs: list[dict[str, Any]], oracle: judges.Judge, config, iter
   dropped, do not count: the next pairs are asked in their place), the next pair would take the
   labelling calls past `max_calls`, or none is left. Counts: `dropped_tie`, and
   `dropped_over_cap`, the pairs never shown to the oracle."""
-  per_pair = 1 if not config.evaluation.debias or judges.is_symmetric(oracle) else 2
+  per_pair = 1 if not online_debias(config) or judges.is_symmetric(oracle) else 2
   labelled: list[dict[str, Any]] = []
   ties = calls = asked = 0
   while asked < len(pairs):
@@ -585,6 +623,9 @@ class OnlineRun:
               "best": best, "worst": worst, "seconds": seconds,
               "judged_pairs_per_second": asked / seconds if seconds > 0 else 0.0,
               "judge_calls": {"tournament": tournament_calls, "labelling": labelling_calls},
+              "enhancer": ("independent" if independent_enhancer(self.config) else "shared"),
+              "labels": self.settings.get("labels", LABELS[0]),
+              "debias": online_debias(self.config),
               "ranker": ("random" if ranker is None else
                          self.settings.oracle if ranker is self.oracle else "fit")}
     files.write_text(record_path, json.dumps(record, indent=1))  # the phase's marker, last
@@ -765,6 +806,7 @@ class OnlineRun:
     calls = vs_sft["judge_calls"] + (vs_previous["judge_calls"] if vs_previous else 0)
     record = {"iteration": k, "judge": self.eval_spec, "vs_sft": vs_sft,
               "vs_previous": vs_previous, "judge_calls": calls,
+              "settings": evaluation_settings(self.config, self.eval_spec, len(prompts)),
               "seconds": time.perf_counter() - start}
     files.write_text(path, json.dumps(record, indent=1))
     guard = kl_guard(record, self.max_kl)
@@ -944,6 +986,31 @@ def kl_guard(evaluated: Mapping[str, Any], max_kl: float | None) -> dict[str, An
           "warning": warning}
 
 
+def evaluation_settings(config, judge_spec: str, prompts: int) -> dict[str, Any]:
+  """What an iteration's evaluation was run with (free to change on resume; online.md says
+  where it did)."""
+  settings = config.evaluation
+  return {"judge": judge_spec, "debias": bool(settings.debias), "prompts": int(prompts),
+          "samples": int(settings.samples), "temperature": float(settings.temperature),
+          "max_decode_length": settings.get("max_decode_length") or config.max_target_length}
+
+
+def evaluation_changes(results: Sequence[Mapping[str, Any]]) -> list[str]:
+  """One line per iteration whose evaluation settings differ from the iteration before's."""
+  lines, before = [], None
+  for result in results:
+    now = result["evaluation"].get("settings")
+    if now is not None and before is not None and now != before:
+      changed = ", ".join(f"`{key}` {json.dumps(before.get(key))} -> {json.dumps(now.get(key))}"
+                          for key in sorted(set(now) | set(before))
+                          if now.get(key) != before.get(key))
+      lines.append(f"- From iteration {result['iteration']}, the evaluation changed (a resumed "
+                   f"run's evaluation settings): {changed}. Its win rates are not comparable "
+                   f"with the iterations before.")
+    before = now if now is not None else before
+  return lines
+
+
 def after_phase(iteration: int, phase: str) -> None:
   """Called after each phase of each iteration (a hook for fault-injection tests)."""
   del iteration, phase
@@ -1023,13 +1090,19 @@ def write_report(workdir: str, config: ml_collections.ConfigDict,
   table = report_table(results)
   prompts = (results[-1]["evaluation"]["vs_sft"].get("prompts", config.evaluation.prompts)
              if results else config.evaluation.prompts)
+  changes = "".join(line + "\n" for line in evaluation_changes(results))
+  pairing = settings.pairing
+  if pairing == "enhancer":
+    pairing += f" ({settings.get('enhancer', ENHANCERS[0])})"
   text = (f"# dro_jax online iterative RLHF (seed {config.seed})\n\n"
-          f"{config.loss.upper()} with pairing `{settings.pairing}`, oracle `{settings.oracle}`, "
-          f"ranking by `{settings.preference_model}`, reference `{settings.reference}`; "
+          f"{config.loss.upper()} with pairing `{pairing}`, oracle `{settings.oracle}` "
+          f"({settings.get('labels', LABELS[0])} labels), ranking by "
+          f"`{settings.preference_model}`, reference `{settings.reference}`; "
           f"{settings.prompts} prompts x {settings.samples} samples and {settings.steps} steps per "
           f"iteration; evaluated by `{judge_spec}` on {prompts} held-out "
           f"prompts x {config.evaluation.samples} samples per side (ties half; 95% intervals "
           f"clustered by prompt).\n\n{table}\n\n{guard_text(results, settings)}\n\n"
+          f"{changes + chr(10) if changes else ''}"
           f"![win rate and KL per iteration](online.png)\n")
   files.write_text(os.path.join(workdir, "online.md"), text)
   plot(results, os.path.join(workdir, "online.png"), settings.get("max_kl", DEFAULT_MAX_KL))

@@ -33,6 +33,10 @@ ALLOWED = ("total_steps", "eval_every", "eval_batches", "checkpoint_every", "log
            # the oracle's budget of paid calls: raised to go on after it stopped a run
            "online.oracle_max_calls")
 RECIPE_KEYS = ("loss", "runner")
+# Keys added with a default that changed the behaviour: a config.json without one was trained
+# with this value (a function of that config), so a resume at today's default is refused by name.
+LEGACY = {"online.enhancer": lambda old: "shared", "online.labels": lambda old: "threshold",
+          "online.debias": lambda old: flatten(old).get("evaluation.debias", True)}
 MISSING = object()
 
 
@@ -93,6 +97,15 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, An
           f"{workdir} holds a {_recipe(old)} run, and this command trains {_recipe(new)}: "
           f"refusing to mix them; give this run its own --workdir")
   defaults = _defaults(new)
+  if old.get("runner") == "online":
+    flat_old = flatten(old)
+    for key, legacy in LEGACY.items():
+      if key not in flat_old:
+        defaults.pop(key, None)  # absent: it was trained with the legacy behaviour
+        node, (*parents, leaf) = old, key.split(".")
+        for parent in parents:
+          node = node.setdefault(parent, {})
+        node[leaf] = legacy(old)
   differing = [(key, before, after) for key, before, after in changes(old, new)
                if not _allowed(key)
                # A key the workdir's config predates, at its default: the behaviour it had.

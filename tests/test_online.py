@@ -221,6 +221,7 @@ def test_labels_follow_the_oracle_in_either_shown_order_and_ties_are_dropped():
 
 def test_ranking_is_a_tournament_over_a_seeded_bracket():
   config = configs.load("online", "size=tiny")
+  config.online.enhancer = "shared"  # the n answers, the main agent's among them
   samples = [{"prompt": f"p{i}", "responses": ["a" * ((i + j) % 4 + 1) for j in range(4)]}
              for i in range(6)]
   best, worst, calls = online.rank(samples, LengthJudge(), config, 1, worst=True)
@@ -302,3 +303,116 @@ def test_the_fitted_preference_model_skips_pairs_with_an_empty_answer(tmp_path, 
   assert config.data.train_files == str(tmp_path / "3" / "fit_pairs.jsonl")
   kept = files.read_jsonl(config.data.train_files)
   assert [row["prompt"] for row in kept] == ["sort: 2 1", "sort: 9 8"]
+
+
+def test_the_independent_enhancer_ranks_fresh_samples_apart_from_the_main_agents():
+  config = configs.load("online", "size=tiny")  # enhancer pairing, independent by default
+  n = int(config.online.samples)
+  assert online.answers_per_prompt(config) == n + 1
+  # Answer 0 (the main agent's) is the longest everywhere: a shared enhancer would pick it.
+  samples = [{"prompt": f"p{i}", "responses": ["z" * 9] + ["a" * ((i + j) % n + 1)
+                                                            for j in range(n)]}
+             for i in range(12)]
+  best, worst, calls = online.rank(samples, LengthJudge(), config, 1, worst=False)
+  for row, b in zip(samples, best):
+    lengths = [len(r) for r in row["responses"][1:]]
+    assert b != 0 and len(row["responses"][b]) == max(lengths)
+  assert calls == 2 * (n - 1) * len(samples)  # one knock-out over the n fresh answers
+  pairs, counts = online.make_pairs(samples, best, None, "enhancer")
+  assert counts["dropped_identical"] == 0 and all(p["first_index"] == 0 for p in pairs)
+  random_best, _, none = online.rank(samples, None, config, 1, worst=False)
+  assert none == 0 and set(random_best) <= set(range(1, n + 1))
+  config.online.enhancer = "shared"
+  assert online.answers_per_prompt(config) == n
+  shared_best, _, _ = online.rank(samples, LengthJudge(), config, 1, worst=False)
+  assert shared_best == [0] * len(samples)
+  config.online.pairing = "best_worst"  # the enhancer setting is the enhancer pairing's only
+  config.online.enhancer = "independent"
+  assert online.answers_per_prompt(config) == n
+
+
+class ConstantJudge:
+  """P(A) = p for every pair, whatever the order: a general preference, not a majority."""
+
+  def __init__(self, p):
+    self.p = p
+
+  def prefer(self, prompts, responses_a, responses_b):
+    return np.full(len(prompts), self.p)
+
+
+def test_bernoulli_labels_draw_the_chosen_answer_with_the_oracles_probability():
+  config = configs.load("online", "size=tiny")
+  assert config.online.labels == "bernoulli"
+  config.online.debias = False  # P(first shown) = 0.7, so P(first) is 0.7 or 0.3 by the order
+  rows = 4000
+  pairs = [{"prompt": f"p{i}", "row": i, "first": f"x{i}", "second": f"y{i}",
+            "first_index": 0, "second_index": 1} for i in range(rows)]
+  labelled, counts, calls = online.label(pairs, ConstantJudge(0.7), config, iteration=1)
+  assert counts == {"dropped_tie": 0} and len(labelled) == rows and calls == rows
+  swap = online._row_bits(config.seed, 1, "order", rows) < 0.5
+  shown_first_chosen = np.array([(row["chosen"] == f"y{i}") == bool(swap[i])
+                                 for i, row in enumerate(labelled)])
+  # The answer shown first is chosen with probability 0.7: 4000 draws put it within 0.03.
+  assert abs(shown_first_chosen.mean() - 0.7) < 0.03
+  assert all(row["labels"] == "bernoulli" for row in labelled)
+  again, _, _ = online.label(pairs, ConstantJudge(0.7), config, iteration=1)
+  assert again == labelled  # drawn from (seed, iteration, row)
+  other, _, _ = online.label(pairs, ConstantJudge(0.7), config, iteration=2)
+  assert [r["chosen"] for r in other] != [r["chosen"] for r in labelled]
+  config.online.labels = "threshold"
+  thresholded, _, _ = online.label(pairs, ConstantJudge(0.7), config, iteration=1)
+  assert all(((row["chosen"] == f"y{i}") == bool(swap[i])) for i, row in enumerate(thresholded))
+  assert all(row["labels"] == "threshold" for row in thresholded)
+  # Hard verdicts: both modes label alike.
+  hard = [{"prompt": f"p{i}", "row": i, "first": "aaa" if i % 2 else "b",
+           "second": "b" if i % 2 else "aaa", "first_index": 0, "second_index": 1}
+          for i in range(40)]
+  config.online.debias = True
+  by_threshold, _, _ = online.label(hard, LengthJudge(), config, iteration=1)
+  config.online.labels = "bernoulli"
+  by_draw, _, _ = online.label(hard, LengthJudge(), config, iteration=1)
+  assert [r["chosen"] for r in by_draw] == [r["chosen"] for r in by_threshold]
+  assert all(r["chosen"] == "aaa" for r in by_draw)
+
+
+def test_the_online_debias_is_fixed_on_resume_and_a_legacy_workdir_keeps_its_behaviour(tmp_path):
+  from dro_jax import resume
+  config = configs.load("online", "size=tiny")
+  files.write_text(str(tmp_path / "config.json"), json.dumps(resume.config_json(config)))
+  config.evaluation.debias = False  # the evaluation's own: free to change
+  assert [key for key, _, _ in resume.check(config, str(tmp_path))] == []
+  config.online.debias = False
+  with pytest.raises(resume.ConfigChangeError, match="online.debias"):
+    resume.check(config, str(tmp_path))
+  # A workdir from before these keys was trained with the shared enhancer and threshold labels,
+  # and the evaluation's debias for the tournament: today's defaults are refused by name.
+  old = resume.config_json(configs.load("online", "size=tiny"))
+  for key in ("enhancer", "labels", "debias"):
+    del old["online"][key]
+  old["evaluation"]["debias"] = False
+  files.write_text(str(tmp_path / "config.json"), json.dumps(old))
+  config = configs.load("online", "size=tiny")
+  with pytest.raises(resume.ConfigChangeError) as refusal:
+    resume.check(config, str(tmp_path))
+  for key in ("online.enhancer", "online.labels", "online.debias"):
+    assert key in str(refusal.value)
+  config.online.enhancer, config.online.labels, config.online.debias = (
+      "shared", "threshold", False)
+  assert resume.check(config, str(tmp_path)) == []
+
+
+def test_online_md_names_the_iteration_where_the_evaluation_changed(tmp_path):
+  config = configs.load("online", "size=tiny")
+  def result(k, debias):
+    vs_sft = {"win_rate": 0.6, "win_rate_low": 0.5, "win_rate_high": 0.7, "kl": 1.0,
+              "policy_length": 5.0, "baseline_length": 5.0}
+    return {"iteration": k, "judged": {"pairs": 10}, "judge_calls": {"total": 3},
+            "evaluation": {"iteration": k, "vs_sft": vs_sft, "vs_previous": None,
+                           "settings": online.evaluation_settings(config, "demo", 200)
+                           | {"debias": debias}}}
+  online.write_report(str(tmp_path), config, [result(1, True), result(2, True),
+                                              result(3, False)], "demo")
+  text = (tmp_path / "online.md").read_text()
+  assert "From iteration 3, the evaluation changed" in text and "`debias` true -> false" in text
+  assert "iteration 2, the evaluation" not in text
