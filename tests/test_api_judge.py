@@ -186,6 +186,19 @@ def test_one_order_without_a_verdict_leaves_the_other_orders():
     judges.compare(type("Strict", (), {"prefer": Half.prefer})(), ["p"], ["a"], ["b"])
 
 
+def test_the_online_labels_drop_a_pair_without_a_verdict():
+  from dro_jax import configs, online
+  config = configs.load("online", "size=tiny")
+  pairs = [{"prompt": prompt, "row": i, "first": "aaa", "second": "b", "first_index": 0,
+            "second_index": 1} for i, prompt in enumerate(["p0", "skip", "p2", "skip"])]
+  for labels in ("bernoulli", "threshold"):
+    if "labels" in config.online:
+      config.online.labels = labels
+    labelled, counts, _ = online.label(pairs, Abstaining(["skip"]), config, iteration=1)
+    assert [row["prompt"] for row in labelled] == ["p0", "p2"]
+    assert counts["dropped_tie"] == 2
+
+
 def test_the_cache_is_keyed_by_spec_template_and_order_and_survives_a_new_judge(tmp_path):
   prompts, a, b = demo_pairs(20)
   with JudgeServer() as server:
