@@ -1,0 +1,209 @@
+"""A pod on one machine (launch/local.py): the driver as N processes trains as one process does,
+writes its files once, and stops and resumes together."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+
+import local  # noqa: E402  (launch/local.py)
+
+STEPS = 6
+RECIPES = {"dro": "configs/dro.py:size=tiny",  # DRO-V: policy, value and both optimizers
+           "tr_dpo": "configs/dpo.py:size=tiny,tr=soft,alpha=0.5,sync_every=2"}  # a moving reference
+OVERRIDES = ("--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1",
+             "--config.batch_size=16", "--config.eval_every=0", "--config.log_every=1")
+ITEMS = ("policy", "policy_opt", "value", "value_opt", "reference", "rng_step")
+
+
+def _env(tmp_path, demo_cache) -> dict[str, str]:
+  return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", str(tmp_path)),
+          "TF_CPP_MIN_LOG_LEVEL": "3", "DRO_JAX_CACHE": demo_cache,
+          "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "pod_jax_cache"),
+          "PYTHONPATH": str(ROOT)}
+
+
+def _launch(workdir, recipe: str, processes: int, devices: int, env, *extra: str,
+            wait: bool = True):
+  argv = [sys.executable, str(ROOT / "launch" / "local.py"), "--processes", str(processes),
+          "--devices_per_process", str(devices), "--grace_s", "30", "--",
+          "--config", str(ROOT / RECIPES[recipe]), "--workdir", str(workdir), *OVERRIDES, *extra]
+  process = subprocess.Popen(argv, env=env, cwd=str(ROOT), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  if not wait:
+    return process
+  output = process.communicate(timeout=900)[0]
+  return process.returncode, output
+
+
+def _items(workdir, step: int) -> dict:
+  import orbax.checkpoint as ocp
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  names = [name for name in ITEMS
+           if os.path.isdir(os.path.join(workdir, "checkpoints", str(step), name))]
+  items = manager.restore(step, args=ocp.args.Composite(
+      **{name: ocp.args.StandardRestore() for name in names},
+      data_position=ocp.args.JsonRestore()))
+  manager.close()
+  return dict(items)
+
+
+def _assert_same_state(a, b, step: int, *, exact: bool) -> None:
+  import jax
+  first, second = _items(a, step), _items(b, step)
+  assert sorted(first) == sorted(second)
+  assert first["data_position"] == second["data_position"]
+  for name in sorted(set(first) - {"data_position"}):
+    left = jax.tree_util.tree_flatten_with_path(first[name])[0]
+    right = jax.tree.leaves(second[name])
+    assert len(left) == len(right), name
+    for (path, x), y in zip(left, right):
+      label = f"{name}{jax.tree_util.keystr(path)}"
+      if exact:
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=label)
+      else:
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6,
+                                   err_msg=label)
+
+
+@pytest.fixture(scope="module")
+def pod_runs(tmp_path_factory, demo_cache):
+  """Each recipe as 1 process x 8 devices and as 2 processes x 4 devices, STEPS steps."""
+  tmp_path = tmp_path_factory.mktemp("pod")
+  env = _env(tmp_path, demo_cache)
+  runs = {}
+  for recipe in RECIPES:
+    for processes, devices in ((1, 8), (2, 4)):
+      workdir = tmp_path / f"{recipe}_{processes}x{devices}"
+      code, output = _launch(workdir, recipe, processes, devices, env,
+                             f"--config.total_steps={STEPS}", f"--config.checkpoint_every={STEPS}")
+      assert code == 0, output[-4000:]
+      runs[recipe, processes] = (workdir, output)
+  return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_two_processes_end_with_the_state_of_one(pod_runs, recipe):
+  one, _ = pod_runs[recipe, 1]
+  two, output = pod_runs[recipe, 2]
+  assert "[p0]" in output and "[p1]" in output and "exit statuses: p0 0, p1 0" in output
+  # The same global batch, split 8 ways either way: every reduction runs in the same order over
+  # the same 8 device shards, so the states agree to the bit.
+  _assert_same_state(one, two, STEPS, exact=True)
+  # Process 0 alone writes the run's files: one row per logged step, one TensorBoard file.
+  rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+  steps = [row["step"] for row in rows if "loss" in row]
+  assert steps == list(range(1, STEPS + 1))
+  assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1
+  assert json.loads((two / "config.json").read_text())["total_steps"] == STEPS
+  leftovers = [p for p in two.rglob("*") if ".tmp" in p.name]
+  assert not leftovers
+
+
+def _pid_of_process(launcher: subprocess.Popen, index: int, timeout: float = 120) -> int:
+  """The pid of the launched copy with DRO_JAX_PROCESS_ID=index."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    for name in os.listdir("/proc"):
+      if not name.isdigit():
+        continue
+      try:
+        environ = pathlib.Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
+        parent = int(pathlib.Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+      except (OSError, ValueError, IndexError):
+        continue
+      if parent == launcher.pid and f"DRO_JAX_PROCESS_ID={index}".encode() in environ:
+        return int(name)
+    time.sleep(0.5)
+  raise AssertionError(f"no process {index} under the launcher")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_the_relaunch_resumes_exactly(
+    pod_runs, tmp_path, demo_cache):
+  uninterrupted, _ = pod_runs["dro", 2]
+  env = _env(tmp_path, demo_cache)
+  workdir = tmp_path / "preempted"
+  launcher = _launch(workdir, "dro", 2, 4, env, "--config.total_steps=60",
+                     "--config.checkpoint_every=1000", wait=False)
+  victim = _pid_of_process(launcher, 1)
+  lines = []
+  for line in launcher.stdout:  # the preemption notice reaches process 1 only, mid-training
+    lines.append(line)
+    if "step/s, loss=" in line or "s/step, loss=" in line:
+      os.kill(victim, signal.SIGTERM)
+      break
+  output = "".join(lines) + launcher.communicate(timeout=300)[0]
+  assert launcher.returncode == 143, output[-4000:]
+  assert "exit statuses: p0 143, p1 143" in output
+  saved = [int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit()]
+  stopped_at = max(saved)
+  assert 1 <= stopped_at < 60
+  assert output.count(f"saved a checkpoint at step {stopped_at}") == 2  # both, the same step
+  # The same launch, to the uninterrupted run's length: equal to it, bit for bit.
+  code, resumed = _launch(workdir, "dro", 2, 4, env, f"--config.total_steps={STEPS}",
+                          "--config.checkpoint_every=1000")
+  if stopped_at >= STEPS:
+    pytest.skip(f"the run reached step {stopped_at} before the signal (a loaded machine)")
+  assert code == 0, resumed[-4000:]
+  _assert_same_state(uninterrupted, workdir, STEPS, exact=True)
+
+
+def test_the_launcher_sets_each_process_and_streams_with_prefixes(tmp_path):
+  script = tmp_path / "show.py"
+  script.write_text("import os, sys\n"
+                    "print(os.environ['DRO_JAX_PROCESS_ID'], os.environ['DRO_JAX_NUM_PROCESSES'],"
+                    " os.environ['DRO_JAX_COORDINATOR_ADDRESS'].split(':')[0], "
+                    "os.environ['XLA_FLAGS'])\n"
+                    "sys.exit(int(os.environ['DRO_JAX_PROCESS_ID']) * 3)\n")
+  result = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "3",
+                           "--devices_per_process", "4", "--", str(script)],
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 6  # the worst exit status
+  for index in range(3):
+    assert (f"[p{index}] {index} 3 127.0.0.1 --xla_force_host_platform_device_count=4"
+            in result.stdout)
+  assert "exit statuses: p0 0, p1 3, p2 6" in result.stdout
+  assert local.exit_status(-signal.SIGTERM) == 143
+
+
+def test_the_launcher_forwards_sigterm_to_every_process(tmp_path):
+  script = tmp_path / "wait.py"
+  script.write_text("import signal, sys, time\n"
+                    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+                    "print('ready', flush=True)\n"
+                    "time.sleep(60)\n")
+  launcher = subprocess.Popen([sys.executable, str(ROOT / "launch" / "local.py"), "--processes",
+                               "2", "--", str(script)], stdout=subprocess.PIPE, text=True)
+  ready = 0
+  for line in launcher.stdout:
+    ready += "ready" in line
+    if ready == 2:
+      break
+  launcher.send_signal(signal.SIGTERM)
+  output = launcher.communicate(timeout=30)[0]
+  assert launcher.returncode == 143
+  assert "exit statuses: p0 143, p1 143" in output
+
+
+def test_a_process_that_outlives_a_failed_peer_is_stopped(tmp_path):
+  script = tmp_path / "hang.py"
+  script.write_text("import os, sys, time\n"
+                    "if os.environ['DRO_JAX_PROCESS_ID'] == '0': sys.exit(1)\n"
+                    "time.sleep(120)\n")  # a peer stuck in a collective
+  start = time.monotonic()
+  result = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2",
+                           "--grace_s", "2", "--", str(script)],
+                          capture_output=True, text=True, timeout=90)
+  assert time.monotonic() - start < 60
+  assert result.returncode == 143 and "p1 still runs" in result.stdout
