@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -218,6 +219,9 @@ def preflight(config, workdir: str | None = None) -> None:
   if evaluation is not None and evaluation.get("judge"):  # the periodic judge, named by its key
     from dro_jax import judge_specs
     judge_specs.check(evaluation.judge, "config.evaluation.judge")
+    if re.search(r"(^|:)api:", evaluation.judge.strip()):  # its endpoint reached before any work
+      from dro_jax import judges
+      judges.judge_from_spec(evaluation.judge, **judges.judge_options(evaluation))
 
 
 def random_init_warning(config) -> str | None:

@@ -427,6 +427,13 @@ def test_the_online_loop_refuses_an_unreachable_oracle_before_writing_anything(t
   config.online.oracle = "api:judge"
   with pytest.raises(errors.UserError, match="config.online.oracle api:judge: expected"):
     online.validate(config)
+  # The driver's checks before any run (the demo's and training's periodic judge too).
+  from dro_jax import main
+  demo_config = configs.load("demo", "scale=0.3,methods=dro")
+  demo_config.data.cache_dir = demo_cache
+  demo_config.evaluation.judge = f"noisy:0.1:api:judge@{url}"
+  with pytest.raises(errors.UserError, match=f"cannot reach {url}"):
+    main.preflight(demo_config)
 
 
 def test_the_demos_final_evaluation_judges_with_an_api_judge(tmp_path, one_step_sft):
