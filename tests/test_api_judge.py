@@ -456,3 +456,31 @@ def test_the_demos_final_evaluation_judges_with_an_api_judge(tmp_path, one_step_
   assert api["judge"].startswith("api:") and api["debiased"] and api["judge_calls"] == 16
   assert api["win_rate"] == results["demo"]["win_rate"]
   assert api["judge_calls_paid"] == sum(server.verdicts.values()) > 0
+
+
+def test_the_template_concurrency_and_cache_come_from_the_config_and_the_flags(tmp_path):
+  from dro_jax import configs, evaluate
+  config = configs.load("online", "size=tiny")
+  config.evaluation.judge_template = str(tmp_path / "mine.txt")
+  config.evaluation.judge_max_concurrency = 3
+  options = judges.judge_options(config.evaluation, cache="default.sqlite", max_calls=5)
+  assert options["template"] == str(tmp_path / "mine.txt")
+  assert (options["max_concurrency"], options["max_calls"]) == (3, 5)
+  assert options["cache"] == "default.sqlite"
+  config.evaluation.judge_cache = str(tmp_path / "given.sqlite")
+  assert judges.judge_options(config.evaluation, cache="x")["cache"] == str(
+      tmp_path / "given.sqlite")
+  (tmp_path / "mine.txt").write_text("{prompt} {response_a} {response_b}")
+  with JudgeServer() as server:
+    judge = judges.judge_from_spec(f"api:judge@{server.url}", **options)
+    assert judge.max_concurrency == 3 and judge.template.startswith("{prompt}")
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  (workdir / "config.json").write_text("{}")
+  (tmp_path / "bad.txt").write_text("{prompt} {response_a}")
+  args = evaluate.parse_args(["--policy", str(workdir), "--baseline", str(workdir), "--judge",
+                              "api:m@http://127.0.0.1:9/v1", "--judge_template",
+                              str(tmp_path / "bad.txt")])
+  with pytest.raises(errors.UserError, match=r"--judge_template .*bad.txt: has no "
+                                             r"\{response_b\}"):
+    evaluate.check_args(args)
