@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from dro_jax import decoding, partitioning, scoring
+from dro_jax import decoding, partitioning, scoring, stops
 from dro_jax import judges as judges_lib
 from dro_jax.models import t5 as t5_lib
 from dro_jax.policies import Policy  # noqa: F401  (evaluation.Policy, as before)
@@ -386,6 +386,7 @@ def sample_policy(policy: Policy, encoder_tokens: np.ndarray, vocabulary: decodi
   sampler = decoding.make_sampler(policy.config, sampling, mesh)
   tokens, lengths, truncated = [], [], []
   for start, end in _batches(prompts, size):
+    stops.check("sampling")  # a stop asked for mid-phase (a run's own; else a no-op)
     keys = _prompt_keys(seed, start, size)
     output = sampler(policy.params, _padded(encoder_tokens[start:end], size), keys)
     rows = (end - start) * sampling.num_samples
@@ -426,6 +427,7 @@ def sequence_logps(policy: Policy, encoder_tokens: np.ndarray, tokens: np.ndarra
     params = jax.device_put(params, shardings)
   results = []
   for start, end in _batches(rows, size):
+    stops.check("scoring")
     encoder_batch = _padded(encoder_tokens[start:end], size)
     token_batch = _padded(tokens[start:end], size)
     if mesh is None:

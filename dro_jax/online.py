@@ -104,7 +104,20 @@ def _row_rng(seed: int, iteration: int, salt: str, row: int) -> np.random.Genera
   return np.random.default_rng([_seed(seed, iteration, salt), row])
 
 
-write_jsonl, read_jsonl = files.write_jsonl, files.read_jsonl
+read_jsonl = files.read_jsonl
+
+
+def write_text(path: str, text: str) -> None:
+  """Process 0 writes a phase file; every process waits until it is written (one copy)."""
+  if jax.process_index() == 0:
+    files.write_text(path, text)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"online wrote {path}")
+
+
+def write_jsonl(path: str, rows) -> None:
+  write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
 def params_digest(tree: PyTree) -> str:
@@ -525,11 +538,15 @@ class OnlineRun:
     if isinstance(self.oracle, judges.NoisyJudge):  # its flips drawn from the run's seed
       self.oracle = type(self.oracle)(self.oracle.judge, self.oracle.flip, seed=config.seed,
                                       spec=self.oracle.spec)
+    # With several processes, process 0 alone asks the oracle and sends every process its
+    # verdicts: one cost, and the same pairs everywhere.
+    self.oracle = judges.on_process_zero(self.oracle)
     self.eval_spec = config.evaluation.judge or self.settings.oracle
     self.eval_judge = (self.oracle if self.eval_spec == self.settings.oracle
-                       else judges.judge_from_spec(self.eval_spec, **judges.judge_options(
-                           config.evaluation, cache=cache,
-                           max_calls=config.evaluation.get("judge_max_calls") or 0)))
+                       else judges.on_process_zero(judges.judge_from_spec(
+                           self.eval_spec, **judges.judge_options(
+                               config.evaluation, cache=cache,
+                               max_calls=config.evaluation.get("judge_max_calls") or 0))))
     self.prompts = Prompts(config)
     self.max_kl = self.settings.get("max_kl", DEFAULT_MAX_KL)
     self.steps = int(self.settings.steps)
@@ -600,7 +617,7 @@ class OnlineRun:
   def ranker(self, k: int) -> judges.Judge | None:
     if self.settings.preference_model == "oracle":
       return self.oracle
-    return self.fitted_preference_model(k)
+    return judges.on_process_zero(self.fitted_preference_model(k))
 
   def judged(self, k: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
     record_path = self.path(k, "judged.json")
@@ -628,7 +645,7 @@ class OnlineRun:
               "debias": online_debias(self.config),
               "ranker": ("random" if ranker is None else
                          self.settings.oracle if ranker is self.oracle else "fit")}
-    files.write_text(record_path, json.dumps(record, indent=1))  # the phase's marker, last
+    write_text(record_path, json.dumps(record, indent=1))  # the phase's marker, last
     print(f"[online] iteration {k}: {len(labelled)} pairs labelled by {self.settings.oracle} "
           f"({counts['dropped_identical']} identical and {ties['dropped_tie']} ties dropped; "
           f"{tournament_calls} + {labelling_calls} judge calls)", flush=True)
@@ -808,7 +825,7 @@ class OnlineRun:
               "vs_previous": vs_previous, "judge_calls": calls,
               "settings": evaluation_settings(self.config, self.eval_spec, len(prompts)),
               "seconds": time.perf_counter() - start}
-    files.write_text(path, json.dumps(record, indent=1))
+    write_text(path, json.dumps(record, indent=1))
     guard = kl_guard(record, self.max_kl)
     print(f"[online] iteration {k}: against SFT {evaluation.win_rate_line(vs_sft)}; "
           f"KL(π‖SFT) {guard['kl']:.3f} nats per answer, length {guard['length']:.2f} tokens "
@@ -872,7 +889,7 @@ class OnlineRun:
 
   def _stop_if_asked(self, preemption: train.Preemption, state, k: int, phase: str) -> None:
     after_phase(k, phase)
-    if preemption.requested:
+    if preemption.reached():  # agreed by every process
       step = int(jax.device_get(state.step))
       raise train.Preempted(step, preemption.signal_name)
 
@@ -892,7 +909,7 @@ class OnlineRun:
       self._stop_if_asked(preemption, state, k, "judged")
       if not in_training:
         state = self.start_of_iteration(k, state)
-        files.write_text(self.path(k, "start.json"), json.dumps({
+        write_text(self.path(k, "start.json"), json.dumps({
             "step": int(jax.device_get(state.step)), "policy_digest": start_digest,
             "reference_digest": (params_digest(state.reference)
                                  if state.reference is not None else None)}, indent=1))
@@ -912,7 +929,7 @@ class OnlineRun:
     row = self.metrics_row(k, judged, evaluated, calls)
     log.write(k * self.steps, row)
     self._stop_if_asked(preemption, state, k, "evaluated")
-    files.write_text(self.path(k, "end.json"), json.dumps(
+    write_text(self.path(k, "end.json"), json.dumps(
         {"step": k * self.steps, "policy_digest": end_digest}, indent=1))
     return _summary(state, k, judged, evaluated, calls, end_digest, self.max_kl)
 

@@ -40,7 +40,20 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MES
   if shape.count(-1) > 1:
     raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1")
   known = int(np.prod([s for s in shape if s != -1]))
-  if -1 not in shape and known < len(devices):
+  processes = len({device.process_index for device in devices})
+  if -1 not in shape and known < len(devices) and processes > 1:
+    if known != 1:
+      raise ValueError(f"mesh shape {tuple(shape)} takes {known} of the {len(devices)} devices "
+                       f"of {processes} processes: a run of several processes needs a mesh over "
+                       f"every process's devices (give one axis as -1)")
+    # One device's mesh (the tiny presets) on several processes: one device of each process's,
+    # along data, so that every process takes part.
+    firsts: dict[int, jax.Device] = {}
+    for device in devices:
+      firsts.setdefault(device.process_index, device)
+    devices, shape = list(firsts.values()), [len(firsts), 1, 1][:len(shape)] + [1] * (
+        len(shape) - 3)
+  elif -1 not in shape and known < len(devices):
     devices = devices[:known]
   if -1 in shape:
     if len(devices) % known:

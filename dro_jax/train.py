@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dro_jax import checkpoint_manager, files, partitioning, reference_cache, resume
+from dro_jax import checkpoint_manager, files, partitioning, reference_cache, resume, stops
 from dro_jax import step as step_lib
 # The shared setup (data, state, the init checkpoint) lives below every runner; these names are
 # this loop's vocabulary and stay reachable as train.<name>.
@@ -38,13 +38,7 @@ class NonFiniteError(FloatingPointError):
   """A step produced a non-finite loss or gradient (the message names the step and metric)."""
 
 
-class Preempted(Exception):
-  """SIGTERM or Ctrl-C (or the pod's preemption notice): the state was saved at `step`; exit 143."""
-
-  def __init__(self, step: int, signal_name: str = "SIGTERM"):
-    super().__init__(f"preempted ({signal_name}): saved a checkpoint at step {step}; the same "
-                     f"command resumes from it")
-    self.step = step
+Preempted = stops.Preempted  # train.Preempted, as before
 
 
 class Preemption:
@@ -73,6 +67,7 @@ class Preemption:
         self._previous[number] = signal.signal(number, self._request)
       except ValueError:  # not the main thread (a notebook's worker thread): no handler
         logging.warning("%s is not handled: train.run is not on the main thread", name)
+    stops.register(self)
 
   def _request(self, signum, frame) -> None:
     del frame
@@ -80,17 +75,21 @@ class Preemption:
     self.requested = True
     self.signal_name = signal.Signals(signum).name
 
-  def reached(self, step: int) -> bool:
+  def reached(self, step: int | None = None) -> bool:
+    """Whether to stop now: every process gets the same answer at the same check (a training
+    step, or a check between a phase's batches: `stops.check`)."""
+    del step  # the checks are numbered by one counter, the same sequence on every process
     if self.distributed:
       from jax.experimental import multihost_utils
       try:
-        return multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError:  # no preemption sync manager (e.g. a local multi-process run)
+        return multihost_utils.reached_preemption_sync_point(stops.next_check())
+      except RuntimeError:  # no preemption sync manager (the preemption service is off)
         return False
     return self.requested
 
   def close(self) -> None:
     import signal
+    stops.unregister(self)
     for number, previous in self._previous.items():
       if previous is not None:
         signal.signal(number, previous)

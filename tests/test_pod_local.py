@@ -207,3 +207,20 @@ def test_a_process_that_outlives_a_failed_peer_is_stopped(tmp_path):
                           capture_output=True, text=True, timeout=90)
   assert time.monotonic() - start < 60
   assert result.returncode == 143 and "p1 still runs" in result.stdout
+
+
+def test_process_zero_alone_asks_the_judge_and_every_process_gets_its_verdicts(tmp_path):
+  """A judge that answers at random on every call, through judges.on_process_zero, in 2
+  processes: the same verdicts to the bit everywhere, asked once (on process 0); a phase file
+  written by the online loop's writer is there for every process when the call returns."""
+  result = subprocess.run([sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2",
+                           "--", str(ROOT / "tests" / "pod_worker.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+  assert result.returncode == 0, result.stdout[-4000:]
+  first, second = (json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2))
+  assert first["processes"] == second["processes"] == 2
+  assert first["values"] == second["values"] and len(first["values"]) == 37
+  assert len(set(first["values"])) == 37  # a random judge's own draws, not a default
+  assert first["calls"] == 37 and second["calls"] == 0
+  assert first["queries"] == second["queries"] == 5  # attributes reach the judge itself
+  assert first["phase"] == second["phase"] == {"from": 0}
