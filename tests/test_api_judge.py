@@ -463,10 +463,11 @@ def test_the_template_concurrency_and_cache_come_from_the_config_and_the_flags(t
   config = configs.load("online", "size=tiny")
   config.evaluation.judge_template = str(tmp_path / "mine.txt")
   config.evaluation.judge_max_concurrency = 3
-  options = judges.judge_options(config.evaluation, cache="default.sqlite", max_calls=5)
+  default = str(tmp_path / "default.sqlite")
+  options = judges.judge_options(config.evaluation, cache=default, max_calls=5)
   assert options["template"] == str(tmp_path / "mine.txt")
   assert (options["max_concurrency"], options["max_calls"]) == (3, 5)
-  assert options["cache"] == "default.sqlite"
+  assert options["cache"] == default
   config.evaluation.judge_cache = str(tmp_path / "given.sqlite")
   assert judges.judge_options(config.evaluation, cache="x")["cache"] == str(
       tmp_path / "given.sqlite")
