@@ -577,3 +577,45 @@ def tournament(prompts: Sequence[str], candidates: Sequence[Sequence[str]], judg
     alive = [winners.get(i, []) + (row[-1:] if len(row) % 2 else []) if len(row) > 1 else row
              for i, row in enumerate(alive)]
   return [row[0] for row in alive], calls
+
+
+class ProcessZeroJudge:
+  """A judge asked by process 0 alone, its verdicts sent to every process (a run of several
+  processes: the oracle's cost is paid once, and every process trains on the same verdicts even
+  from a judge that answers differently on every call). Every process must call `prefer` with
+  the same comparisons, as the processes of one run do. Its other attributes (symmetric, spec,
+  a noisy judge's query counter) are the judge's."""
+
+  def __init__(self, judge: Judge):
+    object.__setattr__(self, "judge", judge)
+
+  def prefer(self, prompts: Sequence[str], responses_a: Sequence[str],
+             responses_b: Sequence[str]) -> np.ndarray:
+    import jax
+    from jax.experimental import multihost_utils
+    count = len(prompts)
+    if jax.process_index() == 0:
+      values = np.asarray(self.judge.prefer(prompts, responses_a, responses_b),
+                          np.float64).reshape(-1)
+      if values.shape[0] != count:  # said on process 0 only: the others wait at the broadcast
+        values = np.full((count,), np.nan)
+    else:
+      values = np.zeros((count,), np.float64)
+    # float64 travels as its 32-bit halves: every process gets process 0's values to the bit.
+    halves = np.ascontiguousarray(values).view(np.uint32)
+    return np.asarray(multihost_utils.broadcast_one_to_all(halves)).astype(np.uint32).view(
+        np.float64).copy()
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self.judge, name)
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    setattr(self.judge, name, value)
+
+
+def on_process_zero(judge: Judge | None) -> Judge | None:
+  """`judge` asked on process 0 only when the run has several processes (else itself)."""
+  import jax
+  if judge is None or jax.process_count() == 1 or isinstance(judge, ProcessZeroJudge):
+    return judge
+  return ProcessZeroJudge(judge)

@@ -260,7 +260,35 @@ def test_resume_continues_a_legacy_position_whose_order_is_known(tmp_path, vocab
     assert_batches_equal(next(resumed), next(iterator))
 
 
-def test_resume_refuses_a_different_setup(tmp_path, vocabulary, new_name):
+def test_a_kept_in_memory_stream_is_one_global_order_whatever_the_host_count(
+    tmp_path, vocabulary, new_name):
+  """In memory, each of several hosts takes its slice of one process's global batches, so a run
+  resumes exactly on another host count."""
+  name = single_task(tmp_path, vocabulary, new_name(), make_rows(12))
+  one = pipeline.input_pipeline(name, global_batch_size=4, process_index=0, process_count=1,
+                                seed=5)
+  hosts = [pipeline.input_pipeline(name, global_batch_size=4, process_index=index,
+                                   process_count=2, seed=5) for index in (0, 1)]
+  assert hosts[0].position()["order"] == "memory_global"
+  for _ in range(5):  # across an epoch boundary (3 batches an epoch)
+    whole = next(one)
+    halves = [next(host) for host in hosts]
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([half[key] for half in halves]), whole[key],
+                                    err_msg=key)
+  resumed = [pipeline.input_pipeline(name, global_batch_size=4, process_index=index,
+                                     process_count=2, seed=5, position=one.position())
+             for index in (0, 1)]
+  back = pipeline.input_pipeline(name, global_batch_size=4, process_index=0, process_count=1,
+                                 seed=5, position=hosts[0].position())
+  whole = next(one)
+  np.testing.assert_array_equal(np.concatenate([next(r)["example_id"] for r in resumed]),
+                                whole["example_id"])
+  np.testing.assert_array_equal(next(back)["example_id"], whole["example_id"])
+
+
+def test_resume_refuses_a_different_setup(tmp_path, vocabulary, new_name, monkeypatch):
+  monkeypatch.setattr(pipeline, "IN_MEMORY_BYTES", -1)  # per-host streams (tf.data)
   name = single_task(tmp_path, vocabulary, new_name(), make_rows(12))
   iterator = one_host(name, seed=1)
   next(iterator)

@@ -138,6 +138,11 @@ def _tokenize_partners(ds: tf.data.Dataset, source: FeedbackSource,
   return truncate(ds)
 
 
+def _is_global(order: str | None, process_count: int) -> bool:
+  """Whether a stream of `order` over `process_count` hosts is the one global order."""
+  return order == "memory_global" or (order == "memory" and int(process_count) == 1)
+
+
 class DataIterator:
   """Numpy batches of this host's rows; `position()` / `restore()` for checkpoints.
 
@@ -192,6 +197,9 @@ class DataIterator:
     self._epoch, self._batches_consumed = 0, 0
     self._batches: Iterator[dict[str, np.ndarray]] | None = None
     self._memory: dict[str, np.ndarray] | bool | None = None  # None: not decided yet
+    # Kept in memory with several processes, every host holds the whole split and takes its
+    # slice of each global batch: the batches are those of one process, whatever the host count.
+    self._whole_split = False
     # Per Task (a Mixture's index): real rows yielded, prompts cut, responses cut.
     self._truncated = np.zeros((len(self._tasks), 3), np.int64)
     self._truncation_known: set[int] = set()  # Tasks whose warning is decided
@@ -213,7 +221,15 @@ class DataIterator:
             "tasks": [[task.name, float(rate)] for task, rate in self._tasks],
             "examples": {task_name: int(statistics.count)
                          for task_name, statistics in self.statistics.items()},
-            "order": "memory" if self._in_memory() else "tf.data"}
+            "order": self._order()}
+
+  def _order(self) -> str:
+    """How the batches are drawn: "memory" (one process, or several each reading the whole
+    split and taking its slice of every global batch: "memory_global"), or "tf.data" (each
+    host its own shard)."""
+    if not self._in_memory():
+      return "tf.data"
+    return "memory_global" if self._whole_split else "memory"
 
   def position(self) -> dict[str, Any]:
     """Where the stream is, and what fixes it: the same on every host; JSON-serialisable, to be
@@ -235,10 +251,16 @@ class DataIterator:
     if missing:
       raise ValueError(f"data position {dict(position)} lacks {missing}")
     unchecked = []
+    # One global order (kept in memory: one process, or several each taking its slice of every
+    # global batch) is the same stream whatever the host count: it continues exactly.
+    global_stream = (_is_global(position.get("order"), position["process_count"])
+                     and _is_global(self._order(), self.process_count))
     for key, mine in self.stream().items():
       if key not in position:
         if key != "order":  # Checked by _check_legacy_order below.
           unchecked.append(key)
+      elif key == "order" and global_stream:
+        continue
       elif _as_json(position[key]) != mine:
         raise ValueError(f"cannot resume the data stream: the checkpoint has {key}="
                          f"{position[key]!r}, this run has {key}={mine!r}; run with the "
@@ -247,7 +269,7 @@ class DataIterator:
       logging.warning("The data position predates %s; resuming without checking them.",
                       unchecked)
     epoch, consumed = int(position["epoch"]), int(position["batches_consumed"])
-    if position["process_count"] != self.process_count:
+    if position["process_count"] != self.process_count and not global_stream:
       message = (f"the checkpoint's data position was written by {position['process_count']} "
                  f"processes, this run has {self.process_count}: the per-host streams differ")
       if on_host_count_change != "restart_epoch":
@@ -263,7 +285,7 @@ class DataIterator:
       self._check_legacy_order(epoch, consumed)
     self._epoch, self._batches_consumed, self._batches = epoch, consumed, None
 
-  def _check_legacy_order(self, epoch: int, consumed: int) -> None:
+  def _check_legacy_order(self, epoch: int, consumed: int) -> None:  # noqa: D401
     """Refuses a position without "order" unless this run's remaining batches of its epoch are
     provably the ones the saving run would have read.
 
@@ -385,17 +407,24 @@ class DataIterator:
     if self._memory is None:
       self._memory = False
       if not self._is_mixture:
-        ds = self._task_examples(self._tasks[0][0], self._sources[0], 0, shuffle=False)
+        whole = self.process_count > 1
+        ds = self._task_examples(self._tasks[0][0], self._sources[0], 0, shuffle=False,
+                                 whole_split=whole)
         # Without the truncation flags, as before they existed: a stream keeps its order.
         row_bytes = sum(int(np.prod(spec.shape)) * spec.dtype.size
                         for key, spec in ds.element_spec.items() if key not in TRUNCATION_FLAGS)
-        rows = math.ceil(self.statistics[self._tasks[0][0].name].count / self.process_count)
+        count = self.statistics[self._tasks[0][0].name].count
+        rows = count if whole else math.ceil(count / self.process_count)
         if rows * row_bytes <= IN_MEMORY_BYTES:
           self._memory = self._load(ds)
+          self._whole_split = whole
+          loaded = next(iter(self._memory.values())).shape[0]
+          if whole:
+            self.batches_per_epoch = max(math.ceil(loaded / self.global_batch_size), 1)
           if all(key in self._memory for key in TRUNCATION_FLAGS):
             prompts, responses = (int((self._memory[key] > 0).sum()) for key in TRUNCATION_FLAGS)
-            count = next(iter(self._memory.values())).shape[0]
-            self._warn_truncation(0, count, prompts, responses, "of this host's share")
+            self._warn_truncation(0, loaded, prompts, responses,
+                                  "of the split" if whole else "of this host's share")
     return self._memory is not False
 
   def _load(self, ds: tf.data.Dataset) -> dict[str, np.ndarray]:
@@ -414,16 +443,20 @@ class DataIterator:
 
   def _memory_batches(self, epoch: int, skip_batches: int) -> Iterator[dict[str, np.ndarray]]:
     """The epoch's batches from the kept arrays: this host's rows in the epoch's permutation
-    (the Task's file order without shuffle), then zero-weight rows (ids -1) to fill the epoch."""
+    (the Task's file order without shuffle), then zero-weight rows (ids -1) to fill the epoch.
+    Holding the whole split (several processes), this host takes its slice of each global
+    batch of that permutation."""
     rows = self._memory
     count = next(iter(rows.values())).shape[0]
     order = np.arange(count)
     if self.shuffle:
       order = np.random.default_rng(
           epoch_seed(self.seed, epoch, self._tasks[0][0].name)).permutation(count)
-    total = self.batches_per_epoch * self.batch_size
-    for start in range(skip_batches * self.batch_size, total, self.batch_size):
-      picked = order[start:start + self.batch_size]
+    step = self.global_batch_size if self._whole_split else self.batch_size
+    offset = self.process_index * self.batch_size if self._whole_split else 0
+    total = self.batches_per_epoch * step
+    for start in range(skip_batches * step, total, step):
+      picked = order[start + offset:start + offset + self.batch_size]
       padding = self.batch_size - picked.size
       batch = {}
       for key, values in rows.items():
@@ -435,16 +468,18 @@ class DataIterator:
       yield batch
 
   def _task_examples(self, task: seqio.Task, source: FeedbackSource, epoch: int,
-                     task_index: int = 0, shuffle: bool | None = None) -> tf.data.Dataset:
-    """This host's converted examples of one Task for an epoch."""
+                     task_index: int = 0, shuffle: bool | None = None,
+                     whole_split: bool = False) -> tf.data.Dataset:
+    """This host's converted examples of one Task for an epoch (all of them: `whole_split`)."""
     shuffle = self.shuffle if shuffle is None else shuffle
+    shard = (seqio.ShardInfo(0, 1) if whole_split
+             else seqio.ShardInfo(self.process_index, self.process_count))
 
     def make() -> tf.data.Dataset:
       return task.get_dataset(
           sequence_length=self._task_lengths(source), split=self.split, shuffle=shuffle,
           seed=epoch_seed(self.seed, epoch, task.name), num_epochs=1,
-          shard_info=seqio.ShardInfo(self.process_index, self.process_count),
-          try_in_mem_cache=False)
+          shard_info=shard, try_in_mem_cache=False)
     if self.with_partners:
       with partners_context():
         ds = _tokenize_partners(make(), source, self.feature_lengths["targets"])
