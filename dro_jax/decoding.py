@@ -366,7 +366,7 @@ def make_sampler(config: t5_lib.T5Config, sampling: SamplingParams, mesh: Mesh |
 
   def sharded(params: Any, encoder_input_tokens_BxS: Array, rng: Array) -> SampleOutput:
     partitioning.check_batch_size(encoder_input_tokens_BxS.shape[0], mesh)
-    params = jax.device_put(params, shardings)
+    params = partitioning.put(params, shardings)
     encoder_input_tokens_BxS = jax.device_put(encoder_input_tokens_BxS, batch)
     with partitioning.activate(mesh, rules):
       return jitted(params, encoder_input_tokens_BxS, rng)

@@ -84,13 +84,23 @@ def stage_config(demo: ml_collections.ConfigDict, method: str, task: str, *,
 
 
 def finished(workdir: str, total_steps: int) -> bool:
-  if not os.path.isdir(checkpoint_manager.checkpoint_dir(workdir)):
-    return False
-  manager = checkpoint_manager.Checkpointer(workdir)
-  try:
-    return (manager.latest_step() or 0) >= total_steps
-  finally:
-    manager.close()
+  """Whether the stage in `workdir` saved its last step. Read from the folder's names (finished
+  steps are plain numbers; orbax's unfinished ones carry a suffix), by process 0 and sent to the
+  others: every process of a run takes the same branch, whatever another has written since."""
+  import jax
+  decided = False
+  if jax.process_index() == 0:
+    from dro_jax import files
+    directory = checkpoint_manager.checkpoint_dir(workdir)
+    gfile = files.gfile()
+    if gfile.isdir(directory):
+      steps = [int(name.rstrip("/")) for name in gfile.listdir(directory)
+               if name.rstrip("/").isdigit()]
+      decided = max(steps, default=0) >= total_steps
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    decided = bool(multihost_utils.broadcast_one_to_all(np.int32(decided)))
+  return decided
 
 
 TIMING = "timing.json"  # in a stage's workdir: its training wall time, summed over resumes

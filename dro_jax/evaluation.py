@@ -424,7 +424,7 @@ def sequence_logps(policy: Policy, encoder_tokens: np.ndarray, tokens: np.ndarra
   params = policy.params
   if mesh is not None:
     shardings = partitioning.params_shardings(t5_lib.abstract_params(policy.config), mesh, rules)
-    params = jax.device_put(params, shardings)
+    params = partitioning.put(params, shardings)
   results = []
   for start, end in _batches(rows, size):
     stops.check("scoring")

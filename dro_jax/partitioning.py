@@ -65,6 +65,21 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MES
   return Mesh(np.asarray(devices).reshape(shape), tuple(axis_names))
 
 
+def put(tree: Any, shardings: Any) -> Any:
+  """jax.device_put(tree, shardings), also from one process's own devices onto a mesh that
+  spans several processes (a policy restored on this host's first device, placed for sampling
+  over the whole mesh): such a leaf goes through host memory, every process giving the same
+  value."""
+  if jax.process_count() > 1:
+    def host_if_local(leaf, sharding):
+      if (isinstance(leaf, jax.Array) and leaf.is_fully_addressable
+          and not sharding.is_fully_addressable):
+        return np.asarray(jax.device_get(leaf))
+      return leaf
+    tree = jax.tree.map(host_if_local, tree, shardings)
+  return jax.device_put(tree, shardings)
+
+
 def logical_to_mesh_sharding(logical_specs: Any, mesh: Mesh,
                              rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
   """Tree of logical PartitionSpecs -> tree of NamedShardings on `mesh`."""
