@@ -83,23 +83,23 @@ def run(arguments: Sequence[str], processes: int, devices: int, grace_s: float =
   print(f"[local] {processes} processes x {devices} CPU devices, coordinator 127.0.0.1:{port}: "
         f"{shlex.join(argv)}", flush=True)
   lock = threading.Lock()
-  children = [subprocess.Popen(argv, env=environment(i, processes, devices, port), cwd=os.getcwd(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-              for i in range(processes)]
-  readers = [threading.Thread(target=_stream, args=(i, child.stdout, lock), daemon=True)
-             for i, child in enumerate(children)]
-  for reader in readers:
-    reader.start()
-  forwarded: list[int] = []
+  children: list[subprocess.Popen] = []
 
   def forward(signum, frame) -> None:  # noqa: ARG001
-    forwarded.append(signum)
     for child in children:
       if child.poll() is None:
         child.send_signal(signum)
 
+  # Installed before any process starts: a signal from then on reaches every process started.
   previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+  for i in range(processes):
+    children.append(subprocess.Popen(argv, env=environment(i, processes, devices, port),
+                                     cwd=os.getcwd(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True))
+  readers = [threading.Thread(target=_stream, args=(i, child.stdout, lock), daemon=True)
+             for i, child in enumerate(children)]
+  for reader in readers:
+    reader.start()
   try:
     first_death = None
     while any(child.poll() is None for child in children):
