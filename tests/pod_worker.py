@@ -1,4 +1,4 @@
-"""One process of tests/test_pod_local.py's judge check, run by launch/local.py:
+"""One process of tests/test_pod_online.py's judge check, run by launch/local.py:
 `python tests/pod_worker.py OUTDIR`.
 
 A judge that answers at random on every call (a different draw in each process), asked through
