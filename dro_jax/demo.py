@@ -95,12 +95,21 @@ def finished(workdir: str, total_steps: int) -> bool:
     gfile = files.gfile()
     if gfile.isdir(directory):
       steps = [int(name.rstrip("/")) for name in gfile.listdir(directory)
-               if name.rstrip("/").isdigit()]
+               if name.rstrip("/").isdigit() and _committed(directory, name.rstrip("/"))]
       decided = max(steps, default=0) >= total_steps
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     decided = bool(multihost_utils.broadcast_one_to_all(np.int32(decided)))
   return decided
+
+
+def _committed(directory: str, step: str) -> bool:
+  """Whether a step folder is a finished checkpoint: locally, orbax renames a finished step into
+  place; on GCS, where it cannot, it writes commit_success.txt into the step last."""
+  if not directory.startswith("gs://"):
+    return True
+  from dro_jax import files
+  return files.gfile().exists(os.path.join(directory, step, "commit_success.txt"))
 
 
 TIMING = "timing.json"  # in a stage's workdir: its training wall time, summed over resumes

@@ -398,3 +398,13 @@ def test_the_results_plot_has_a_title_units_and_a_kl_panel(tmp_path):
   assert list(win.lines[0].get_ydata()) == [0.5, 0.55, 0.6, 0.62, 0.66]
   assert list(reward.lines[0].get_ydata()) == [0.32, 0.4, 0.45, 0.5, 0.55]
   assert list(kl.lines[0].get_ydata()) == [0.0, 0.1, 0.2, 0.25, 0.3]
+
+
+def test_a_stage_is_finished_when_its_last_step_is_a_finished_checkpoint(tmp_path):
+  from dro_jax import demo as demo_lib
+  assert not demo_lib.finished(str(tmp_path / "none"), 4)
+  checkpoints = tmp_path / "stage" / "checkpoints"
+  (checkpoints / "4").mkdir(parents=True)
+  (checkpoints / "6.orbax-checkpoint-tmp-1765000000").mkdir()  # a save cut short
+  assert demo_lib.finished(str(tmp_path / "stage"), 4)
+  assert not demo_lib.finished(str(tmp_path / "stage"), 6)
