@@ -107,17 +107,21 @@ def _row_rng(seed: int, iteration: int, salt: str, row: int) -> np.random.Genera
 read_jsonl = files.read_jsonl
 
 
-def write_text(path: str, text: str) -> None:
+def _once(write, path: str, *args) -> None:
   """Process 0 writes a phase file; every process waits until it is written (one copy)."""
   if jax.process_index() == 0:
-    files.write_text(path, text)
+    write(path, *args)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"online wrote {path}")
 
 
+def write_text(path: str, text: str) -> None:
+  _once(files.write_text, path, text)
+
+
 def write_jsonl(path: str, rows) -> None:
-  write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+  _once(files.write_jsonl, path, rows)
 
 
 def params_digest(tree: PyTree) -> str:
