@@ -31,14 +31,33 @@ FULL = {
     "xl": Shapes("t5_1_1_xl", 32, 512, 256),
 }
 TINY = {name: Shapes("t5_1_1_tiny", 4, 16, 8, layers=1) for name in FULL}
+# The CPU rehearsal (`gpu_suite.py --rehearse`): every size at T5.1.1-small's widths and depth
+# (8 + 8 layers, d 512, vocab 32128), 2 pairs, inputs 64, targets 32.
+REHEARSAL = {name: Shapes("t5_1_1_small", 2, 64, 32) for name in FULL}
 SAMPLING_FULL = {"preset": "t5_1_1_large", "batch": 64, "source": 512, "new_tokens": 256}
 SAMPLING_TINY = {"preset": "t5_1_1_tiny", "batch": 4, "source": 16, "new_tokens": 8, "layers": 1}
+SAMPLING_REHEARSAL = {"preset": "t5_1_1_small", "batch": 4, "source": 64, "new_tokens": 16}
 TORCH_FALLBACK_PAIRS = 4  # the PyTorch step's batch when 16 does not fit
-MATMUL_FULL, MATMUL_TINY = 8192, 256
+MATMUL_FULL, MATMUL_TINY, MATMUL_REHEARSAL = 8192, 256, 1024
+SCANNED_SIZES = ("large", "xl")  # T5-L and larger compile with scanned layer stacks
 
 
-def shapes(size: str, tiny: bool) -> Shapes:
-  return (TINY if tiny else FULL)[size]
+def mode(tiny: bool = False, rehearse: bool = False) -> str:
+  return "tiny" if tiny else "rehearsal" if rehearse else "full"
+
+
+def shapes(size: str, tiny: bool | str) -> Shapes:
+  """The row's shapes: `tiny` is a mode ("full", "rehearsal", "tiny") or a bool (tiny or full)."""
+  which = mode(tiny) if isinstance(tiny, bool) else tiny
+  return {"full": FULL, "rehearsal": REHEARSAL, "tiny": TINY}[which][size]
+
+
+def sampling_spec(which: str) -> dict[str, Any]:
+  return {"full": SAMPLING_FULL, "rehearsal": SAMPLING_REHEARSAL, "tiny": SAMPLING_TINY}[which]
+
+
+def matmul_size(which: str) -> int:
+  return {"full": MATMUL_FULL, "rehearsal": MATMUL_REHEARSAL, "tiny": MATMUL_TINY}[which]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +127,10 @@ def decoder_flops(m: ModelShape, source: int, target: int) -> float:
 
 
 def step_flops(m: ModelShape, loss: str, batch: int, source: int, target: int, *,
-               encoder_per_response: bool) -> float:
+               encoder_per_response: bool, reference_forward: bool = True) -> float:
   """Model FLOPs of one train step: 3x the forward of each trained network (forward, and a
-  backward of twice the forward), 1x the forward of the frozen reference.
+  backward of twice the forward), 1x the forward of the frozen reference (none with
+  `reference_forward=False`: its log-probs come with the batch, dro_jax's reference cache).
 
   DPO: policy and reference each score `batch` chosen and `batch` rejected responses. With
   `encoder_per_response` each response comes with its own encoder pass over the prompt (2·batch
@@ -123,10 +143,10 @@ def step_flops(m: ModelShape, loss: str, batch: int, source: int, target: int, *
   if loss == "dpo":
     encoders = 2 * batch if encoder_per_response else batch
     forward = encoders * enc + 2 * batch * dec
-    return 3 * forward + forward
+    return 3 * forward + (forward if reference_forward else 0)
   if loss == "dro_v":
     forward = batch * (enc + dec)
-    return 3 * forward + forward + 3 * batch * enc
+    return 3 * forward + (forward if reference_forward else 0) + 3 * batch * enc
   raise ValueError(f"no FLOP count for loss {loss!r}")
 
 
@@ -152,8 +172,8 @@ def check_reference_count() -> float:
 
 
 class Results:
-  """The suite's JSON file: {"meta": {...}, "rows": {name: {...}}}, rewritten after every row
-  (a killed run keeps every row that finished)."""
+  """The suite's JSON file: {"meta": {...}, "rows": {name: {...}}}, rewritten after every row and
+  every phase of a row (a killed run keeps every row and phase that finished)."""
 
   def __init__(self, path: str):
     self.path = path
@@ -164,6 +184,10 @@ class Results:
 
   def row(self, name: str, values: dict[str, Any]) -> None:
     self.data["rows"][name] = _jsonable(values)
+    self.write()
+
+  def update(self, name: str, values: dict[str, Any]) -> None:
+    self.data["rows"].setdefault(name, {}).update(_jsonable(values))
     self.write()
 
   def meta(self, **values: Any) -> None:
@@ -207,3 +231,61 @@ def median_time(fn, *, repeats: int, min_repeats: int = 2, max_seconds: float = 
     if len(times) >= min_repeats and time.perf_counter() - start > max_seconds:
       break
   return float(np.median(times)), len(times)
+
+
+class Phases:
+  """A row's phases in its worker: each printed as it ends (`[row] compile 22.4 s`) and written
+  into the row's entry of the results file at once (`phases`: seconds per finished phase;
+  `phase`: the one running), so a killed row still says where its time went.
+
+  `kill_in`: a phase whose start kills this process (SIGKILL, as a timeout would), for the test
+  that a killed row keeps its finished phases."""
+
+  def __init__(self, results: Results, name: str, kill_in: str | None = None):
+    self.results, self.name, self.kill_in = results, name, kill_in
+    self.done: dict[str, float] = {}
+
+  def begin(self, phase: str) -> float:
+    self.results.update(self.name, {"status": "running", "phase": phase, "phases": self.done})
+    if phase == self.kill_in:
+      import signal
+      print(f"[{self.name}] killed in {phase} (--kill_in)", flush=True)
+      os.kill(os.getpid(), signal.SIGKILL)
+    return time.perf_counter()
+
+  def end(self, phase: str, start: float, line: str | None = None) -> float:
+    seconds = time.perf_counter() - start
+    self.done[phase] = seconds
+    self.results.update(self.name, {"phases": self.done, "phase": None})
+    print(f"[{self.name}] {line or f'{phase} {seconds:.1f} s'}", flush=True)
+    return seconds
+
+  def timed(self, phase: str):
+    """with phases.timed("compile"): ..."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def block():
+      start = self.begin(phase)
+      yield
+      self.end(phase, start)
+    return block()
+
+  def steps(self, fn, *, repeats: int, max_seconds: float) -> tuple[float, int]:
+    """The "steps" phase: median_time of `fn`, printed as `steps: median 0.29 s over 10`."""
+    start = self.begin("steps")
+    seconds, count = median_time(fn, repeats=repeats, max_seconds=max_seconds)
+    self.end("steps", start, f"steps: median {seconds:.3g} s over {count}")
+    return seconds, count
+
+
+def process_start_s() -> float:
+  """Seconds since this process started (its interpreter and imports: the row's "start")."""
+  try:
+    with open("/proc/self/stat") as f:
+      ticks = float(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+      uptime = float(f.read().split()[0])
+    return max(uptime - ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+  except (OSError, ValueError, IndexError):
+    return 0.0

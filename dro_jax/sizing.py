@@ -86,6 +86,7 @@ class Report:
   compiler_error: str | None = None
   suggestions: list[str] = dataclasses.field(default_factory=list)
   plan: dict[str, Any] = dataclasses.field(default_factory=dict)
+  roofline: dict[str, Any] = dataclasses.field(default_factory=dict)  # see `roofline`
 
   @property
   def total(self) -> int:
@@ -378,13 +379,14 @@ def compile_step(config, topology: str, hbm_bytes: int | None = None):
 
 def size(config, topology: str, *, input_length: int | None = None,
          target_length: int | None = None, hbm_gib: float | None = None,
-         name: str = "") -> Report:
+         name: str = "", with_roofline: bool = True) -> Report:
   """Compiles `config`'s train step for `topology` and reports its per-chip memory, with
-  suggestions when it does not fit (`hbm_gib` overrides the chip's HBM)."""
+  suggestions when it does not fit (`hbm_gib` overrides the chip's HBM), and its roofline
+  (`roofline`; with_roofline=False leaves it out and compiles nothing more)."""
   config = prepare_config(config, input_length=input_length, target_length=target_length)
   hbm_bytes = int(hbm_gib * GIB) if hbm_gib else hbm_bytes_of(topology)
   try:
-    _, report = compile_step(config, topology, hbm_bytes if hbm_gib else None)
+    compiled, report = compile_step(config, topology, hbm_bytes if hbm_gib else None)
   except DoesNotCompile as error:
     from dro_jax import errors
     raise errors.UserError(f"the train step does not compile for {topology} even without the "
@@ -393,6 +395,8 @@ def size(config, topology: str, *, input_length: int | None = None,
   report.config = name
   report.hbm_bytes = hbm_bytes
   report.suggestions, report.plan = suggest(report, config)
+  if with_roofline and chip_of(topology) in CHIP_PEAKS:
+    report.roofline = roofline(config, topology, compiled)
   return report
 
 
@@ -440,6 +444,209 @@ def smallest_topology_line(config, topology: str, hbm_bytes: int) -> str:
   return (f"the smallest slice whose chips hold its state and gradients is {candidate} "
           f"(~{_gib(need)} per chip with fsdp over all {devices} chips; activations come on "
           f"top): --topology={candidate} --config.mesh_shape='(1,{devices},1)'")
+
+
+# ------------------------------------------------------------------------------------- roofline
+
+# Published per-chip peaks: (bf16 FLOP/s, HBM bytes/s, bidirectional ICI bytes/s), from the Cloud
+# TPU system architecture pages (docs.cloud.google.com/tpu/docs/v4, /v5e, /v5p-training, /v6e,
+# as read in December 2026). v4's page gives no per-chip ICI figure: no ICI bound there.
+CHIP_PEAKS: dict[str, tuple[float, float, float | None]] = {
+    "v4": (275e12, 1200e9, None),
+    "v5e": (197e12, 819e9, 400e9),
+    "v5litepod": (197e12, 819e9, 400e9),
+    "v5p": (459e12, 2765e9, 1200e9),
+    "v6e": (918e12, 1638e9, 800e9),
+}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+                "c64": 8, "c128": 16}
+
+
+def _array_bytes(type_text: str) -> int:
+  """Bytes of every array in an HLO type (`bf16[8,128]{1,0}` or a tuple of them)."""
+  import re
+  total = 0
+  for dtype, dims in re.findall(r"\b([a-z]+\d*(?:e\dm\d(?:fn)?)?)\[([\d,]*)\]", type_text):
+    size = 1
+    for dim in filter(None, dims.split(",")):
+      size *= int(dim)
+    total += size * _DTYPE_BYTES.get(dtype, 4)
+  return total
+
+
+def _group_size(line: str, devices: int) -> int:
+  """How many devices one replica group of a collective spans (its HLO attributes)."""
+  import re
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]", line)
+  if mesh:
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
+    named = re.search(r"device_ids=\S+ \{([^}]*)\}", line)
+    axes = re.findall(r"'(\w+)'", named.group(1)) if named else list(sizes)
+    size = 1
+    for axis in axes:
+      size *= int(sizes.get(axis, 1))
+    return size
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
+  if iota:
+    return int(iota.group(2))
+  listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+  if listed:
+    return len(listed.group(1).split(","))
+  pairs = re.search(r"source_target_pairs=\{", line)
+  return 2 if pairs else devices
+
+
+def collective_bytes(hlo_text: str, devices: int) -> dict[str, float]:
+  """Bytes each chip sends per collective kind in a compiled (per-chip) HLO module, counting each
+  instruction once, as a ring algorithm moves them: all-reduce 2(n-1)/n of its array,
+  all-gather and all-to-all (n-1)/n of the whole, reduce-scatter (n-1) x its shard,
+  collective-permute the whole array (n: the replica group's size)."""
+  import re
+  pattern = re.compile(r"^\s*(?:ROOT\s+)?%\S+ = (.*?) (" + "|".join(COLLECTIVES)
+                       + r")(-start)?\(")
+  sent: dict[str, float] = {}
+  for line in hlo_text.splitlines():
+    found = pattern.match(line)
+    if not found:
+      continue
+    kind, size = found.group(2), _array_bytes(found.group(1))
+    if found.group(3):  # an async start's type holds the operands and the results
+      size /= 2
+    n = max(_group_size(line, devices), 1)
+    factor = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n,
+              "all-to-all": (n - 1) / n, "reduce-scatter": n - 1,
+              "collective-permute": 1.0}[kind]
+    sent[kind] = sent.get(kind, 0.0) + factor * size
+  return sent
+
+
+def program_costs(compiled, devices: int) -> dict[str, float]:
+  """Per chip: XLA's cost analysis of a compiled program (FLOPs, bytes of memory traffic) and the
+  bytes its collectives send. XLA counts a while loop's body once."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  sent = collective_bytes(compiled.as_text(), devices)
+  return {"flops": float(analysis.get("flops", 0.0)),
+          "hbm_bytes": float(analysis.get("bytes accessed", 0.0)),
+          "collective_bytes": float(sum(sent.values())),
+          **{f"collective_bytes/{kind}": value for kind, value in sent.items()}}
+
+
+def _has_loops(config) -> bool:
+  return bool(config.model.get("scan_layers", False)) or int(config.num_microbatches) > 1
+
+
+def _unrolled(config, encoder_layers: int, decoder_layers: int, remat: str | None = None):
+  variant = config.copy_and_resolve_references()
+  variant.num_microbatches = 1
+  if "scan_layers" in variant.model:
+    variant.model.scan_layers = False
+  if remat is not None and "remat" in variant.model:
+    variant.model.remat = remat
+  variant.model.num_encoder_layers = encoder_layers
+  variant.model.num_decoder_layers = decoder_layers
+  return variant
+
+
+def step_costs(config, topology: str, compiled=None) -> dict[str, float]:
+  """Per-chip costs of one train step of `config` on `topology` (program_costs), loops counted as
+  often as they run. `compiled`, a compile of the step without loops (unrolled layers, one
+  microbatch): its own costs. Otherwise the same step compiled unrolled with one microbatch at 1
+  and 2 layers per stack, extrapolated linearly in depth (each cost is a + b x layers): XLA's
+  analysis counts the body of a scanned layer stack or of the microbatch loop once."""
+  from dro_jax import step as step_lib
+  devices = len(topology_devices(topology))
+  if compiled is not None and not _has_loops(config):
+    return program_costs(compiled, devices)
+  model = step_lib.t5_config(config)
+  layers = (int(model.num_encoder_layers), int(model.num_decoder_layers))
+  points = ([(1, 1)] if layers == (1, 1) else [(1, 1), (2, 2)] if layers[0] == layers[1]
+            else [(1, 1), (2, 1), (1, 2)])
+  costs = []
+  for encoder, decoder in points:
+    progress(f"roofline: the step unrolled at {encoder} + {decoder} layers, one microbatch")
+    variant, _ = compile_step(_unrolled(config, encoder, decoder), topology)
+    costs.append(program_costs(variant, devices))
+  keys = sorted(set().union(*costs))
+  if len(costs) == 1:
+    return costs[0]
+  if layers[0] == layers[1]:
+    return {key: costs[0].get(key, 0.0) + (layers[0] - 1) * (
+        costs[1].get(key, 0.0) - costs[0].get(key, 0.0)) for key in keys}
+  return {key: costs[0].get(key, 0.0)
+          + (layers[0] - 1) * (costs[1].get(key, 0.0) - costs[0].get(key, 0.0))
+          + (layers[1] - 1) * (costs[2].get(key, 0.0) - costs[0].get(key, 0.0)) for key in keys}
+
+
+def roofline(config, topology: str, compiled=None) -> dict[str, Any]:
+  """A lower bound on the step time of `config` on `topology` from the compiled program's own
+  costs (step_costs) and the chip's published peaks (CHIP_PEAKS):
+
+      compute = FLOPs / peak FLOP/s;  memory = HBM bytes / HBM bandwidth;
+      network = 2 x bytes sent (sent and received) / bidirectional ICI bandwidth
+      lower bound = max(compute, memory, network)   (everything overlapped)
+      MFU ceiling = model FLOPs / (peak FLOP/s x lower bound)
+
+  all per chip. The model FLOPs are those of the step without rematerialisation (the same
+  extrapolation with remat "none"; remat's recomputation is executed, not model, work). An
+  estimate from the compiled program, not a measurement: XLA's byte counts are its model of
+  the traffic, collectives are assumed to run at the full ICI bandwidth."""
+  chip = chip_of(topology)
+  peak_flops, hbm_bandwidth, ici_bandwidth = CHIP_PEAKS.get(chip, (None, None, None))
+  if peak_flops is None:
+    raise ValueError(f"topology {topology!r}: no published peaks for chip {chip!r}; known: "
+                     f"{sorted(CHIP_PEAKS)}")
+  costs = step_costs(config, topology, compiled)
+  remat = config.model.get("remat", "none")
+  if remat not in (None, "none"):
+    model_flops = step_costs(_with_remat(config, "none"), topology)["flops"]
+  else:
+    model_flops = costs["flops"]
+  compute_s = costs["flops"] / peak_flops
+  memory_s = costs["hbm_bytes"] / hbm_bandwidth
+  network_s = 2 * costs["collective_bytes"] / ici_bandwidth if ici_bandwidth else 0.0
+  bound = max(compute_s, memory_s, network_s)
+  limit = {compute_s: "compute", memory_s: "HBM", network_s: "ICI"}[bound]
+  devices = len(topology_devices(topology))
+  return {"chip": chip, "devices": devices, "peak_flops_per_s": peak_flops,
+          "hbm_bytes_per_s": hbm_bandwidth, "ici_bytes_per_s": ici_bandwidth,
+          "flops_per_chip": costs["flops"], "model_flops_per_chip": model_flops,
+          "flops": costs["flops"] * devices, "model_flops": model_flops * devices,
+          "hbm_bytes_per_chip": costs["hbm_bytes"],
+          "collective_bytes_per_chip": costs["collective_bytes"],
+          "collective_bytes_by_kind": {key.split("/", 1)[1]: value for key, value in costs.items()
+                                       if key.startswith("collective_bytes/")},
+          "compute_s": compute_s, "memory_s": memory_s, "network_s": network_s,
+          "lower_bound_s": bound, "bound_by": limit,
+          "mfu_ceiling": model_flops / (peak_flops * bound) if bound else 0.0}
+
+
+def _with_remat(config, remat: str):
+  variant = config.copy_and_resolve_references()
+  variant.model.remat = remat
+  return variant
+
+
+def format_roofline(roof: dict[str, Any]) -> list[str]:
+  ici = (f"{roof['ici_bytes_per_s'] / 1e9:.0f} GB/s ICI" if roof["ici_bytes_per_s"]
+         else "no published ICI figure")
+  return [
+      f"  roofline per chip (an estimate from the compiled program, not a measurement; peaks "
+      f"{roof['peak_flops_per_s'] / 1e12:.0f} TFLOP/s, {roof['hbm_bytes_per_s'] / 1e9:.0f} GB/s "
+      f"HBM, {ici}):",
+      f"    FLOPs/step           {roof['flops_per_chip'] / 1e12:>12.3f} TFLOP"
+      f"  (model, without remat: {roof['model_flops_per_chip'] / 1e12:.3f}; whole slice "
+      f"{roof['flops'] / 1e12:.1f})",
+      f"    HBM traffic          {roof['hbm_bytes_per_chip'] / 1e9:>12.2f} GB",
+      f"    collectives sent     {roof['collective_bytes_per_chip'] / 1e9:>12.3f} GB",
+      f"    lower bound          {roof['lower_bound_s'] * 1e3:>12.1f} ms  ({roof['bound_by']}-"
+      f"bound: compute {roof['compute_s'] * 1e3:.1f}, HBM {roof['memory_s'] * 1e3:.1f}, ICI "
+      f"{roof['network_s'] * 1e3:.1f} ms)",
+      f"    MFU ceiling          {100 * roof['mfu_ceiling']:>11.0f}%",
+  ]
 
 
 # ---------------------------------------------------------------------------------- suggestions
@@ -581,6 +788,8 @@ def format_report(report: Report) -> str:
     rows.append(f"  the TPU compiler refused it ({report.compiler_error}); the numbers above are "
                 f"of a compile without the HBM limit")
   rows += [f"  - {line}" if i else f"  {line}" for i, line in enumerate(report.suggestions)]
+  if report.roofline:
+    rows += format_roofline(report.roofline)
   return "\n".join(rows)
 
 
@@ -616,6 +825,10 @@ def _define_flags(values, argv: Sequence[str]) -> None:
   flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB (default: the chip's)",
                      flag_values=values)
   flags.DEFINE_string("json", None, "write the report as JSON here", flag_values=values)
+  flags.DEFINE_bool("roofline", True, "also the step's roofline: FLOPs, HBM and collective bytes "
+                    "from XLA's cost analysis, a lower bound on the step time, the MFU ceiling "
+                    "(--noroofline: memory only; with scanned layers or microbatches it compiles "
+                    "the step twice more, unrolled at 1 and 2 layers)", flag_values=values)
   flags.mark_flags_as_required(["config", "topology"], flag_values=values)
 
 
@@ -652,7 +865,8 @@ def cli(argv: Sequence[str]) -> Report | None:
   progress(f"{name} on {values.topology}: building the step (nothing is allocated)")
   try:
     report = size(config, values.topology, input_length=input_length,
-                  target_length=target_length, hbm_gib=values.hbm_gib, name=name)
+                  target_length=target_length, hbm_gib=values.hbm_gib, name=name,
+                  with_roofline=values.roofline)
   except ValueError as error:  # a topology, mesh, batch or key the run cannot have
     raise SystemExit(f"{argv[0]}: {' '.join(str(error).split())}") from None
   print(format_report(report), flush=True)

@@ -186,6 +186,11 @@ def test_cli_prints_and_writes_the_report(tmp_path, capsys):
   assert report["total"] == (report["arguments"] + report["outputs"] - report["aliased"]
                              + report["temporaries"] + report["code"])
   assert report["fits"] and not report["suggestions"] and report["compiler_error"] is None
+  # The roofline comes with it (two microbatches: from the step compiled with one).
+  roof = report["roofline"]
+  assert roof["chip"] == "v5e" and roof["devices"] == 4 and roof["flops"] > 0
+  assert roof["lower_bound_s"] == max(roof["compute_s"], roof["memory_s"], roof["network_s"])
+  assert "roofline per chip" in text and "not a measurement" in text and "MFU ceiling" in text
 
 
 @pytest.mark.slow
@@ -246,3 +251,105 @@ def test_compiling_reports_its_progress(capsys):
   sizing.compile_step(sizing.prepare_config(config), "v5e:2x2")
   err = capsys.readouterr().err
   assert "[sizing] compiling the train step" in err and "compiled in" in err
+
+
+# ------------------------------------------------------------------------------------- roofline
+
+
+@pytest.fixture(scope="module")
+def small_dpo_roofline():
+  """The roofline of T5.1.1-small DPO (one layer per stack, scanned, two microbatches, fsdp over
+  v5e:2x2, 8 pairs of 64 -> 32 tokens): one compile, the step unrolled with one microbatch."""
+  config = configs.load("dpo", "size=small")
+  config.model.num_encoder_layers = config.model.num_decoder_layers = 1
+  config.model.scan_layers = True
+  config.num_microbatches = 2
+  config.batch_size = 8
+  config.mesh_shape = (1, 4, 1)
+  config = sizing.prepare_config(config, input_length=64, target_length=32)
+  return config, sizing.roofline(config, "v5e:2x2")
+
+
+def test_roofline_flops_agree_with_the_suites_formula(small_dpo_roofline):
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import suite_common
+
+  from dro_jax import reference_cache
+  from dro_jax import step as step_lib
+  config, roof = small_dpo_roofline
+  model = step_lib.t5_config(config)
+  shape = suite_common.ModelShape(
+      emb_dim=model.emb_dim, num_heads=model.num_heads, head_dim=model.head_dim,
+      mlp_dim=model.mlp_dim, num_mlp_inputs=len(model.mlp_activations),
+      num_encoder_layers=model.num_encoder_layers, num_decoder_layers=model.num_decoder_layers,
+      vocab_size=model.vocab_size)
+  formula = suite_common.step_flops(shape, "dpo", 8, 64, 32, encoder_per_response=False,
+                                    reference_forward=not reference_cache.enabled(config))
+  assert roof["flops"] == pytest.approx(formula, rel=0.05)
+  assert roof["flops"] == pytest.approx(4 * roof["flops_per_chip"])
+  assert roof["model_flops"] == roof["flops"]  # no remat: every executed FLOP is the model's
+  # fsdp gathers the parameters: collectives, all-gathers among them
+  assert roof["collective_bytes_by_kind"].get("all-gather", 0) > 0
+  assert roof["collective_bytes_per_chip"] == pytest.approx(
+      sum(roof["collective_bytes_by_kind"].values()))
+  peak, hbm, ici = sizing.CHIP_PEAKS["v5e"]
+  assert roof["compute_s"] == pytest.approx(roof["flops_per_chip"] / peak)
+  assert roof["memory_s"] == pytest.approx(roof["hbm_bytes_per_chip"] / hbm)
+  assert roof["network_s"] == pytest.approx(2 * roof["collective_bytes_per_chip"] / ici)
+  assert 0 < roof["mfu_ceiling"] <= 1
+  assert roof["mfu_ceiling"] == pytest.approx(
+      roof["model_flops_per_chip"] / (peak * roof["lower_bound_s"]))
+  text = "\n".join(sizing.format_roofline(roof))
+  assert "estimate from the compiled program, not a measurement" in text
+
+
+def test_step_costs_count_loops_as_often_as_they_run(monkeypatch):
+  """Scanned layers and microbatch loops: the costs come from the step unrolled with one
+  microbatch at 1 and 2 layers, linear in depth (XLA's analysis counts a loop body once)."""
+  compiled_configs = []
+
+  def compile_step(config, topology, hbm_bytes=None):
+    compiled_configs.append(config)
+    return (config.model.num_encoder_layers, config.model.num_decoder_layers), None
+
+  def program_costs(layers, devices):
+    encoder, decoder = layers
+    return {"flops": 10.0 + 3 * encoder + 5 * decoder, "hbm_bytes": 7.0 + encoder,
+            "collective_bytes": 2.0 * decoder}
+
+  monkeypatch.setattr(sizing, "compile_step", compile_step)
+  monkeypatch.setattr(sizing, "program_costs", program_costs)
+  config = configs.load("dro", "size=large")
+  config.model.scan_layers = True
+  config.num_microbatches = 4
+  costs = sizing.step_costs(config, "v5e:2x2")
+  assert costs == {"flops": 10 + 3 * 24 + 5 * 24, "hbm_bytes": 7 + 24, "collective_bytes": 48}
+  assert [(c.model.num_encoder_layers, c.model.num_decoder_layers) for c in compiled_configs] == [
+      (1, 1), (2, 2)]
+  assert all(not c.model.scan_layers and c.num_microbatches == 1 for c in compiled_configs)
+  compiled_configs.clear()
+  config.model.num_decoder_layers = 6
+  costs = sizing.step_costs(config, "v5e:2x2")
+  assert costs["flops"] == 10 + 3 * 24 + 5 * 6 and len(compiled_configs) == 3
+  # remat's recomputation is executed, not model, work: the model FLOPs come without it
+  config.model.num_decoder_layers = 24
+  config.model.remat = "full"
+  compiled_configs.clear()
+  sizing.roofline(config, "v5e:2x2")
+  assert [c.model.remat for c in compiled_configs] == ["full", "full", "none", "none"]
+
+
+def test_collective_bytes_of_a_compiled_module():
+  """Bytes each chip sends, ring algorithm, group sizes in each of XLA's three notations."""
+  hlo = "\n".join([
+      "%all-gather.1 = bf16[4,256]{1,0:T(8,128)} all-gather(%p), channel_id=1, "
+      "replica_groups=[1,4]<=[4], dimensions={0}",
+      "  %all-reduce.2 = (f32[32]{0}, f32[32]{0}) all-reduce(%a, %b), channel_id=2, "
+      "replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=([2,2]T(1,0)) {'axis_0'}, "
+      "to_apply=%add",
+      "  ROOT %all-to-all.3 = f32[8]{0} all-to-all(%c), replica_groups={{0,1,2,3}}",
+      "%all-gather.59.reduce_sub_computation (lhs: s32[], rhs: s32[]) -> s32[] {",
+  ])
+  sent = sizing.collective_bytes(hlo, devices=4)
+  assert sent == {"all-gather": 0.75 * 4 * 256 * 2, "all-reduce": 2 * 0.5 * 2 * 32 * 4,
+                  "all-to-all": 0.75 * 8 * 4}
