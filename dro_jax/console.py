@@ -165,7 +165,10 @@ def import_tensorflow():
 
 def initialize_backends() -> None:
   """TensorFlow imported and JAX's backends started, without their start-up notices: a command
-  line program calls this first (after jax.distributed.initialize where that is needed)."""
+  line program calls this first; where the environment names several processes
+  (dro_jax/distributed.py) jax.distributed.initialize comes before."""
+  from dro_jax import distributed
+  distributed.maybe_initialize()
   import_tensorflow()
   quiet_backend_records()
   with filtered_stderr():
@@ -195,11 +198,15 @@ LOG_NAME = "log.txt"  # a run's log records, in its workdir
 
 def log_path(workdir: str) -> str:
   """Where a run's log records go: `<workdir>/log.txt`, or for a workdir that is not a local
-  folder (gs://...) a local file named after it in the temporary folder."""
+  folder (gs://...) a local file named after it in the temporary folder. Process I > 0 of a
+  launch that names its processes (DRO_JAX_PROCESS_ID, launch/local.py) keeps its own
+  `log.pI.txt` beside process 0's."""
+  index = os.environ.get("DRO_JAX_PROCESS_ID", "0").strip()
+  log_name = LOG_NAME if index in ("", "0") else f"log.p{index}.txt"
   if "://" not in workdir:
-    return os.path.join(workdir, LOG_NAME)
+    return os.path.join(workdir, log_name)
   name = re.sub(r"[^A-Za-z0-9_.-]+", "_", workdir).strip("_")
-  return os.path.join(tempfile.gettempdir(), "dro_jax_logs", f"{name}.{LOG_NAME}")
+  return os.path.join(tempfile.gettempdir(), "dro_jax_logs", f"{name}.{log_name}")
 
 
 class WorkdirLog(logging.Handler):

@@ -30,8 +30,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from dro_jax import (checkpoint_manager, configs, console, decoding, evaluation, files, judges,
-                     train)
+from dro_jax import (checkpoint_manager, configs, console, decoding, distributed, evaluation,
+                     files, judges, train)
 from dro_jax import step as step_lib
 
 PyTree = Any
@@ -125,7 +125,7 @@ def read_timing(workdir: str) -> dict[str, Any]:
 
 def _record_timing(workdir: str, steps: int, seconds: float, done: bool) -> dict[str, Any]:
   timing = {"steps": steps, "seconds": round(seconds, 3), "finished": done}
-  files.write_text(os.path.join(workdir, TIMING), json.dumps(timing))
+  files.write_text_once(os.path.join(workdir, TIMING), json.dumps(timing))
   return timing
 
 
@@ -182,7 +182,7 @@ def load_policy(workdir: str, demo: ml_collections.ConfigDict) -> evaluation.Pol
 
 
 def write_jsonl(path: str, rows: list[Mapping[str, Any]]) -> None:
-  files.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+  files.write_text_once(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def sample_feedback(demo: ml_collections.ConfigDict, sft: evaluation.Policy, vocabulary,
@@ -222,7 +222,7 @@ def sample_feedback(demo: ml_collections.ConfigDict, sft: evaluation.Policy, voc
   summary = {"triples": len(triples), "pairs": len(pairs), "mean_reward": float(rewards.mean()),
              "prompts": len(prompts), "samples_per_prompt": settings.samples_per_prompt,
              "seconds": round(time.perf_counter() - start, 3)}
-  files.write_text(marker, json.dumps(summary))
+  files.write_text_once(marker, json.dumps(summary))
   print(_samples_line(summary, earlier=False), flush=True)
   return paths
 
@@ -273,8 +273,9 @@ class FinalEvaluation:
     self.seeds = {"policy_seed": 2 * demo.seed + 11, "baseline_seed": 2 * demo.seed + 12}
     self.baseline_samples = None
     self.judge_spec = demo.evaluation.judge or "demo"
-    self.judge = judges.judge_from_spec(self.judge_spec, **judges.judge_options(
-        demo.evaluation, max_calls=demo.evaluation.get("judge_max_calls") or 0))
+    self.judge = judges.on_process_zero(judges.judge_from_spec(
+        self.judge_spec, **judges.judge_options(
+            demo.evaluation, max_calls=demo.evaluation.get("judge_max_calls") or 0)))
     self.debias = bool(demo.evaluation.debias)
 
   def __call__(self, policy: evaluation.Policy, workdir: str) -> dict[str, Any]:
@@ -296,7 +297,7 @@ class FinalEvaluation:
         baseline_samples=self.baseline_samples, debias=self.debias, **self.seeds)
     metrics = {key: value for key, value in metrics.items() if key != "samples"}
     metrics.update(judge=self.judge_spec, debias=self.debias)
-    files.write_text(path, json.dumps(metrics, indent=2))
+    files.write_text_once(path, json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -392,9 +393,11 @@ def write_results(workdir: str, demo, results, results_curves) -> str:
           f"clustered by prompt)"
           + (" — CONTROL: rewards negated" if settings.negate_rewards else "") + ".\n\n"
           f"{table}\n\n![win rate, judge reward and KL over training](results.png)\n")
-  files.write_text(os.path.join(workdir, "results.md"), text)
-  files.write_text(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
-  plot(results_curves, os.path.join(workdir, "results.png"), title=plot_title(demo))
+  if jax.process_index() == 0:  # on a pod, process 0 writes the results once
+    files.write_text(os.path.join(workdir, "results.md"), text)
+    files.write_text(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
+    plot(results_curves, os.path.join(workdir, "results.png"), title=plot_title(demo))
+  distributed.barrier("the demo wrote its results")
   return table
 
 
@@ -717,7 +720,9 @@ def run(demo: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, An
   final_evaluation = FinalEvaluation(demo, sft, vocabulary)
   pending = [m for m in methods if not finished(stage_dir(m), demo.demo.align_steps)]
   in_workers = set()
-  if demo.demo.workers > 1 and len(pending) > 1:
+  # Worker processes train stages side by side on one host; the processes of a pod train each
+  # stage together over their one mesh instead.
+  if demo.demo.workers > 1 and len(pending) > 1 and jax.process_count() == 1:
     run_stages_in_workers(demo, pending, paths, workdir)
     in_workers = set(pending)
   for method in methods:

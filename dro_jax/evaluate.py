@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   import jax
   from etils import epath
 
-  from dro_jax import decoding, errors, evaluation
+  from dro_jax import decoding, distributed, errors, evaluation
   from dro_jax import judges as judges_lib
   from dro_jax.datasets import held_out_prompts, read_prompts
   from dro_jax.policies import load_policy
@@ -232,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if judge is None:  # a workdir on a bucket: its task known only now
     judge_name = default_judge(run)
     judge = judges_lib.judge_from_spec(judge_name, **options)
+  judge = judges_lib.on_process_zero(judge)  # on a pod, process 0 alone asks the judge
   if not args.prompts:
     if run is None:
       raise errors.UserError(NO_TASK)
@@ -264,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     (output / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     (output / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in samples))
+  distributed.barrier("evaluate wrote its files")
+  if jax.process_index() != 0:  # a pod's other hosts: process 0 prints the report
+    return report
 
   print(line)
   print(f"  interval: {metrics['interval']} over {metrics['prompts']} prompts x "

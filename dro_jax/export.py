@@ -135,6 +135,8 @@ def save_hf_t5(params: Any, config: t5_lib.T5Config, directory: str, *,
   import jax
   from etils import epath
   from safetensors.numpy import save
+
+  from dro_jax import distributed
   tensors = hf_tensors(params, config)
   config_json = json.dumps(hf_config(config), indent=2, sort_keys=True) + "\n"
   if jax.process_index() == 0:
@@ -147,6 +149,7 @@ def save_hf_t5(params: Any, config: t5_lib.T5Config, directory: str, *,
       if source.is_dir():
         source = source / "spiece.model"
       (folder / "spiece.model").write_bytes(source.read_bytes())
+  distributed.barrier(f"export wrote {directory}")
   return directory
 
 
@@ -241,7 +244,9 @@ def main(argv: Sequence[str] | None = None) -> str:
   args = parse_args(argv)
   check_args(args)
   output = export_workdir(args.workdir, args.output, step=args.step, vocabulary=args.vocabulary)
-  print(f"wrote {output}/config.json and {output}/model.safetensors")
+  import jax
+  if jax.process_index() == 0:  # a pod's other hosts: process 0 says what it wrote
+    print(f"wrote {output}/config.json and {output}/model.safetensors")
   return output
 
 

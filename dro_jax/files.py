@@ -1,6 +1,7 @@
 """Small file helpers every runner shares: local paths and gs:// alike, written atomically.
 
-The lowest layer of the package: it imports only `dro_jax.console`, so anything may stand on it.
+The lowest layer of the package: it imports only `dro_jax.console` and `dro_jax.distributed`, so
+anything may stand on it.
 """
 
 from __future__ import annotations
@@ -86,3 +87,22 @@ def metrics_rows(path: str) -> list[dict[str, Any]]:
       continue
     merged.setdefault(int(row["step"]), {}).update(row)
   return [merged[step] for step in sorted(merged)]
+
+
+def _once(write, path: str, *args) -> None:
+  import jax
+  from dro_jax import distributed
+  if jax.process_index() == 0:
+    write(path, *args)
+  distributed.barrier(f"wrote {path}")
+
+
+def write_text_once(path: str, text: str) -> None:
+  """`write_text` for a file that every process of a pod reaches the same point to write:
+  process 0 alone writes it, and every process returns once it is written (one copy)."""
+  _once(write_text, path, text)
+
+
+def write_jsonl_once(path: str, rows) -> None:
+  """`write_jsonl` by process 0 alone, every process returning once it is written."""
+  _once(write_jsonl, path, rows)

@@ -27,7 +27,7 @@ own_package.repair()  # run from the clone's parent folder, dro_jax/configs.py s
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dro_jax import console, errors  # noqa: E402
+from dro_jax import console, distributed, errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:k=v,...]",
                                           lock_config=True)
@@ -58,43 +58,9 @@ def _online(config, workdir):
 RUNNERS = {"train": _train, "demo": _demo, "online": _online}
 
 
-# N processes of one run on one machine or a cluster JAX cannot detect (launch/local.py sets
-# them): the coordinator's host:port, the process count and this process's index.
-PROCESS_ENV = ("DRO_JAX_COORDINATOR_ADDRESS", "DRO_JAX_NUM_PROCESSES", "DRO_JAX_PROCESS_ID")
-
-
-def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() on TPU pods and multi-process launches, as the environment says:
-
-    DRO_JAX_COORDINATOR_ADDRESS=host:port DRO_JAX_NUM_PROCESSES=N DRO_JAX_PROCESS_ID=i
-                                  given explicitly (launch/local.py); on CPU the processes'
-                                  collectives go through gloo
-    JAX_COORDINATOR_ADDRESS, COORDINATOR_ADDRESS, MEGASCALE_COORDINATOR_ADDRESS, or
-    DRO_JAX_DISTRIBUTED=1         JAX detects the rest (TPU pods, Slurm, Open MPI, Kubernetes)
-  """
-  import jax
-  explicit = [os.environ.get(name) for name in PROCESS_ENV]
-  if any(explicit):
-    if not all(explicit):
-      raise errors.UserError(f"set all of {', '.join(PROCESS_ENV)} (or none): got "
-                             + ", ".join(f"{n}={v!r}" for n, v in zip(PROCESS_ENV, explicit)))
-    address, count, index = explicit
-    try:
-      count, index = int(count), int(index)
-    except ValueError as error:
-      raise errors.UserError(f"DRO_JAX_NUM_PROCESSES={explicit[1]!r} and DRO_JAX_PROCESS_ID="
-                             f"{explicit[2]!r} must be integers") from error
-    if not 0 <= index < count:
-      raise errors.UserError(f"DRO_JAX_PROCESS_ID={index} must be in [0, {count})")
-    if "cpu" in (os.environ.get("JAX_PLATFORMS") or "").split(","):
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=address, num_processes=count,
-                               process_id=index)
-    return
-  multi = any(os.environ.get(name) for name in (
-      "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS"))
-  if multi or os.environ.get("DRO_JAX_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+# N processes of one run (launch/local.py, a pod): dro_jax/distributed.py.
+PROCESS_ENV = distributed.PROCESS_ENV
+maybe_initialize_distributed = distributed.maybe_initialize
 
 
 class _QuietCheckpointing:

@@ -107,21 +107,13 @@ def _row_rng(seed: int, iteration: int, salt: str, row: int) -> np.random.Genera
 read_jsonl = files.read_jsonl
 
 
-def _once(write, path: str, *args) -> None:
-  """Process 0 writes a phase file; every process waits until it is written (one copy)."""
-  if jax.process_index() == 0:
-    write(path, *args)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"online wrote {path}")
-
-
 def write_text(path: str, text: str) -> None:
-  _once(files.write_text, path, text)
+  """Process 0 writes a phase file; every process waits until it is written (one copy)."""
+  files.write_text_once(path, text)
 
 
 def write_jsonl(path: str, rows) -> None:
-  _once(files.write_jsonl, path, rows)
+  files.write_jsonl_once(path, rows)
 
 
 def params_digest(tree: PyTree) -> str:

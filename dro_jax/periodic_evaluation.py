@@ -33,8 +33,10 @@ class JudgedEvaluation:
                        "config.init_checkpoint: the policy to compare against")
     self.model_config = model_config
     self.baseline = policies.load_policy(baseline).policy
-    self.judge = judges.judge_from_spec(settings.judge, **judges.judge_options(
-        settings, max_calls=settings.get("judge_max_calls") or 0))
+    # On a pod, process 0 alone asks the judge and sends its verdicts to every process.
+    self.judge = judges.on_process_zero(judges.judge_from_spec(
+        settings.judge, **judges.judge_options(settings,
+                                               max_calls=settings.get("judge_max_calls") or 0)))
     self.debias = bool(settings.get("debias", True))
     # The demo's held-out prompts for the run's seed, or the eval split's prompts.
     self.prompts = datasets.held_out_prompts(config, settings.prompts, seed=config.seed)

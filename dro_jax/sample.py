@@ -91,7 +91,7 @@ def sample(args: argparse.Namespace) -> list[dict[str, Any]]:
   import jax
   from etils import epath
 
-  from dro_jax import datasets, decoding, errors, evaluation, policies
+  from dro_jax import datasets, decoding, distributed, errors, evaluation, policies
   check_args(args)
   if not epath.Path(args.prompts).exists():
     raise errors.UserError(f"--prompts {args.prompts} does not exist; give a .jsonl file with a "
@@ -121,6 +121,7 @@ def sample(args: argparse.Namespace) -> list[dict[str, Any]]:
     if str(out.parent) not in ("", "."):
       out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+  distributed.barrier("sample wrote its file")
   return rows
 
 
@@ -128,8 +129,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   args = parse_args(argv)
   rows = sample(args)
   prompts = len({row["prompt_index"] for row in rows})
-  print(f"wrote {len(rows)} responses ({prompts} prompts x {args.num_samples} samples) to "
-        f"{args.out}", flush=True)
+  import jax
+  if jax.process_index() == 0:  # a pod's other hosts: process 0 says what it wrote
+    print(f"wrote {len(rows)} responses ({prompts} prompts x {args.num_samples} samples) to "
+          f"{args.out}", flush=True)
   return rows
 
 

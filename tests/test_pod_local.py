@@ -4,6 +4,7 @@ writes its files once, and stops and resumes together."""
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
 
 import local  # noqa: E402  (launch/local.py)
+
+from dro_jax import distributed  # noqa: E402
 
 STEPS = 6
 RECIPES = {"dro": "configs/dro.py:size=tiny",  # DRO-V: policy, value and both optimizers
@@ -142,8 +145,11 @@ def _pid_of_process(launcher: subprocess.Popen, index: int, timeout: float = 120
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_one_step_and_the_relaunch_resumes_exactly(
+def test_sigterm_to_one_process_stops_both_and_after_a_sigkill_the_relaunch_resumes_exactly(
     pod_runs, tmp_path, demo_cache):
+  """A preemption notice to one process: both save one step and exit 143. A process killed
+  outright: the other stops within 60 s, and nothing complete is lost. The relaunch ends as the
+  uninterrupted run does."""
   uninterrupted, _ = pod_runs["dro", 2]
   env = _env(tmp_path, demo_cache)
   workdir = tmp_path / "preempted"
@@ -166,8 +172,31 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_relaunch_resumes_
   stopped_at = max(saved)
   assert 1 <= stopped_at
   assert output.count(f"saved a checkpoint at step {stopped_at}") == 2  # both, the same step
-  # The same launch, to the uninterrupted run's length: equal to it, bit for bit.
   assert stopped_at < STEPS, f"the run reached step {stopped_at} before stopping"
+  # The same launch again, and process 1 killed outright (SIGKILL: no notice, no save) as it
+  # resumes: process 0, left alone in a collective, stops with an error on its own within 60 s
+  # (the distributed service misses process 1's heartbeats), not after the launcher's grace.
+  env[distributed.HEARTBEAT_ENV] = "10"
+  launcher = _launch(workdir, "dro", 2, 4, env, f"--config.total_steps={STEPS}",
+                     f"--config.checkpoint_every={STEPS}", wait=False)
+  victim = _pid_of_process(launcher, 1)
+  lines, killed = [], None
+  for line in launcher.stdout:
+    lines.append(line)
+    if f"resumed from step {stopped_at}" in line:
+      os.kill(victim, signal.SIGKILL)
+      killed = time.monotonic()
+      break
+  output = "".join(lines) + launcher.communicate(timeout=300)[0]
+  assert killed is not None and time.monotonic() - killed < 60, output[-3000:]
+  statuses = re.search(r"exit statuses: p0 (\d+), p1 (\d+)", output)
+  assert statuses and statuses.group(2) == "137" and statuses.group(1) != "0", output[-3000:]
+  assert "still runs" not in output  # process 0 stopped by itself
+  assert max(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit()) \
+      == stopped_at
+  # The same launch, to the uninterrupted run's length, from the last complete checkpoint:
+  # equal to the uninterrupted run, bit for bit.
+  del env[distributed.HEARTBEAT_ENV]
   code, resumed = _launch(workdir, "dro", 2, 4, env, f"--config.total_steps={STEPS}",
                           f"--config.checkpoint_every={STEPS}")
   assert code == 0, resumed[-4000:]
@@ -223,3 +252,38 @@ def test_a_process_that_outlives_a_failed_peer_is_stopped(tmp_path):
                           capture_output=True, text=True, timeout=90)
   assert time.monotonic() - start < 60
   assert result.returncode == 143 and "p1 still runs" in result.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_sample_and_export_as_two_processes_write_once_what_one_process_writes(
+    pod_runs, tmp_path, demo_cache):
+  """`python -m dro_jax.evaluate / sample / export` as 2 processes x 4 devices (launch/local.py)
+  against the same tools in this process (8 devices): one copy of each output, the same bytes."""
+  import pod_tools
+  from dro_jax import evaluate, export, sample
+  workdir, _ = pod_runs["dro", 2]
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("Reply to: cat\nReply to: two dogs\nReply to: a red fox and a hen\n")
+  env = _env(tmp_path, demo_cache)
+  env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'tests'}"
+  two = tmp_path / "two"
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2",
+       "--devices_per_process", "4", "--", str(ROOT / "tests" / "pod_tools.py"), str(workdir),
+       str(prompts), str(two)], env=env, cwd=str(ROOT), capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stdout[-4000:]
+  # Process 0 alone reports each tool's outputs.
+  for line in ("win_rate ", "wrote 9 responses (3 prompts x 3 samples)", "wrote "
+               f"{two / 'hf'}/config.json"):
+    assert f"[p0] {line}" in result.stdout and f"[p1] {line}" not in result.stdout, line
+  one = tmp_path / "one"
+  arguments = pod_tools.tool_arguments(str(workdir), str(prompts), str(one))
+  evaluate.main(arguments["evaluate"])
+  sample.main(arguments["sample"])
+  export.main(arguments["export"])
+  written = sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file())
+  assert written == sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file())
+  assert "evaluation/evaluation.json" in written and "hf/model.safetensors" in written
+  for name in written:  # win rates, samples, exported weights: the same bytes
+    assert (two / name).read_bytes() == (one / name).read_bytes(), name
