@@ -71,7 +71,7 @@ def table(results: dict) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True)
-  parser.add_argument("--rows", default="", help=f"comma-separated names of {list(ROWS)}")
+  parser.add_argument("--rows", default="", help=f"names of {list(ROWS)}, separated by ;")
   parser.add_argument("--print", action="store_true", help="print the table of --out only")
   args = parser.parse_args()
   results = json.loads(pathlib.Path(args.out).read_text()) if os.path.exists(args.out) else {}
@@ -80,7 +80,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from dro_jax import console
     console.initialize_backends()
-    for name in [n for n in args.rows.split(",") if n] or list(ROWS):
+    for name in [n for n in args.rows.split(";") if n] or list(ROWS):
       if name in results:
         continue
       print(f"[roofline] {name}", file=sys.stderr, flush=True)

@@ -2,9 +2,11 @@
 log-softmax memory check (benchmarks/gpu_suite.py runs them; each returns one results row).
 
 The train step is the engine's: the recipe `configs/dpo.py` or `configs/dro.py`, the state from
-`train.state_layout` / `train.build_state`, the step from `step.make_train_step` jitted by
-`train.compile_step` (shardings, state donated). Nothing here imports dro_jax.data's pipeline,
-TensorFlow or seqio.
+`train.state_layout` / `train.build_state` (initialised on the device under jit with the state's
+out_shardings: nothing is built on the host and copied), the step from `step.make_train_step`
+jitted by `train.compile_step` (shardings, state donated); T5-L and larger with scanned layer
+stacks. Each row reports its phases as they end (suite_common.Phases). Nothing here imports
+dro_jax.data's pipeline, TensorFlow or seqio.
 """
 
 from __future__ import annotations
@@ -63,19 +65,24 @@ def compiled_flops(compiled) -> dict[str, float]:
 # -------------------------------------------------------------------------------------- matmul
 
 
-def matmul(tiny: bool) -> dict[str, Any]:
+def matmul(which: str, phases: common.Phases) -> dict[str, Any]:
   """bf16 N×N×N matrix product (N = 8192): the achievable peak the MFU columns divide by."""
   jax = _jax()
   import jax.numpy as jnp
-  n = common.MATMUL_TINY if tiny else common.MATMUL_FULL
-  keys = jax.random.split(jax.random.PRNGKey(0))
-  a = jax.random.normal(keys[0], (n, n), jnp.bfloat16)
-  b = jax.random.normal(keys[1], (n, n), jnp.bfloat16)
+  n = common.matmul_size(which)
+  with phases.timed("init"):
+    keys = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(keys[0], (n, n), jnp.bfloat16)
+    b = jax.random.normal(keys[1], (n, n), jnp.bfloat16)
+    jax.block_until_ready((a, b))
   product = jax.jit(jnp.dot)
-  for _ in range(3):
-    product(a, b).block_until_ready()
-  seconds, repeats = common.median_time(lambda: product(a, b).block_until_ready(), repeats=20,
-                                        max_seconds=5.0)
+  with phases.timed("compile"):
+    compiled = product.lower(a, b).compile()
+  with phases.timed("warm-up"):
+    for _ in range(3):
+      compiled(a, b).block_until_ready()
+  seconds, repeats = phases.steps(lambda: compiled(a, b).block_until_ready(), repeats=20,
+                                  max_seconds=5.0)
   return {"n": n, "ms": seconds * 1e3, "tflops_per_s": 2 * n**3 / seconds / 1e12,
           "repeats": repeats}
 
@@ -93,13 +100,14 @@ def plain_target_logps(logits, targets):
   return jnp.where(targets > 0, target - jax.nn.logsumexp(logits32, axis=-1), 0.0)
 
 
-def logps_memory(tiny: bool) -> dict[str, Any]:
+def logps_memory(which: str, phases: common.Phases) -> dict[str, Any]:
   """Compiled temp memory of jax.grad through the bf16 output projection and the per-token
   log-probs, at DPO-Large's logits shape [32, 256, 32128]: plain vs dro_jax.scoring."""
   jax = _jax()
   import jax.numpy as jnp
   from dro_jax import scoring
-  rows, length, embed, vocab = (8, 8, 32, 256) if tiny else (32, 256, 1024, 32128)
+  rows, length, embed, vocab = {"tiny": (8, 8, 32, 256), "rehearsal": (4, 32, 512, 32128)}.get(
+      which, (32, 256, 1024, 32128))
 
   def temp_bytes(fn):
     def loss(kernel, hidden, targets):
@@ -111,7 +119,8 @@ def logps_memory(tiny: bool) -> dict[str, Any]:
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  plain, fast = temp_bytes(plain_target_logps), temp_bytes(scoring.target_logps_from_logits)
+  with phases.timed("compile"):
+    plain, fast = temp_bytes(plain_target_logps), temp_bytes(scoring.target_logps_from_logits)
   float32_logits = rows * length * vocab * 4
   return {"shape": [rows, length, vocab], "plain_temp_gb": plain / 2**30,
           "fast_temp_gb": fast / 2**30, "float32_logits_gb": float32_logits / 2**30,
@@ -130,12 +139,14 @@ def model_shape(model_config) -> common.ModelShape:
       num_decoder_layers=model_config.num_decoder_layers, vocab_size=model_config.vocab_size)
 
 
-def engine_config(loss: str, size: str, tiny: bool, *, dtype: str, attention: str = "xla",
-                  remat: str = "none"):
-  """The recipe's config at the suite's shapes: AdamW, no warm-up, one device mesh."""
+def engine_config(loss: str, size: str, which: str, *, dtype: str, attention: str = "xla",
+                  remat: str = "none", scan: bool | None = None):
+  """The recipe's config at the suite's shapes: AdamW, no warm-up, one device mesh, scanned
+  layer stacks for T5-L and larger (`scan` None) or as given."""
   from dro_jax import configs
-  sh = common.shapes(size, tiny)
-  config = configs.load("dpo" if loss == "dpo" else "dro", f"size={'tiny' if tiny else size}")
+  sh = common.shapes(size, which)
+  preset_size = {"tiny": "tiny", "rehearsal": "small"}.get(which, size)
+  config = configs.load("dpo" if loss == "dpo" else "dro", f"size={preset_size}")
   config.batch_size = sh.batch
   config.max_input_length, config.max_target_length = sh.source, sh.target
   config.compute_dtype = dtype
@@ -146,65 +157,53 @@ def engine_config(loss: str, size: str, tiny: bool, *, dtype: str, attention: st
   config.reference_cache = "off"
   if sh.layers:
     config.model.num_encoder_layers = config.model.num_decoder_layers = sh.layers
-  if "attention" in config.model:
-    config.model.attention = attention
-  elif attention != "xla":
-    raise ValueError("this dro_jax has no config.model.attention")
-  if "remat" in config.model:
-    config.model.remat = remat
-  elif remat != "none":
-    raise ValueError("this dro_jax has no config.model.remat")
+  config.model.attention = attention
+  config.model.remat = remat
+  config.model.scan_layers = size in common.SCANNED_SIZES if scan is None else bool(scan)
   return config
 
 
-def save_policy(params, model_config, directory: str) -> None:
-  """The policy as a Hugging Face folder, which the PyTorch half loads: one set of weights."""
-  from dro_jax import export
-  if os.path.exists(os.path.join(directory, "model.safetensors")):
-    return
-  temporary = f"{directory}.tmp{os.getpid()}"
-  export.save_hf_t5(params, model_config, temporary)
-  os.replace(temporary, directory)
-
-
-def train_step(loss: str, size: str, tiny: bool, *, dtype: str, attention: str = "xla",
-               remat: str = "auto", weights_dir: str | None = None, repeats: int = 10,
-               deadline: float | None = None) -> dict[str, Any]:
-  """One engine train step row: compile, a first step (its logps/policy), then timed steps.
+def train_step(loss: str, size: str, which: str, phases: common.Phases, *, dtype: str,
+               attention: str = "xla", remat: str = "auto", scan: bool | None = None,
+               repeats: int = 10, deadline: float | None = None, policy=None) -> dict[str, Any]:
+  """One engine train step row: init (on the device), compile, warm-up (the first two steps; the
+  first's loss and policy log-prob), then the timed steps.
 
   remat "auto": "none" when XLA's buffer assignment fits the device, else "minimal", else "full".
-  """
+  `policy`: initial policy parameters (host or device arrays) instead of random ones (the CPU
+  test that compares the step's loss with the PyTorch step's on the same weights)."""
   jax = _jax()
   from dro_jax import partitioning, step as step_lib, train
   from dro_jax.models import t5 as t5_lib
-  sh = common.shapes(size, tiny)
+  sh = common.shapes(size, which)
   choices = ["none", "minimal", "full"] if remat == "auto" else [remat]
   limit = _memory_stats()["device_limit_gb"]
   state = None
+  compile_s = 0.0
   for choice in choices:
-    config = engine_config(loss, size, tiny, dtype=dtype, attention=attention, remat=choice)
+    config = engine_config(loss, size, which, dtype=dtype, attention=attention, remat=choice,
+                           scan=scan)
     model_config = step_lib.t5_config(config)
     mesh = partitioning.mesh_from_config(config)
     rules = partitioning.rules_from_config(config)
     abstract, shardings = train.state_layout(config, model_config, mesh, rules)
     if state is None:
-      start = time.perf_counter()
-      state = train.build_state(config, model_config, mesh, rules, abstract, shardings)
-      jax.block_until_ready(state)
-      init_s = time.perf_counter() - start
-      if weights_dir:
-        start = time.perf_counter()
-        save_policy(state.policy, model_config, weights_dir)
-        init_s += time.perf_counter() - start
+      with phases.timed("init"):
+        if policy is not None:
+          policy = jax.device_put(policy, shardings.policy)
+        state = train.build_state(config, model_config, mesh, rules, abstract, shardings,
+                                  policy=policy)
+        jax.block_until_ready(state)
     host_batch = {k: v for k, v in common.batch_arrays(
         model_config.vocab_size, sh.batch, sh.source, sh.target).items()
         if loss == "dpo" or not k.startswith(("chosen_", "rejected_"))}
     jitted, layout = train.compile_step(config, mesh, rules, shardings, host_batch)
     batch = train.device_batch(host_batch, layout)
     with partitioning.activate(mesh, rules):
-      start = time.perf_counter()
+      start = phases.begin("compile")
       compiled = jitted.jitted.lower(state, batch).compile()
-      compile_s = time.perf_counter() - start
+      compile_s += phases.end("compile", start, f"compile {time.perf_counter() - start:.1f} s"
+                              f" (remat {choice})")
     memory = {**compiled_memory(compiled), **compiled_flops(compiled)}
     fits = not limit or memory.get("compiled_peak_gb", 0) <= 0.97 * limit
     if fits or choice == choices[-1]:
@@ -217,6 +216,7 @@ def train_step(loss: str, size: str, tiny: bool, *, dtype: str, attention: str =
     implementation = t5_lib.attention_implementation(model_config, sh.source, sh.source)
 
   with partitioning.activate(mesh, rules):
+    start = phases.begin("warm-up")
     state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     first = {key: float(metrics[key]) for key in ("loss", "logps/policy")}
@@ -226,8 +226,10 @@ def train_step(loss: str, size: str, tiny: bool, *, dtype: str, attention: str =
       state, step_metrics = compiled(state, batch)
       jax.block_until_ready((state, step_metrics))
 
-    one()  # warm
-    seconds, timed = common.median_time(one, repeats=repeats, max_seconds=10.0 if not tiny else 2)
+    one()
+    phases.end("warm-up", start)
+    seconds, timed = phases.steps(one, repeats=repeats,
+                                  max_seconds={"full": 10.0}.get(which, 3.0))
   shape = model_shape(model_config)
   executed = common.step_flops(shape, loss, sh.batch, sh.source, sh.target,
                                encoder_per_response=False)
@@ -237,57 +239,54 @@ def train_step(loss: str, size: str, tiny: bool, *, dtype: str, attention: str =
   return {"framework": "dro_jax", "loss": loss, "preset": sh.preset,
           "layers": model_config.num_encoder_layers, "batch": sh.batch, "source": sh.source,
           "target": sh.target, "dtype": dtype, "attention": attention,
-          "attention_path": implementation, "remat": choice, "optimizer": "adamw",
+          "attention_path": implementation, "remat": choice,
+          "scan_layers": bool(config.model.scan_layers), "optimizer": "adamw",
           "step_ms": seconds * 1e3, "steps_timed": timed, "compile_s": compile_s,
-          "init_s": init_s, "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
-          "executed_tflop": executed / 1e12, "nominal_tflop": nominal / 1e12,
-          "tflops_per_s": executed / seconds / 1e12, "first_loss": first["loss"],
-          "first_policy_logps": first["logps/policy"],
+          "init_s": phases.done.get("init"), "tokens_per_step": tokens,
+          "tokens_per_s": tokens / seconds, "executed_tflop": executed / 1e12,
+          "nominal_tflop": nominal / 1e12, "tflops_per_s": executed / seconds / 1e12,
+          "first_loss": first["loss"], "first_policy_logps": first["logps/policy"],
           "last_loss": float(metrics["loss"]), **memory, **_memory_stats()}
 
 
 # ------------------------------------------------------------------------------------ sampling
 
 
-def sampling(tiny: bool, *, temperature: float, weights_dir: str | None,
+def sampling(which: str, phases: common.Phases, *, temperature: float,
              dtype: str) -> dict[str, Any]:
-  """Tokens/s of dro_jax.decoding's sampler at batch 64, 512 prompt tokens, 256 new tokens."""
+  """Tokens/s of dro_jax.decoding's sampler at batch 64, 512 prompt tokens, 256 new tokens;
+  random weights initialised on the device (scanned layers for T5-L, as the train rows)."""
   jax = _jax()
-  from dro_jax import checkpoints, decoding
+  from dro_jax import decoding
   from dro_jax.models import t5 as t5_lib
-  spec = common.SAMPLING_TINY if tiny else common.SAMPLING_FULL
-  layers = {"num_encoder_layers": spec["layers"], "num_decoder_layers": spec["layers"]} if (
+  spec = common.sampling_spec(which)
+  options = {"num_encoder_layers": spec["layers"], "num_decoder_layers": spec["layers"]} if (
       spec.get("layers")) else {}
-  config = t5_lib.get_config(spec["preset"], dtype=dtype, **layers)
-  start = time.perf_counter()
-  if weights_dir and os.path.exists(os.path.join(weights_dir, "model.safetensors")):
-    config, params = checkpoints.load_hf_t5(weights_dir, dtype=dtype)
-  else:
+  if which != "tiny":
+    options["scan_layers"] = True
+  config = t5_lib.get_config(spec["preset"], dtype=dtype, **options)
+  with phases.timed("init"):
     params = jax.jit(lambda rng: t5_lib.init_params(config, rng))(jax.random.PRNGKey(0))
-    if weights_dir:
-      save_policy(params, config, weights_dir)
-  params = jax.device_put(params)
-  load_s = time.perf_counter() - start
+    jax.block_until_ready(params)
   prompts = common.batch_arrays(config.vocab_size, spec["batch"], spec["source"], 1)[
       "encoder_input_tokens"]
   sampling_params = decoding.SamplingParams(max_decode_length=spec["new_tokens"],
                                             temperature=temperature)
   sampler = decoding.make_sampler(config, sampling_params)
   rng = jax.random.PRNGKey(1)
-  start = time.perf_counter()
-  output = sampler(params, prompts, rng)
-  jax.block_until_ready(output)
-  compile_s = time.perf_counter() - start
+  with phases.timed("compile"):  # the first call: the sampler compiles, then runs once
+    output = sampler(params, prompts, rng)
+    jax.block_until_ready(output)
 
   def one():
     jax.block_until_ready(sampler(params, prompts, rng))
 
-  seconds, timed = common.median_time(one, repeats=3, max_seconds=10.0)
+  seconds, timed = phases.steps(one, repeats=3, max_seconds=10.0)
   lengths = np.asarray(output.lengths)
   steps = int(lengths.max()) if not np.asarray(output.truncated).any() else spec["new_tokens"]
   return {"framework": "dro_jax", "preset": spec["preset"], "batch": spec["batch"],
           "source": spec["source"], "new_tokens": spec["new_tokens"],
           "temperature": temperature, "decode_steps": steps, "ms": seconds * 1e3,
           "steps_timed": timed, "tokens_per_s": spec["batch"] * steps / seconds,
-          "compile_s": compile_s, "load_s": load_s, "mean_length": float(lengths.mean()),
+          "compile_s": phases.done.get("compile"), "mean_length": float(lengths.mean()),
           **_memory_stats()}

@@ -1,6 +1,9 @@
-"""The GPU suite's PyTorch reference rows: Hugging Face's T5ForConditionalGeneration with the
-weights the dro_jax rows saved (one Hugging Face folder per size), the same batch, the same loss,
-eager bfloat16 autocast, fused AdamW; and `generate` for the sampling rows.
+"""The GPU suite's PyTorch reference rows: Hugging Face's T5ForConditionalGeneration built with the
+same config as the dro_jax row (the dro_jax preset's shapes, benchmarks/torch_t5.py) and its own
+random weights, initialised on the device; the same batch, the same loss, eager bfloat16
+autocast, fused AdamW; and `generate` for the sampling rows. Nothing is saved or loaded: the
+check that both steps compute the same loss on the same weights is a CPU test
+(tests/test_gpu_suite.py). Each row reports its phases as they end (suite_common.Phases).
 
 The reference step is the usual PyTorch one: chosen and rejected in one forward pass with the
 prompt repeated (each response gets its own encoder pass), log-softmax of float32 logits and a
@@ -47,25 +50,30 @@ def _reset_peak() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def load_model(weights_dir: str) -> transformers.T5ForConditionalGeneration:
-  model = transformers.T5ForConditionalGeneration.from_pretrained(weights_dir,
-                                                                  dtype=torch.float32)
-  return model.to(device())
+def build_model(preset: str, layers: int | None = None) -> transformers.T5ForConditionalGeneration:
+  """The dro_jax preset's T5 in PyTorch, float32, random weights (seed 0) made on the device."""
+  import torch_t5
+  torch.manual_seed(0)
+  with torch.device(device()):
+    return torch_t5.build_torch_t5("", preset_name=preset, layers=layers)
 
 
-def matmul(tiny: bool) -> dict[str, Any]:
-  n = common.MATMUL_TINY if tiny else common.MATMUL_FULL
-  a = torch.randn(n, n, device=device(), dtype=torch.bfloat16)
-  b = torch.randn(n, n, device=device(), dtype=torch.bfloat16)
-  for _ in range(3):
-    a @ b
-  _sync()
+def matmul(which: str, phases: common.Phases) -> dict[str, Any]:
+  n = common.matmul_size(which)
+  with phases.timed("init"):
+    a = torch.randn(n, n, device=device(), dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device(), dtype=torch.bfloat16)
+    _sync()
+  with phases.timed("warm-up"):
+    for _ in range(3):
+      a @ b
+    _sync()
 
   def one():
     a @ b
     _sync()
 
-  seconds, repeats = common.median_time(one, repeats=20, max_seconds=5.0)
+  seconds, repeats = phases.steps(one, repeats=20, max_seconds=5.0)
   return {"n": n, "ms": seconds * 1e3, "tflops_per_s": 2 * n**3 / seconds / 1e12,
           "repeats": repeats}
 
@@ -163,16 +171,18 @@ def _build_step(loss: str, policy, reference, value, batch: dict[str, torch.Tens
   return step(dro_v)
 
 
-def train_step(loss: str, size: str, tiny: bool, *, weights_dir: str, dtype: str,
-               repeats: int = 10) -> dict[str, Any]:
-  """The reference step at the suite's batch, or at 4 pairs when that runs out of memory."""
-  sh = common.shapes(size, tiny)
+def train_step(loss: str, size: str, which: str, phases: common.Phases, *, dtype: str,
+               repeats: int = 10, model: transformers.T5ForConditionalGeneration | None = None
+               ) -> dict[str, Any]:
+  """The reference step at the suite's batch, or at 4 pairs when that runs out of memory.
+  `model`: this policy (its weights) instead of a random one (the CPU test of equal losses)."""
+  sh = common.shapes(size, which)
   torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-  start = time.perf_counter()
-  policy = load_model(weights_dir).train()
-  reference = copy.deepcopy(policy).eval().requires_grad_(False)
-  value = ValueNetwork(policy).to(device()).train() if loss == "dro_v" else None
-  load_s = time.perf_counter() - start
+  with phases.timed("init"):
+    policy = (model or build_model(sh.preset, sh.layers)).to(device()).train()
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    value = ValueNetwork(policy).to(device()).train() if loss == "dro_v" else None
+    _sync()
   config = policy.config
   shape = common.ModelShape(
       emb_dim=config.d_model, num_heads=config.num_heads, head_dim=config.d_kv,
@@ -186,16 +196,18 @@ def train_step(loss: str, size: str, tiny: bool, *, weights_dir: str, dtype: str
     batch = _tensors({key: value_[:rows] for key, value_ in arrays.items()})
     try:
       step = _build_step(loss, policy, reference, value, batch, torch_dtype)
+      start = phases.begin("warm-up")
       first_loss, first_logps = (float(x) for x in step())
       step()
       _sync()
+      phases.end("warm-up", start, f"warm-up {time.perf_counter() - start:.1f} s ({rows} rows)")
 
       def one():
         step()
         _sync()
 
-      seconds, timed = common.median_time(one, repeats=repeats,
-                                          max_seconds=10.0 if not tiny else 2)
+      seconds, timed = phases.steps(one, repeats=repeats,
+                                    max_seconds={"full": 10.0}.get(which, 3.0))
       break
     except torch.cuda.OutOfMemoryError as error:
       notes.append(f"{rows} rows: out of memory ({str(error).splitlines()[0][:120]})")
@@ -203,29 +215,29 @@ def train_step(loss: str, size: str, tiny: bool, *, weights_dir: str, dtype: str
       for module in (policy, value):
         if module is not None:
           module.zero_grad(set_to_none=True)
-      if rows == common.TORCH_FALLBACK_PAIRS:
+      if rows == common.TORCH_FALLBACK_PAIRS or sh.batch <= common.TORCH_FALLBACK_PAIRS:
         raise
   flops = common.step_flops(shape, loss, rows, sh.source, sh.target, encoder_per_response=True)
   tokens = common.step_tokens(loss, rows, sh.source, sh.target)
   return {"framework": "torch", "loss": loss, "preset": sh.preset, "batch": rows,
           "source": sh.source, "target": sh.target, "dtype": f"autocast {dtype}",
           "optimizer": "fused adamw", "step_ms": seconds * 1e3, "steps_timed": timed,
-          "load_s": load_s, "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
-          "executed_tflop": flops / 1e12, "nominal_tflop": flops / 1e12,
-          "tflops_per_s": flops / seconds / 1e12, "first_loss": first_loss,
-          "first_policy_logps": first_logps, "peak_gb": _peak_gb(),
+          "init_s": phases.done.get("init"), "tokens_per_step": tokens,
+          "tokens_per_s": tokens / seconds, "executed_tflop": flops / 1e12,
+          "nominal_tflop": flops / 1e12, "tflops_per_s": flops / seconds / 1e12,
+          "first_loss": first_loss, "first_policy_logps": first_logps, "peak_gb": _peak_gb(),
           "notes": "; ".join(notes)}
 
 
 # ------------------------------------------------------------------------------------ sampling
 
 
-def generate(tiny: bool, *, temperature: float, weights_dir: str) -> dict[str, Any]:
+def generate(which: str, phases: common.Phases, *, temperature: float) -> dict[str, Any]:
   """Hugging Face `generate` tokens/s with bfloat16 weights, batch 64, 256 new tokens."""
-  spec = common.SAMPLING_TINY if tiny else common.SAMPLING_FULL
-  start = time.perf_counter()
-  model = load_model(weights_dir).to(torch.bfloat16).eval()
-  load_s = time.perf_counter() - start
+  spec = common.sampling_spec(which)
+  with phases.timed("init"):
+    model = build_model(spec["preset"], spec.get("layers")).to(torch.bfloat16).eval()
+    _sync()
   prompts = torch.from_numpy(common.batch_arrays(
       model.config.vocab_size, spec["batch"], spec["source"], 1)["encoder_input_tokens"]).long()
   prompts = prompts.to(device())
@@ -245,11 +257,12 @@ def generate(tiny: bool, *, temperature: float, weights_dir: str) -> dict[str, A
       output = model.generate(prompts, **options)
     _sync()
 
-  one()  # warm
-  seconds, timed = common.median_time(one, repeats=3, max_seconds=10.0)
+  with phases.timed("warm-up"):
+    one()
+  seconds, timed = phases.steps(one, repeats=3, max_seconds=10.0)
   steps = int(output.shape[1]) - 1  # the decoder start token is not generated
   return {"framework": "torch", "preset": spec["preset"], "batch": spec["batch"],
           "source": spec["source"], "new_tokens": spec["new_tokens"],
           "temperature": temperature, "decode_steps": steps, "ms": seconds * 1e3,
           "steps_timed": timed, "tokens_per_s": spec["batch"] * steps / seconds,
-          "load_s": load_s, "peak_gb": _peak_gb()}
+          "init_s": phases.done.get("init"), "peak_gb": _peak_gb()}

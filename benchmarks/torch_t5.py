@@ -7,10 +7,14 @@ import transformers
 from dro_jax.models import t5 as t5_lib
 
 
-def build_torch_t5(size: str, vocab_size: int | None = None
-                   ) -> transformers.T5ForConditionalGeneration:
-  """A random untied T5.1.1 (gated GELU) with the preset's shapes, float32, eval mode."""
-  preset = t5_lib.get_config(f"t5_1_1_{size}")
+def build_torch_t5(size: str, vocab_size: int | None = None, *, preset_name: str | None = None,
+                   layers: int | None = None) -> transformers.T5ForConditionalGeneration:
+  """A random untied T5.1.1 (gated GELU) with the preset's shapes (dro_jax's `t5_1_1_{size}`, or
+  `preset_name`; `layers` per stack instead of the preset's), float32, eval mode, built on the
+  current default torch device (`with torch.device("cuda"): ...` initialises it there)."""
+  preset = t5_lib.get_config(preset_name or f"t5_1_1_{size}",
+                             **({"num_encoder_layers": layers, "num_decoder_layers": layers}
+                                if layers else {}))
   config = transformers.T5Config(
       vocab_size=vocab_size or preset.vocab_size, d_model=preset.emb_dim, d_kv=preset.head_dim,
       num_heads=preset.num_heads, num_layers=preset.num_encoder_layers,
