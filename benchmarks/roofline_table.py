@@ -33,7 +33,7 @@ ROWS: dict[str, tuple[str, str, str, dict]] = {
 }
 
 
-def measure(name: str) -> dict:
+def config_of(name: str):
   from dro_jax import configs, sizing
   recipe, args, topology, overrides = ROWS[name]
   config = configs.load(recipe, args)
@@ -43,7 +43,13 @@ def measure(name: str) -> dict:
     for part in path:
       node = node[part]
     node[last] = value
-  config = sizing.prepare_config(config, input_length=512, target_length=256)
+  return sizing.prepare_config(config, input_length=512, target_length=256)
+
+
+def measure(name: str) -> dict:
+  from dro_jax import sizing
+  recipe, args, topology, overrides = ROWS[name]
+  config = config_of(name)
   start = time.perf_counter()
   roof = sizing.roofline(config, topology)
   mesh = tuple(config.mesh_shape)

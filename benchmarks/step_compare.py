@@ -47,9 +47,20 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.source} -> {args.target}, {args.dtype}", flush=True)
   results = {}
   with tempfile.TemporaryDirectory() as weights:
+    # One set of weights: PyTorch's random T5, read into JAX through a Hugging Face folder.
+    import torch
+    import torch_t5
+
+    from dro_jax import checkpoints
+    torch.manual_seed(0)
+    model = torch_t5.build_torch_t5("", preset_name=args.preset, layers=args.layers or None)
+    model.save_pretrained(os.path.join(weights, size))
+    _, params = checkpoints.load_hf_t5(os.path.join(weights, size), dtype="float32")
+    log = common.Results(os.path.join(weights, "phases.json"))
     for loss in args.losses.split(","):
-      ours = suite_jax.train_step(loss, size, False, dtype=args.dtype, remat="none",
-                                  weights_dir=os.path.join(weights, size), repeats=args.repeats)
+      ours = suite_jax.train_step(loss, size, "full", common.Phases(log, f"dro_jax:{loss}"),
+                                  dtype=args.dtype, remat="none", scan=False,
+                                  repeats=args.repeats, policy=params)
       results[f"dro_jax:{loss}"] = ours
       print(f"dro_jax {loss:<6} step {ours['step_ms']:9.1f} ms  compile {ours['compile_s']:6.1f} s"
             f"  temp {ours.get('compiled_temp_gb', 0) * 1024:8.1f} MB"
@@ -57,8 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"  logps/policy {ours['first_policy_logps']:.4f}", flush=True)
       if args.torch:
         import suite_torch
-        theirs = suite_torch.train_step(loss, size, False, weights_dir=os.path.join(weights, size),
-                                        dtype=args.dtype, repeats=args.repeats)
+        import copy
+        theirs = suite_torch.train_step(loss, size, "full", common.Phases(log, f"torch:{loss}"),
+                                        dtype=args.dtype, repeats=args.repeats,
+                                        model=copy.deepcopy(model))
         results[f"torch:{loss}"] = theirs
         print(f"torch   {loss:<6} step {theirs['step_ms']:9.1f} ms"
               f"  logps/policy {theirs['first_policy_logps']:.4f}"

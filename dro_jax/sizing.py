@@ -601,10 +601,16 @@ def roofline(config, topology: str, compiled=None) -> dict[str, Any]:
                      f"{sorted(CHIP_PEAKS)}")
   costs = step_costs(config, topology, compiled)
   remat = config.model.get("remat", "none")
+  model_flops = costs["flops"]
   if remat not in (None, "none"):
     model_flops = step_costs(_with_remat(config, "none"), topology)["flops"]
-  else:
-    model_flops = costs["flops"]
+  return roofline_of(costs, model_flops, topology)
+
+
+def roofline_of(costs: Mapping[str, float], model_flops: float, topology: str) -> dict[str, Any]:
+  """`roofline` from per-chip costs (step_costs) and the model's FLOPs per chip."""
+  chip = chip_of(topology)
+  peak_flops, hbm_bandwidth, ici_bandwidth = CHIP_PEAKS[chip]
   compute_s = costs["flops"] / peak_flops
   memory_s = costs["hbm_bytes"] / hbm_bandwidth
   network_s = 2 * costs["collective_bytes"] / ici_bandwidth if ici_bandwidth else 0.0
