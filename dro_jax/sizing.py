@@ -23,6 +23,21 @@ scales with 1/fsdp, activations with 1/microbatches; recompile with the flags to
 Progress goes to stderr while it compiles. A step the compiler refuses even without the HBM limit
 ends in one line naming the smallest slice of the chip whose chips hold its state (estimated from
 the shardings, activations on top).
+
+The roofline (`roofline`; `--noroofline` leaves it out), per chip, an estimate from the compiled
+program and not a measurement: FLOPs per step and bytes of HBM traffic from XLA's cost analysis,
+bytes sent by the collectives (ring algorithm, from the compiled module), a lower bound on the
+step time max(FLOPs / peak, HBM bytes / HBM bandwidth, 2 x bytes sent / ICI bandwidth), and the
+MFU ceiling it implies. XLA counts a loop body once, so a step with scanned layers or microbatches
+is measured by the same step compiled unrolled with one microbatch at 1 and 2 layers,
+extrapolated in depth. The chips' published peaks (CHIP_PEAKS; Cloud TPU system architecture
+pages, docs.cloud.google.com/tpu/docs/v4, /v5e, /v5p-training, /v6e), per chip:
+
+    chip   bf16 peak      HBM bandwidth   ICI bandwidth (bidirectional)
+    v4     275 TFLOP/s    1200 GB/s       not published there (no ICI bound)
+    v5e    197 TFLOP/s     819 GB/s        400 GB/s
+    v5p    459 TFLOP/s    2765 GB/s       1200 GB/s
+    v6e    918 TFLOP/s    1638 GB/s        800 GB/s
 """
 
 from __future__ import annotations
