@@ -172,13 +172,13 @@ def stage_line(name: str, timing: Mapping[str, Any],
 
 def load_policy(workdir: str, demo: ml_collections.ConfigDict) -> evaluation.Policy:
   """A stage's final policy, as a Policy to sample and score with."""
+  from dro_jax import policies
+  from dro_jax.models import t5 as t5_lib
   model_config = step_lib.t5_config(demo)
-  manager = checkpoint_manager.Checkpointer(workdir)
-  try:
-    params = manager.restore_item(manager.latest_step(), "policy")
-  finally:
-    manager.close()
-  return evaluation.Policy(jax.tree.map(jax.numpy.asarray, params), model_config)
+  # Into a target of this process's own: the stage may have been trained on another topology
+  # (one process, then a pod of two resuming the demo).
+  params, _ = policies.restore_network(workdir, None, t5_lib.abstract_params(model_config))
+  return evaluation.Policy(params, model_config)
 
 
 def write_jsonl(path: str, rows: list[Mapping[str, Any]]) -> None:

@@ -2,6 +2,9 @@
 
 import json
 import os
+import pathlib
+import subprocess
+import time
 
 
 def shrink(config, demo_cache: str, steps: int = 3):
@@ -50,3 +53,21 @@ def cli_env(tmp_path, demo_cache: str, compile_cache: str) -> dict:
           "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
           "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / compile_cache),
           "PYTHONPATH": str(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}
+
+
+def pid_of_process(launcher: subprocess.Popen, index: int, timeout: float = 120) -> int:
+  """The pid of the launched copy with DRO_JAX_PROCESS_ID=index."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    for name in os.listdir("/proc"):
+      if not name.isdigit():
+        continue
+      try:
+        environ = pathlib.Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
+        parent = int(pathlib.Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+      except (OSError, ValueError, IndexError):
+        continue
+      if parent == launcher.pid and f"DRO_JAX_PROCESS_ID={index}".encode() in environ:
+        return int(name)
+    time.sleep(0.5)
+  raise AssertionError(f"no process {index} under the launcher")

@@ -17,6 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
 
 import local  # noqa: E402  (launch/local.py)
+from run_helpers import pid_of_process  # noqa: E402
 
 from dro_jax import distributed  # noqa: E402
 
@@ -126,24 +127,6 @@ def test_two_processes_end_with_the_state_of_one(pod_runs, recipe):
   assert not leftovers
 
 
-def _pid_of_process(launcher: subprocess.Popen, index: int, timeout: float = 120) -> int:
-  """The pid of the launched copy with DRO_JAX_PROCESS_ID=index."""
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    for name in os.listdir("/proc"):
-      if not name.isdigit():
-        continue
-      try:
-        environ = pathlib.Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
-        parent = int(pathlib.Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-      except (OSError, ValueError, IndexError):
-        continue
-      if parent == launcher.pid and f"DRO_JAX_PROCESS_ID={index}".encode() in environ:
-        return int(name)
-    time.sleep(0.5)
-  raise AssertionError(f"no process {index} under the launcher")
-
-
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_and_after_a_sigkill_the_relaunch_resumes_exactly(
     pod_runs, tmp_path, demo_cache):
@@ -155,7 +138,7 @@ def test_sigterm_to_one_process_stops_both_and_after_a_sigkill_the_relaunch_resu
   workdir = tmp_path / "preempted"
   launcher = _launch(workdir, "dro", 2, 4, env, f"--config.total_steps={STEPS}",
                      f"--config.checkpoint_every={STEPS}", wait=False)
-  victim = _pid_of_process(launcher, 1)
+  victim = pid_of_process(launcher, 1)
   lines = []
   # The preemption notice reaches process 1 alone, as training is about to start (the last
   # line before the steps: a signal after the first step's output could come after step STEPS):
@@ -179,7 +162,7 @@ def test_sigterm_to_one_process_stops_both_and_after_a_sigkill_the_relaunch_resu
   env[distributed.HEARTBEAT_ENV] = "10"
   launcher = _launch(workdir, "dro", 2, 4, env, f"--config.total_steps={STEPS}",
                      f"--config.checkpoint_every={STEPS}", wait=False)
-  victim = _pid_of_process(launcher, 1)
+  victim = pid_of_process(launcher, 1)
   lines, killed = [], None
   for line in launcher.stdout:
     lines.append(line)
