@@ -7,7 +7,8 @@ The plan, in this order, each row in its own worker process (JAX and PyTorch nev
   2. `dro_jax:dpo:large`, 3. `torch:dpo:large`, 4. `dro_jax:dro_v:large`, 5. `torch:dro_v:large`:
      the engine's step (`configs/dpo.py` / `configs/dro.py`, `train.build_state` on the device
      under jit with the state's out_shardings, `step.make_train_step` jitted by
-     `train.compile_step`, state donated, scanned layer stacks) at T5.1.1-Large, 16 pairs (DPO:
+     `train.compile_step`, state donated, scanned layer stacks; rematerialisation only when
+     XLA's buffer assignment does not fit the device) at T5.1.1-Large, 16 pairs (DPO:
      16 chosen + 16 rejected + the reference forward) or 16 trajectories (DRO-V: policy,
      reference, value network), inputs 512, targets 256, bf16 compute, float32 parameters,
      AdamW; and transformers' T5ForConditionalGeneration built from the same config with its
@@ -15,10 +16,10 @@ The plan, in this order, each row in its own worker process (JAX and PyTorch nev
      autocast, fused AdamW; 16 pairs, or 4 when 16 run out of memory.
   6. `dro_jax:sample:greedy` vs `torch:generate:greedy`: T5.1.1-Large, batch 64, 512 prompt
      tokens, up to 256 new tokens.
-  7. the rest: `logps_memory` (compiled temp memory of jax.grad through the output projection
-     and the per-token log-probs, plain log-softmax vs dro_jax.scoring's), `torch:matmul`,
-     `dro_jax:dpo:large:unrolled` (the same step without scanned layers: does scanning change
-     the step time?), `dro_jax:dpo:large:attention=auto` (config.model.attention, cuDNN where
+  7. the rest: `dro_jax:dpo:large:unrolled` (the same step without scanned layers: does
+     scanning change the step time?), `logps_memory` (compiled temp memory of jax.grad through
+     the output projection and the per-token log-probs, plain log-softmax vs dro_jax.scoring's),
+     `torch:matmul`, `dro_jax:dpo:large:attention=auto` (config.model.attention, cuDNN where
      it applies), the temperature-1 sampling rows, the T5.1.1-Base rows and
      `dro_jax:dro_v:xl` (T5.1.1-XL DRO-V at batch 32: peak memory, rematerialisation only if
      needed).
@@ -78,11 +79,14 @@ import suite_common as common  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ESTIMATES = os.path.join(HERE, "results", "rehearsal", "gpu_suite_rehearsal.json")
-# From the rehearsal's CPU phases at T5.1.1-small to the device's at full shapes. Compile grows
-# (XLA's GPU autotuning of T5-L's matmuls; a scanned program's size does not grow with depth);
-# the CPU's T5-small steps take longer than T5-L's on an H100 (about 1 s against 0.3), so 1 is
-# an upper bound for the other phases. Guesses until a device run's JSON replaces them.
-DEVICE_SCALE = {"start": 1.0, "init": 1.0, "compile": 1.5, "warm-up": 1.0, "steps": 1.0}
+# From the rehearsal's CPU phases at T5.1.1-small to the device's at full shapes: guesses until a
+# device run's JSON replaces them (--estimates). The committed rehearsal ran on 2 CPU cores
+# shared with other jobs (load average 15-22), which inflated its times 3-4x against a quiet
+# machine (dro_jax:dpo:large's compile: 75 s there, 19-22 s quiet); on the device the compile of
+# the full-size step takes about what the quiet CPU's small one does, init and steps much less,
+# and a worker's start (CUDA, the imports) somewhat more. With these factors the headline rows
+# project at 12-150 s each, about 410 s for the seven.
+DEVICE_SCALE = {"start": 1.5, "init": 0.25, "compile": 0.5, "warm-up": 0.25, "steps": 0.25}
 MARGIN = 1.2
 DEFAULT_ESTIMATE_S = 60.0
 DEFAULT_BUDGET_S = {"full": 480.0, "rehearsal": 300.0, "tiny": 0.0}
@@ -144,16 +148,18 @@ def _logps_memory(args, phases):
 # The plan: the headline rows first, then the rest, each in its own worker, in this order.
 PLAN: list[Row] = [
     Row("matmul", "jax", _matmul("jax")),
-    Row("dro_jax:dpo:large", "jax", _jax_step("dpo", "large")),
+    Row("dro_jax:dpo:large", "jax", _jax_step("dpo", "large", remat="auto")),
     Row("torch:dpo:large", "torch", _torch_step("dpo", "large")),
-    Row("dro_jax:dro_v:large", "jax", _jax_step("dro_v", "large")),
+    Row("dro_jax:dro_v:large", "jax", _jax_step("dro_v", "large", remat="auto")),
     Row("torch:dro_v:large", "torch", _torch_step("dro_v", "large")),
     Row("dro_jax:sample:greedy", "jax", _sample(0.0)),
     Row("torch:generate:greedy", "torch", _generate(0.0)),
+    Row("dro_jax:dpo:large:unrolled", "jax", _jax_step("dpo", "large", remat="auto",
+                                                         scan=False)),
     Row("logps_memory", "jax", _logps_memory),
     Row("torch:matmul", "torch", _matmul("torch")),
-    Row("dro_jax:dpo:large:unrolled", "jax", _jax_step("dpo", "large", scan=False)),
-    Row("dro_jax:dpo:large:attention=auto", "jax", _jax_step("dpo", "large", "auto")),
+    Row("dro_jax:dpo:large:attention=auto", "jax", _jax_step("dpo", "large", "auto",
+                                                               remat="auto")),
     Row("dro_jax:sample:t1", "jax", _sample(1.0)),
     Row("torch:generate:t1", "torch", _generate(1.0)),
     Row("dro_jax:dpo:base", "jax", _jax_step("dpo", "base")),
