@@ -416,3 +416,39 @@ def test_online_md_names_the_iteration_where_the_evaluation_changed(tmp_path):
   text = (tmp_path / "online.md").read_text()
   assert "From iteration 3, the evaluation changed" in text and "`debias` true -> false" in text
   assert "iteration 2, the evaluation" not in text
+
+
+@pytest.mark.slow
+def test_a_learned_oracle_end_to_end_judged_by_the_true_judge(tmp_path, demo_sft, demo_cache):
+  """The realistic setting at tiny scale: a preference model trained on the demo's pairs by
+  configs/preference_model.py is the oracle (`online.oracle=preference_model:DIR`), the ranker is
+  refit on its labels (`preference_model=fit`), and the iterates are judged by the true judge."""
+  pm = run_helpers.shrink(configs.load("preference_model", "size=tiny"), demo_cache, steps=20)
+  pm.max_input_length, pm.max_target_length = 16, 12
+  pm.eval_every, pm.checkpoint_every = 0, 20
+  pm_dir = tmp_path / "preference_model"
+  train.run(pm, str(pm_dir))
+  oracle = f"preference_model:{pm_dir}"
+  config = online_config(demo_cache, demo_sft, f"oracle={oracle},preference_model=fit",
+                         **{**SMALL, "online.fit_steps": 8, "evaluation.judge": "demo"})
+  workdir = tmp_path / "online"
+  result = online.run(config, str(workdir))
+  assert len(result["iterations"]) == 2
+  learned = judges.judge_from_spec(oracle)
+  for k in (1, 2):
+    folder = workdir / "iterations" / str(k)
+    pairs = online.read_jsonl(str(folder / "pairs.jsonl"))
+    assert pairs and all(row["labels"] == "bernoulli" for row in pairs)
+    # The labels are draws from the learned oracle's own probabilities, asked in both orders
+    # (a preference model is not symmetric) and averaged.
+    prompts = [row["prompt"] for row in pairs]
+    chosen, rejected = [row["chosen"] for row in pairs], [row["rejected"] for row in pairs]
+    p_chosen = (learned.prefer(prompts, chosen, rejected)
+                + 1 - learned.prefer(prompts, rejected, chosen)) / 2
+    np.testing.assert_allclose([row["p_chosen"] for row in pairs], p_chosen, atol=1e-5)
+    assert 0 < min(p_chosen) and max(p_chosen) < 1  # a general preference, not a hard rule
+    evaluated = json.loads((folder / "evaluation.json").read_text())
+    assert evaluated["judge"] == "demo"  # the true judge, not the learned oracle
+  # Iteration 2 ranks with a preference model refit on iteration 1's learned labels.
+  assert (workdir / "iterations" / "2" / "preference_model" / "checkpoints").is_dir()
+  assert result["judge_calls"]["labelling"] > 0
