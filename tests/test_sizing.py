@@ -286,6 +286,7 @@ def test_roofline_flops_agree_with_the_suites_formula(small_dpo_roofline):
   formula = suite_common.step_flops(shape, "dpo", 8, 64, 32, encoder_per_response=False,
                                     reference_forward=not reference_cache.enabled(config))
   assert roof["flops"] == pytest.approx(formula, rel=0.05)
+  assert roof["compiled_flops_per_chip"] == pytest.approx(roof["flops_per_chip"], rel=0.05)
   assert roof["flops"] == pytest.approx(4 * roof["flops_per_chip"])
   assert roof["model_flops"] == roof["flops"]  # no remat: every executed FLOP is the model's
   # fsdp gathers the parameters: collectives, all-gathers among them
@@ -331,12 +332,17 @@ def test_step_costs_count_loops_as_often_as_they_run(monkeypatch):
   config.model.num_decoder_layers = 6
   costs = sizing.step_costs(config, "v5e:2x2")
   assert costs["flops"] == 10 + 3 * 24 + 5 * 6 and len(compiled_configs) == 3
-  # remat's recomputation is executed, not model, work: the model FLOPs come without it
+  # FLOPs from the lowered step; remat's recomputation is executed, not model, work
   config.model.num_decoder_layers = 24
   config.model.remat = "full"
   compiled_configs.clear()
-  sizing.roofline(config, "v5e:2x2")
-  assert [c.model.remat for c in compiled_configs] == ["full", "full", "none", "none"]
+  lowered = []
+  monkeypatch.setattr(sizing, "lowered_flops",
+                      lambda c, topology: lowered.append(c.model.remat) or 1e12 * len(lowered))
+  roof = sizing.roofline(config, "v5e:2x2")
+  assert lowered == ["full", "none"] and len(compiled_configs) == 2
+  assert roof["flops_per_chip"] == 1e12 and roof["model_flops_per_chip"] == 2e12
+  assert roof["compiled_flops_per_chip"] == 10 + 3 * 24 + 5 * 24
 
 
 def test_collective_bytes_of_a_compiled_module():
