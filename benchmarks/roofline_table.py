@@ -8,9 +8,9 @@ measurement.
   python benchmarks/roofline_table.py --out roofline.json --print    # the table only
 
 Results are added to `--out` as they come (a rerun skips what is there); the markdown table is
-printed at the end. 512 / 256 tokens, batch 32. Each row compiles the step four times (unrolled at
-1 and 2 layers, with and without remat); a 2-layer T5-L compile took up to 13 minutes on 2
-loaded CPU cores.
+printed at the end. 512 / 256 tokens, batch 32. Each row compiles the step unrolled at 1 and 2
+layers (the bytes) and lowers it at 1 and 2 layers with and without remat (the FLOPs); a 2-layer
+compile took 13 minutes for T5-L, 16 for T5-XL, on 2 CPU cores shared with other jobs.
 """
 
 from __future__ import annotations
