@@ -63,6 +63,12 @@ METHODS = ("online (enhancer)", "online (best-worst)", "offline")
 TAGS = {"online (enhancer)": "online_enhancer", "online (best-worst)": "online_best_worst",
         "offline": "offline"}
 OFFLINE_TAUS = (0.1, 0.3)  # offline's IPO τ grid at full size (online: configs/online.py's 0.1)
+# `--oracles learned`: the realistic setting. A pairwise preference model trained by
+# configs/preference_model.py on the demo's labelled pairs (<output>/preference_model) is the
+# oracle (`preference_model:DIR`); its runs are online (enhancer) only, compared with the same
+# runs under the true oracle `demo` on the same seeds and test prompts.
+LEARNED = "learned"
+LEARNED_RUNS = (("online (enhancer)", None),)
 
 
 # Sizes. Full: 3 iterations of 120 steps (configs/online.py's tiny defaults; the preference
@@ -77,11 +83,11 @@ SIZES = {
              "fit_steps": 100, "offline_prompts": 1536,
              "offline_grid": (30, 60, 120, 180, 240, 300, 360), "validation": 600, "test": 2400,
              "eval_samples": 2, "seeds": "0,1,2", "sft_steps": 1000,
-             "offline_taus": OFFLINE_TAUS},
+             "offline_taus": OFFLINE_TAUS, "oracle_steps": 1500},
     "quick": {"iterations": 2, "steps": 6, "budget": 12, "prompts": 48, "samples": 4,
               "fit_steps": 6, "offline_prompts": 64, "offline_grid": (4, 8, 12),
               "validation": 24, "test": 32, "eval_samples": 1, "seeds": "0,1",
-              "sft_steps": 300, "offline_taus": (0.1,)},
+              "sft_steps": 300, "offline_taus": (0.1,), "oracle_steps": 20},
 }
 
 
@@ -131,6 +137,28 @@ class Bench:
     if not self.sft_arg:
       from dro_jax import online
       online.train_sft(self.base_config(0, "demo"), self.output)
+    if LEARNED in self.oracles:
+      self.train_learned_oracle()
+
+  def learned_oracle_dir(self) -> str:
+    return os.path.join(self.output, "preference_model")
+
+  def train_learned_oracle(self) -> None:
+    """configs/preference_model.py at size=tiny on the demo's labelled pairs (its train split;
+    its held-out accuracy logged on the validation split), resumed or read back when done."""
+    from dro_jax import configs, train
+    steps = int(self.size["oracle_steps"])
+    config = configs.load("preference_model", "size=tiny")
+    config.data.cache_dir = self.cache_dir
+    config.max_input_length, config.max_target_length = 16, 12  # the demo's lengths
+    config.total_steps, config.batch_size = steps, 32
+    config.eval_every = config.checkpoint_every = max(steps // 3, 1)
+    config.eval_batches = 200 // 32  # the pairs task's 200 validation pairs
+    config.optimizer.learning_rate = 1e-3
+    train.run(config, self.learned_oracle_dir())
+
+  def oracle_spec(self, oracle: str) -> str:
+    return f"preference_model:{self.learned_oracle_dir()}" if oracle == LEARNED else oracle
 
   def prompts_path(self, name: str) -> str:
     return os.path.join(self.output, "prompts", f"{name}.jsonl")
@@ -141,7 +169,8 @@ class Bench:
 
   def base_config(self, seed: int, oracle: str, arg: str = ""):
     from dro_jax import configs
-    config = configs.load("online", f"size=tiny,seed={seed},oracle={oracle}" + arg)
+    config = configs.load("online", f"size=tiny,seed={seed},oracle={self.oracle_spec(oracle)}"
+                          + arg)
     config.data.cache_dir = self.cache_dir
     config.online.sft_steps = int(self.size["sft_steps"])
     return config
@@ -157,6 +186,8 @@ class Bench:
     # enhancer ranks the n answers, the main agent's among them, and labels are thresholded
     # (the demo oracle's verdicts are hard, so the labels are the same as Bernoulli draws).
     settings.enhancer, settings.labels = "shared", "threshold"
+    if oracle == LEARNED:  # the paper's general oracle: labels drawn from its probabilities
+      settings.labels = "bernoulli"
     # The loop's own per-iteration check, kept small: the protocol's evaluation is the report.
     config.evaluation.judge = "demo"
     config.evaluation.prompts, config.evaluation.samples = 16, 1
@@ -180,7 +211,7 @@ class Bench:
 
   def jobs(self) -> list[tuple[int, str, str, float | None]]:
     return [(seed, oracle, method, tau) for seed in self.seeds for oracle in self.oracles
-            for method, tau in self.runs]
+            for method, tau in (LEARNED_RUNS if oracle == LEARNED else self.runs)]
 
   def record_path(self, name: str) -> str:
     return os.path.join(self.records_dir, name.replace("/", "__") + ".json")
@@ -432,6 +463,45 @@ def oracle_report(records: Mapping[str, Mapping[str, Any]], oracle: str,
           "points": points, "paired_differences": differences, "matched_kl": matched}
 
 
+def learned_report(records: Mapping[str, Mapping[str, Any]], seeds: Sequence[int],
+                   oracle_dir: str) -> dict[str, Any] | None:
+  """How much of the true oracle's gain survives a learned one: online (enhancer)'s final
+  iterate under `learned` and under `demo`, on the seeds where both finished, as points, their
+  paired difference and the share of the gain over SFT kept (all under one set of replicates)."""
+  import protocol
+  name = lambda seed, oracle: run_name(seed, oracle, "online (enhancer)")
+  seeds = [s for s in seeds if name(s, LEARNED) in records and name(s, "demo") in records]
+  if not seeds:
+    return None
+  learned, true = (tables([records[name(s, o)] for s in seeds], "test", -1)
+                   for o in (LEARNED, "demo"))
+  replicates = protocol.Replicates(len(seeds), learned[0].shape[1])
+  report = {"seeds": seeds, "method": "online (enhancer)", "iterate": "final"}
+  for label, (scores, kls) in (("learned", learned), ("true", true)):
+    mean, low, high = protocol.point_interval(scores, replicates)
+    report[label] = {"win_rate": mean, "win_rate_low": low, "win_rate_high": high,
+                     "kl": float(kls.mean())}
+  mean, low, high = protocol.paired_difference(learned[0], true[0], replicates)
+  report["difference"] = {"difference": mean, "low": low, "high": high}
+  report["difference"]["verdict"] = verdict({"a": "learned", "b": "true", **report["difference"]})
+  # The share of the gain kept, where the true oracle's gain is above 0 in every replicate
+  # (else the ratio is not defined, and is reported as n/a).
+  true_gains = replicates.means(true[0]) - 0.5
+  if np.all(true_gains > 0):
+    gains = (replicates.means(learned[0]) - 0.5) / true_gains
+    kept = (float(learned[0].mean()) - 0.5) / (float(true[0].mean()) - 0.5)
+    report["gain_kept"] = {"share": kept, "low": float(np.quantile(gains, 0.025)),
+                           "high": float(np.quantile(gains, 0.975))}
+  else:
+    report["gain_kept"] = {"share": math.nan, "low": math.nan, "high": math.nan}
+  rows = files.metrics_rows(os.path.join(oracle_dir, "metrics.jsonl"))
+  accuracies = [row["eval/rewards/accuracies"] for row in rows
+                if "eval/rewards/accuracies" in row]
+  report["oracle_accuracy"] = accuracies[-1] if accuracies else None
+  report["oracle_calls"] = sorted({records[name(s, LEARNED)]["oracle_calls"] for s in seeds})
+  return report
+
+
 def matched_levels(curve_a, curve_b, count: int = 3) -> list[float]:
   """`count` KL levels spread inside the overlap of two curves' KL ranges (on the full data),
   10% in from its ends; none when the ranges do not overlap."""
@@ -570,8 +640,40 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
     if not report["matched_kl"]:
       lines.append("| (the curves' KL ranges do not overlap) | | | | | |")
     lines.append("")
+  if "learned_oracle" in summary:
+    lines += learned_markdown(summary["learned_oracle"])
   lines += ["![win rate against KL](online_vs_offline.png)", ""]
   return "\n".join(lines)
+
+
+def share(kept: Mapping[str, float]) -> str:
+  if not math.isfinite(kept["share"]):
+    return "n/a (the true oracle's gain is not above 0 throughout its interval)"
+  return f"{kept['share']:.0%} [{kept['low']:.0%}, {kept['high']:.0%}]"
+
+
+def learned_markdown(report: Mapping[str, Any] | None) -> list[str]:
+  lines = ["## A learned oracle (`--oracles learned`)", ""]
+  if report is None:
+    return lines + ["No seed finished under both oracles yet.", ""]
+  accuracy = report["oracle_accuracy"]
+  lines += [
+      "The oracle is a preference model trained by `configs/preference_model.py` (size=tiny) on "
+      "the demo's labelled pairs"
+      + (f" (held-out pairwise accuracy {percent(accuracy)})" if accuracy is not None else "")
+      + f"; online (enhancer), {', '.join(map(str, report['oracle_calls']))} oracle calls per "
+      f"run; seeds {report['seeds']}; final iterates judged by the TRUE judge against SFT on the "
+      f"test prompts.", "",
+      "| oracle | test win rate vs SFT [95%] | KL(π‖SFT) |", "|---|---|---|"]
+  for label, name in (("true", "`demo` (the true judge)"), ("learned", "learned")):
+    point = report[label]
+    lines.append(f"| {name} | {percent(point['win_rate'])} [{percent(point['win_rate_low'])}, "
+                 f"{percent(point['win_rate_high'])}] | {point['kl']:.2f} |")
+  cell, kept = report["difference"], report["gain_kept"]
+  lines += ["", f"Learned − true, paired: {points_label(cell['difference'])} points "
+            f"[{points_label(cell['low'])}, {points_label(cell['high'])}] ({cell['verdict']}). "
+            f"Share of the true oracle's gain over SFT kept: {share(kept)}.", ""]
+  return lines
 
 
 def plot(summary: Mapping[str, Any], path: str) -> None:
@@ -624,8 +726,10 @@ def summarise(bench: Bench, command: str) -> dict[str, Any]:
       "size": {key: (list(value) if isinstance(value, tuple) else value)
                for key, value in bench.size.items()},
       "oracles": {oracle: oracle_report(records, oracle, bench.runs)
-                  for oracle in bench.oracles},
+                  for oracle in bench.oracles if oracle != LEARNED},
       "runs": records}
+  if LEARNED in bench.oracles:
+    summary["learned_oracle"] = learned_report(records, bench.seeds, bench.learned_oracle_dir())
   summary["choices"] = {oracle: report["choice"] for oracle, report in
                         summary["oracles"].items() if report is not None}
   files.write_text(os.path.join(bench.output, "results.json"), json.dumps(summary, indent=1))
@@ -687,7 +791,10 @@ def main(argv=None) -> None:
   oracles = [o for o in args.oracles.split(",") if o]
   from dro_jax import judge_specs
   for oracle in oracles:
-    judge_specs.check(oracle, "--oracles")
+    if oracle != LEARNED:
+      judge_specs.check(oracle, "--oracles")
+  if LEARNED in oracles and "demo" not in oracles:
+    parser.error("--oracles learned is compared with the true oracle: give demo as well")
   bench = Bench(args.output, size, seeds, oracles, sft=args.sft, data_cache=args.data_cache)
   workers = max(int(args.workers), 1)
   from dro_jax import console
@@ -722,6 +829,14 @@ def main(argv=None) -> None:
       print(f"[online_vs_offline] {oracle}: {cell['a']} − {cell['b']}: "
             f"{points_label(cell['difference'])} points [{points_label(cell['low'])}, "
             f"{points_label(cell['high'])}] ({cell['verdict']})", flush=True)
+  learned = summary.get("learned_oracle")
+  if learned:
+    kept = learned["gain_kept"]
+    print(f"[online_vs_offline] learned oracle: {percent(learned['learned']['win_rate'])} against "
+          f"the true oracle's {percent(learned['true']['win_rate'])}; difference "
+          f"{points_label(learned['difference']['difference'])} points "
+          f"[{points_label(learned['difference']['low'])}, "
+          f"{points_label(learned['difference']['high'])}]; gain kept {share(kept)}", flush=True)
   print(f"[online_vs_offline] report in {os.path.join(args.output, 'online_vs_offline.md')}",
         flush=True)
 
