@@ -121,10 +121,15 @@ def test_tiny_suite_runs_every_row_without_tensorflow(tmp_path):
   assert "No module named" not in output, output[-3000:]
   data = json.loads(out.read_text())
   import gpu_suite  # noqa: E402  (after the subprocess: imports nothing heavy)
-  assert list(data["rows"]) == [row.name for row in gpu_suite.PLAN]  # run in the plan's order
+  assert sorted(data["rows"]) == sorted(gpu_suite.ROWS)
+  assert [entry["row"] for entry in data["meta"]["plan"]] == [row.name for row in gpu_suite.PLAN]
+  started = [line.split()[1].rstrip(":") for line in output.splitlines()
+             if line.startswith("[suite] ") and line.endswith(" needed)") and "running" in line]
+  assert started == [row.name for row in gpu_suite.PLAN]  # run in the plan's order
   for name, row in data["rows"].items():
     assert row["status"] == "ok", (name, row, output[-3000:])
-    assert row["phases"]["steps"] > 0 and row["phases"]["start"] > 0 or name == "logps_memory"
+    assert row["phases"]["start"] > 0, (name, row["phases"])
+    assert name == "logps_memory" or row["phases"]["steps"] > 0, (name, row["phases"])
     bad = [where for where, finite in _finite_numbers(row) if not finite]
     assert not bad, (name, bad)
   rows = data["rows"]
