@@ -35,6 +35,11 @@ methods are compared as paired differences on the same prompts and SFT answers (
 where the interval excludes 0), at equal oracle calls, and at matched KL (interpolated in KL and
 in log KL along each method's points).
 
+`--oracles demo,noisy:0.2:demo,learned` adds the realistic setting: a preference model trained
+by configs/preference_model.py on the demo's labelled pairs (<output>/preference_model) is the
+oracle of online (enhancer), reported against the same runs under `demo` (the paired difference,
+and the share of the true oracle's gain over SFT that survives).
+
 Resumable: every run is a workdir under --output (the online loop resumes it), each point's
 evaluation is cached beside it, and a finished run's record is <output>/records/<name>.json. The
 report: <output>/results.json, online_vs_offline.md and online_vs_offline.png.
@@ -499,6 +504,10 @@ def learned_report(records: Mapping[str, Mapping[str, Any]], seeds: Sequence[int
                 if "eval/rewards/accuracies" in row]
   report["oracle_accuracy"] = accuracies[-1] if accuracies else None
   report["oracle_calls"] = sorted({records[name(s, LEARNED)]["oracle_calls"] for s in seeds})
+  report["labelled_pairs"] = {o: float(np.mean([records[name(s, o)]["labelled_pairs"]
+                                                for s in seeds])) for o in (LEARNED, "demo")}
+  report["curve"] = {o: [[float(p["test"]["win_rate"]) for p in records[name(s, o)]["points"]]
+                         for s in seeds] for o in (LEARNED, "demo")}
   return report
 
 
@@ -663,7 +672,10 @@ def learned_markdown(report: Mapping[str, Any] | None) -> list[str]:
       + (f" (held-out pairwise accuracy {percent(accuracy)})" if accuracy is not None else "")
       + f"; online (enhancer), {', '.join(map(str, report['oracle_calls']))} oracle calls per "
       f"run; seeds {report['seeds']}; final iterates judged by the TRUE judge against SFT on the "
-      f"test prompts.", "",
+      f"test prompts. The learned oracle is not symmetric, so each label costs 2 calls (both "
+      f"orders, averaged): {report['labelled_pairs'][LEARNED]:.0f} pairs kept per run against "
+      f"the true oracle's {report['labelled_pairs']['demo']:.0f}; its labels are drawn from its "
+      f"probabilities.", "",
       "| oracle | test win rate vs SFT [95%] | KL(π‖SFT) |", "|---|---|---|"]
   for label, name in (("true", "`demo` (the true judge)"), ("learned", "learned")):
     point = report[label]
@@ -672,7 +684,11 @@ def learned_markdown(report: Mapping[str, Any] | None) -> list[str]:
   cell, kept = report["difference"], report["gain_kept"]
   lines += ["", f"Learned − true, paired: {points_label(cell['difference'])} points "
             f"[{points_label(cell['low'])}, {points_label(cell['high'])}] ({cell['verdict']}). "
-            f"Share of the true oracle's gain over SFT kept: {share(kept)}.", ""]
+            f"Share of the true oracle's gain over SFT kept: {share(kept)}.", "",
+            "Every half iteration (test win rate vs SFT, per seed): "
+            + "; ".join(f"{label} " + " / ".join(
+                ", ".join(percent(v) for v in curve) for curve in report["curve"][key])
+                for label, key in (("learned", LEARNED), ("true", "demo"))) + ".", ""]
   return lines
 
 
@@ -803,7 +819,8 @@ def main(argv=None) -> None:
     bench.work(args.worker, workers)
     return
   command = "python benchmarks/online_vs_offline.py --output DIR" + (
-      " --quick" if args.quick else f" --workers {workers}")
+      " --quick" if args.quick else f" --workers {workers}") + (
+      "" if oracles == list(ORACLES) else f" --oracles {','.join(oracles)}")
   if not args.report:
     print(f"[online_vs_offline] {estimate(size, len(seeds), len(oracles), workers)}",
           flush=True)
