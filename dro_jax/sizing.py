@@ -574,28 +574,38 @@ def step_costs(config, topology: str, compiled=None) -> dict[str, float]:
   microbatch): its own costs. Otherwise the same step compiled unrolled with one microbatch at 1
   and 2 layers per stack, extrapolated linearly in depth (each cost is a + b x layers): XLA's
   analysis counts the body of a scanned layer stack or of the microbatch loop once."""
-  from dro_jax import step as step_lib
   devices = len(topology_devices(topology))
   if compiled is not None and not _has_loops(config):
     return program_costs(compiled, devices)
-  model = step_lib.t5_config(config)
-  layers = (int(model.num_encoder_layers), int(model.num_decoder_layers))
-  points = ([(1, 1)] if layers == (1, 1) else [(1, 1), (2, 2)] if layers[0] == layers[1]
-            else [(1, 1), (2, 1), (1, 2)])
+  layers, points = _depth_points(config)
   costs = []
   for encoder, decoder in points:
     progress(f"roofline: the step unrolled at {encoder} + {decoder} layers, one microbatch")
     variant, _ = compile_step(_unrolled(config, encoder, decoder), topology)
     costs.append(program_costs(variant, devices))
   keys = sorted(set().union(*costs))
-  if len(costs) == 1:
-    return costs[0]
+  return {key: _in_depth([c.get(key, 0.0) for c in costs], layers) for key in keys}
+
+
+def _depth_points(config) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+  """((encoder, decoder) layers of `config`, the unrolled depths to measure: 1 + 1 alone for a
+  one-layer model, 1 + 1 and 2 + 2 for equal stacks, else 1 + 1, 2 + 1 and 1 + 2)."""
+  from dro_jax import step as step_lib
+  model = step_lib.t5_config(config)
+  layers = (int(model.num_encoder_layers), int(model.num_decoder_layers))
+  points = ([(1, 1)] if layers == (1, 1) else [(1, 1), (2, 2)] if layers[0] == layers[1]
+            else [(1, 1), (2, 1), (1, 2)])
+  return layers, points
+
+
+def _in_depth(values: list[float], layers: tuple[int, int]) -> float:
+  """A cost measured at `_depth_points`, extrapolated linearly to the model's depth."""
+  if len(values) == 1:
+    return values[0]
   if layers[0] == layers[1]:
-    return {key: costs[0].get(key, 0.0) + (layers[0] - 1) * (
-        costs[1].get(key, 0.0) - costs[0].get(key, 0.0)) for key in keys}
-  return {key: costs[0].get(key, 0.0)
-          + (layers[0] - 1) * (costs[1].get(key, 0.0) - costs[0].get(key, 0.0))
-          + (layers[1] - 1) * (costs[2].get(key, 0.0) - costs[0].get(key, 0.0)) for key in keys}
+    return values[0] + (layers[0] - 1) * (values[1] - values[0])
+  return (values[0] + (layers[0] - 1) * (values[1] - values[0])
+          + (layers[1] - 1) * (values[2] - values[0]))
 
 
 def lower_step(config, topology: str):
@@ -626,24 +636,15 @@ def lowered_flops(config, topology: str) -> float:
   the lowered step, and suite_common.step_flops, count 92."""
   from jax._src import xla_bridge
   from jax._src.lib import xla_client
-  from dro_jax import step as step_lib
   devices = len(topology_devices(topology))
-  model = step_lib.t5_config(config)
-  layers = (int(model.num_encoder_layers), int(model.num_decoder_layers))
-  points = ([(1, 1)] if layers == (1, 1) else [(1, 1), (2, 2)] if layers[0] == layers[1]
-            else [(1, 1), (2, 1), (1, 2)])
+  layers, points = _depth_points(config)
   counts = []
   for encoder, decoder in points:
     module = lower_step(_unrolled(config, encoder, decoder), topology).compiler_ir(
         "hlo").get_hlo_module()
     analysis = xla_client._xla.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module)
     counts.append(float(analysis["flops"]) / devices)
-  if len(counts) == 1:
-    return counts[0]
-  if layers[0] == layers[1]:
-    return counts[0] + (layers[0] - 1) * (counts[1] - counts[0])
-  return (counts[0] + (layers[0] - 1) * (counts[1] - counts[0])
-          + (layers[1] - 1) * (counts[2] - counts[0]))
+  return _in_depth(counts, layers)
 
 
 def roofline(config, topology: str, compiled=None) -> dict[str, Any]:
