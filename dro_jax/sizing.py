@@ -347,7 +347,7 @@ def compile_step(config, topology: str, hbm_bytes: int | None = None):
   compiled again without the limit to measure it; `Report.compiler_error` says so."""
   import jax
 
-  from dro_jax import initialization, partitioning, reference, reference_cache
+  from dro_jax import partitioning, reference, reference_cache
   from dro_jax import step as step_lib
   devices = topology_devices(topology)
   mesh = partitioning.make_mesh(tuple(config.mesh_shape), devices=devices)
@@ -356,17 +356,8 @@ def compile_step(config, topology: str, hbm_bytes: int | None = None):
   partitioning.validate(mesh, batch_size=config.batch_size,
                         num_microbatches=config.num_microbatches,
                         num_heads=model_config.num_heads)
+  lowered, abstract, shardings, batch = _lower(config, mesh, rules)
   cached = reference_cache.enabled(config)
-  abstract, shardings = initialization.state_layout(config, model_config, mesh, rules,
-                                           with_reference=not cached)
-  batch = batch_spec(config, reference_cached=cached)
-  batch_layout = partitioning.batch_shardings(batch, mesh)
-  train_step = partitioning.jit_step(
-      step_lib.make_train_step(config, partitioning.microbatch_constraint(mesh)), mesh,
-      shardings, batch_layout, rules)
-  with partitioning.activate(mesh, rules):
-    lowered = train_step.jitted.lower(_with_sharding(abstract, shardings),
-                                      _with_sharding(batch, batch_layout))
   compiled, compiler_error = _compile(lowered, hbm_bytes)
   stats = compiled.memory_analysis()
   uses_reference = abstract.reference is not None
@@ -390,7 +381,8 @@ def compile_step(config, topology: str, hbm_bytes: int | None = None):
       optimizer_state=_shard_bytes((abstract.policy_opt, abstract.value_opt),
                                    (shardings.policy_opt, shardings.value_opt)),
       reference=_shard_bytes(abstract.reference, shardings.reference) if uses_reference else 0,
-      batch=_shard_bytes(batch, batch_layout), compiler_error=compiler_error)
+      batch=_shard_bytes(batch, partitioning.batch_shardings(batch, mesh)),
+      compiler_error=compiler_error)
   return compiled, report
 
 
@@ -610,10 +602,16 @@ def _in_depth(values: list[float], layers: tuple[int, int]) -> float:
 
 def lower_step(config, topology: str):
   """The train step of `config` lowered for `topology` (nothing compiled, nothing allocated)."""
+  from dro_jax import partitioning
+  mesh = partitioning.make_mesh(tuple(config.mesh_shape), devices=topology_devices(topology))
+  return _lower(config, mesh, partitioning.rules_from_config(config))[0]
+
+
+def _lower(config, mesh, rules):
+  """(the train step lowered over `mesh` with the engine's shardings and donation, the state's
+  shapes, their shardings, the batch's shapes)."""
   from dro_jax import initialization, partitioning, reference_cache
   from dro_jax import step as step_lib
-  mesh = partitioning.make_mesh(tuple(config.mesh_shape), devices=topology_devices(topology))
-  rules = partitioning.rules_from_config(config)
   cached = reference_cache.enabled(config)
   abstract, shardings = initialization.state_layout(config, step_lib.t5_config(config), mesh,
                                                     rules, with_reference=not cached)
@@ -623,8 +621,9 @@ def lower_step(config, topology: str):
       step_lib.make_train_step(config, partitioning.microbatch_constraint(mesh)), mesh,
       shardings, batch_layout, rules)
   with partitioning.activate(mesh, rules):
-    return train_step.jitted.lower(_with_sharding(abstract, shardings),
-                                   _with_sharding(batch, batch_layout))
+    lowered = train_step.jitted.lower(_with_sharding(abstract, shardings),
+                                      _with_sharding(batch, batch_layout))
+  return lowered, abstract, shardings, batch
 
 
 def lowered_flops(config, topology: str) -> float:
