@@ -170,6 +170,10 @@ class Bench:
 
   def sets(self) -> dict[str, list[str]]:
     from dro_jax import datasets
+    import protocol
+    if not all(os.path.exists(self.prompts_path(name)) for name in ("validation", "test")):
+      # A report rebuilt from results.json alone: the sets are drawn again (deterministic).
+      return dict(protocol.prompt_sets(self.size["validation"], self.size["test"]))
     return {name: datasets.read_prompts(self.prompts_path(name)) for name in ("validation", "test")}
 
   def base_config(self, seed: int, oracle: str, arg: str = ""):
@@ -264,6 +268,7 @@ class Bench:
                            "not_asked": j.get("dropped_over_cap", 0), "ranker": j["ranker"]}
                           for j_it, j in enumerate(judged, 1)],
         "train_prompts": len(train_prompts), "points": points,
+        "ranker_agreement": None if method == "offline" else ranker_agreement(workdir),
         "seconds": {"train": trained, "total": time.perf_counter() - start}}
     for row, j in zip(record["per_iteration"], judged):
       row["labelling_calls"] = j["judge_calls"]["labelling"]
@@ -301,11 +306,17 @@ class Bench:
     return protocol.Evaluator(lengths, sft, vocabulary, self.sets(), seed,
                               int(self.size["eval_samples"]), judge="demo")
 
+  def previous(self) -> dict[str, Any]:
+    """The last report's results.json in <output> ({} if none): it holds every finished run's
+    record, so `--report` rebuilds the report from it alone once the runs' folders are gone."""
+    return files.read_json(os.path.join(self.output, "results.json")) or {}
+
   def records(self) -> dict[str, dict[str, Any]]:
     found = {}
+    kept = self.previous().get("runs", {})
     for seed, oracle, method, tau in self.jobs():
       name = run_name(seed, oracle, method, tau)
-      record = files.read_json(self.record_path(name))
+      record = files.read_json(self.record_path(name)) or kept.get(name)
       if record is not None:
         found[name] = record
     return found
@@ -455,17 +466,31 @@ def oracle_report(records: Mapping[str, Mapping[str, Any]], oracle: str,
   for (m, t), group in runs.items():
     if m == "offline":
       continue
-    per_run = [ranker_agreement(r["workdir"]) for r in group
-               if os.path.isdir(r.get("workdir") or "")]
+    # Kept in the record since it was run; read from the run's folder for older records.
+    per_run = [r.get("ranker_agreement") or (ranker_agreement(r["workdir"]) if os.path.isdir(
+        r.get("workdir") or "") else None) for r in group]
     per_run = [shares for shares in per_run if shares and None not in shares]
-    if per_run and len({len(shares) for shares in per_run}) == 1:
+    if len(per_run) == len(group) and len({len(shares) for shares in per_run}) == 1:
       agreement[m] = [float(v) for v in np.mean(per_run, axis=0)]
   half_width = max((p["test"]["win_rate_high"] - p["test"]["win_rate_low"]) / 2 for p in points)
   return {"oracle": oracle, "seeds": seeds, "test_prompts": prompts,
-          "largest_half_width": half_width, "ranker_agreement": agreement,
+          "largest_half_width": half_width,
+          "evaluation_half_width": evaluation_half_width(
+              [r for group in runs.values() for r in group]),
+          "ranker_agreement": agreement,
           "oracle_calls": budgets, "equal_oracle_calls": equal, "labelled_pairs": labelled,
           "ties": ties, "offline_tau": tau, "offline_steps": steps, "choice": choice,
           "points": points, "paired_differences": differences, "matched_kl": matched}
+
+
+def evaluation_half_width(runs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """Evaluation noise alone: each point's own 95% half-width on test for one seed (its interval
+  over test prompts, clustered by prompt), the largest and the median over every run and point.
+  The protocol asks the largest to be at most 1.5 points; the two-level intervals add the
+  training seeds' spread to it."""
+  widths = [(point["test"]["win_rate_high"] - point["test"]["win_rate_low"]) / 2
+            for run in runs for point in run["points"]]
+  return {"largest": float(max(widths)), "median": float(np.median(widths))}
 
 
 def learned_report(records: Mapping[str, Mapping[str, Any]], seeds: Sequence[int],
@@ -598,8 +623,15 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
                    f"{report['labelled_pairs'][run]:.0f} | {report['ties'][run]:.0f} |")
     lines += ["", "Equal oracle calls: " + ("yes." if report["equal_oracle_calls"] else
                                             "**no** (a run could not fill its budget)."),
-              "", f"Largest 95% half-width of a point: {100 * report['largest_half_width']:.1f} "
-              f"points (the protocol asks at most 1.5).", ""]
+              ""]
+    noise = report.get("evaluation_half_width")
+    if noise:
+      lines.append(f"Evaluation noise: each point's own 95% half-width on test (one seed, over "
+                   f"test prompts) is at most {100 * noise['largest']:.1f} points (median "
+                   f"{100 * noise['median']:.1f}; the protocol asks at most 1.5).")
+    lines += [f"The intervals below, over seeds and test prompts together, are up to "
+              f"{100 * report['largest_half_width']:.1f} points wide on either side: they add "
+              f"the training seeds' spread.", ""]
     if report.get("ranker_agreement"):
       lines += ["The ranker against the oracle: the share of kept pairs whose label agrees with "
                 "the tournament's pick, per iteration (mean over seeds; the first ranks at "
@@ -733,6 +765,7 @@ def summarise(bench: Bench, command: str) -> dict[str, Any]:
   import protocol
   records = bench.records()
   sets = bench.sets()
+  previous = bench.previous()
   summary = {
       "protocol": {"validation_prompts": len(sets["validation"]),
                    "test_prompts": len(sets["test"]), "selection": "validation",
@@ -746,6 +779,16 @@ def summarise(bench: Bench, command: str) -> dict[str, Any]:
       "runs": records}
   if LEARNED in bench.oracles:
     summary["learned_oracle"] = learned_report(records, bench.seeds, bench.learned_oracle_dir())
+  # What only the runs' folders hold (the ranker's agreement, the learned oracle's accuracy) is
+  # kept from the last report where those folders are gone, for the same seeds.
+  for oracle, report in summary["oracles"].items():
+    before = (previous.get("oracles") or {}).get(oracle) or {}
+    if report is not None and before.get("seeds") == report["seeds"]:
+      for method, shares in (before.get("ranker_agreement") or {}).items():
+        report["ranker_agreement"].setdefault(method, shares)
+  learned, before = summary.get("learned_oracle"), previous.get("learned_oracle") or {}
+  if learned and learned.get("oracle_accuracy") is None and before.get("seeds") == learned["seeds"]:
+    learned["oracle_accuracy"] = before.get("oracle_accuracy")
   summary["choices"] = {oracle: report["choice"] for oracle, report in
                         summary["oracles"].items() if report is not None}
   files.write_text(os.path.join(bench.output, "results.json"), json.dumps(summary, indent=1))

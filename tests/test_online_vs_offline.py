@@ -210,10 +210,25 @@ def test_quick_run_gives_every_run_the_same_oracle_calls(demo_sft, demo_cache, t
                   "chosen on validation"):
     assert section in text
   assert (output / "online_vs_offline.png").stat().st_size > 0
+  # Evaluation noise alone: the largest of every run's one-seed test interval's half-widths.
+  widths = [(p["test"]["win_rate_high"] - p["test"]["win_rate_low"]) / 2
+            for run in runs.values() for p in run["points"]]
+  assert report["evaluation_half_width"]["largest"] == pytest.approx(max(widths))
+  assert "Evaluation noise: each point's own 95% half-width" in text
   # Resumed: every run is read back, nothing is trained again, the same report.
   before = results["oracles"]
   bench.main(argv)
   assert json.loads((output / "results.json").read_text())["oracles"] == before
+  # The report rebuilt from results.json alone (the runs' folders and records gone, as in a
+  # results folder committed from another machine): the same numbers and the same text.
+  alone = tmp_path / "alone"
+  alone.mkdir()
+  (alone / "results.json").write_text((output / "results.json").read_text())
+  rebuilt_argv = [*argv[:1], str(alone), *argv[2:], "--report"]
+  bench.main(rebuilt_argv)
+  rebuilt = json.loads((alone / "results.json").read_text())
+  assert rebuilt["oracles"] == before and rebuilt["runs"].keys() == runs.keys()
+  assert (alone / "online_vs_offline.md").read_text() == text
 
 
 def test_the_refit_preference_model_reads_whole_answers(demo_sft, demo_cache, tmp_path,
