@@ -638,7 +638,7 @@ def write(frontier: Frontier, command: str) -> str:
                         "cells": _plain(table), "ablation": _plain(ablation)}
     files.write_text(frontier.path, json.dumps(state, indent=1))
   files.write_text(os.path.join(frontier.output, "frontier.md"), text)
-  plot(curves, replicates, os.path.join(frontier.output, "frontier.png"))
+  plot(curves, replicates, os.path.join(frontier.output, "frontier.png"), levels)
   return text
 
 
@@ -676,14 +676,20 @@ def _plain(value):
 
 
 def plot(curves: dict[str, list[dict[str, Any]]], replicates: protocol.Replicates,
-         path: str) -> None:
+         path: str, levels: list[float] | tuple[float, ...] = ()) -> None:
+  """Win rate against KL with both intervals: the whole sweep (left, KL on a log axis) and, when
+  there are matched-KL levels, the range where the methods meet (right, linear KL, the levels
+  dotted), where the paired differences are read."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   from matplotlib.ticker import FuncFormatter
-  figure = Figure(figsize=(7, 5))
+  near = bool(levels)
+  figure = Figure(figsize=(12.5 if near else 7, 5))
   FigureCanvasAgg(figure)
-  axis = figure.subplots()
+  axes = figure.subplots(1, 2 if near else 1, squeeze=False)[0]
+  whole = axes[0]
   top = 1.0
+  series = []
   for method, rows in curves.items():
     rows = sorted(complete(rows), key=lambda row: float(row["kls"].mean()))
     if not rows:
@@ -691,19 +697,36 @@ def plot(curves: dict[str, list[dict[str, Any]]], replicates: protocol.Replicate
     wins = np.array([protocol.point_interval(row["scores"], replicates) for row in rows])
     kls = np.array([protocol.point_interval(row["kls"], replicates) for row in rows])
     top = max(top, float(kls[:, 0].max()))
-    spread = lambda t: np.maximum([t[:, 0] - t[:, 1], t[:, 2] - t[:, 0]], 0.0)  # noqa: E731
-    axis.errorbar(kls[:, 0], wins[:, 0], xerr=spread(kls), yerr=spread(wins), marker="o",
-                  markersize=3, capsize=2, label=method)
-  axis.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    series.append((method, wins, kls))
+  spread = lambda t: np.maximum([t[:, 0] - t[:, 1], t[:, 2] - t[:, 0]], 0.0)  # noqa: E731
+  for axis in axes:
+    for index, (method, wins, kls) in enumerate(series):
+      axis.errorbar(kls[:, 0], wins[:, 0], xerr=spread(kls), yerr=spread(wins), marker="o",
+                    markersize=3, capsize=2, label=method, color=f"C{index}")
+    axis.set_ylabel("win rate against SFT on test prompts (95%: seeds x prompts)")
+  whole.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
   # Logarithmic above 0.01 nats (KLs span decades), linear below (an estimate near 0 can be < 0).
-  axis.set_xscale("symlog", linthresh=0.01)
-  axis.set_xticks([t for t in (0, 0.01, 0.1, 1, 10, 100) if t <= 10 * top])
-  axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-  axis.set(xlabel="KL(π‖SFT), nats per answer (policy's own samples, test prompts)",
-           ylabel="win rate against SFT on test prompts (95%: seeds x prompts)",
-           title="Reward-KL frontier on the demo task")
-  if axis.get_legend_handles_labels()[0]:
-    axis.legend(fontsize=8)
+  whole.set_xscale("symlog", linthresh=0.01)
+  whole.set_xticks([t for t in (0, 0.01, 0.1, 1, 10, 100) if t <= 10 * top])
+  whole.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+  whole.set(xlabel="KL(π‖SFT), nats per answer (policy's own samples, test prompts)",
+            title="Reward-KL frontier on the demo task")
+  if near:
+    zoom = axes[1]
+    low, high = min(levels) / 1.6, max(levels) * 1.6
+    inside = [(w[i, 1], w[i, 2]) for _, w, k in series for i in range(len(k))
+              if low <= k[i, 0] <= high]
+    if inside:
+      bottom, ceiling = min(b for b, _ in inside), max(c for _, c in inside)
+      margin = 0.1 * max(ceiling - bottom, 0.01)
+      zoom.set_ylim(bottom - margin, ceiling + margin)
+    zoom.set_xlim(low, high)
+    for level in levels:
+      zoom.axvline(level, color="grey", linewidth=0.8, linestyle=":")
+    zoom.set(xlabel="KL(π‖SFT), nats per answer (linear)",
+             title="Where the methods meet (matched-KL levels dotted)")
+  if whole.get_legend_handles_labels()[0]:
+    whole.legend(fontsize=8)
   figure.tight_layout()
   figure.savefig(path, dpi=100)
 
