@@ -173,3 +173,25 @@ def test_matched_levels_leave_out_a_method_whose_range_does_not_overlap():
       {"value": 1.0, "kls": 0.3 * ones, "scores": ones, "kl_seed_sd": 0.0},
       {"value": 0.1, "kls": 0.2 * ones, "scores": ones, "kl_seed_sd": 0.0}]})
   assert len(violations) == 1 and violations[0].startswith("DRO-V")
+
+
+def test_the_plot_adds_the_range_where_the_methods_meet(tmp_path):
+  """With matched-KL levels the plot has a second panel: linear KL around the levels, its y range
+  from the points inside it, and one dotted line per level; without levels, the sweep alone."""
+  import matplotlib.image
+  import numpy as np
+  frontier = _frontier_module()
+  ones = np.ones((1, 30))
+  curves = {name: [{"value": v, "scores": s * ones, "kls": k * ones, "kl_seed_sd": 0.0}
+                   for v, s, k in ((1.0, 0.6, 0.05), (0.5, 0.7, 0.8), (0.2, 0.8 + shift, 2.5))]
+            for name, shift in (("DRO-V", 0.0), ("B", 0.02))}
+  replicates = frontier.protocol.Replicates(1, 30, 50)
+  levels = frontier.matched_levels(curves)
+  assert levels
+  both, alone = tmp_path / "both.png", tmp_path / "alone.png"
+  frontier.plot(curves, replicates, str(both), levels)
+  frontier.plot(curves, replicates, str(alone))
+  height, width = matplotlib.image.imread(str(both)).shape[:2]
+  assert width > 2 * height  # two panels side by side
+  height, width = matplotlib.image.imread(str(alone)).shape[:2]
+  assert width < 1.5 * height
