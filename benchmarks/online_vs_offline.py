@@ -136,8 +136,7 @@ class Bench:
   def prepare(self) -> None:
     """The prompt sets' files and the SFT policy (trained once, before any worker starts)."""
     import protocol
-    sets = protocol.prompt_sets(self.size["validation"], self.size["test"])
-    for name, prompts in sets.items():
+    for name, prompts in self.drawn_sets().items():
       protocol.write_prompts(self.prompts_path(name), prompts)
     if not self.sft_arg:
       from dro_jax import online
@@ -168,12 +167,15 @@ class Bench:
   def prompts_path(self, name: str) -> str:
     return os.path.join(self.output, "prompts", f"{name}.jsonl")
 
+  def drawn_sets(self) -> dict[str, list[str]]:
+    """The validation and test prompts (deterministic in the size: written once by `prepare`)."""
+    import protocol
+    return dict(protocol.prompt_sets(self.size["validation"], self.size["test"]))
+
   def sets(self) -> dict[str, list[str]]:
     from dro_jax import datasets
-    import protocol
     if not all(os.path.exists(self.prompts_path(name)) for name in ("validation", "test")):
-      # A report rebuilt from results.json alone: the sets are drawn again (deterministic).
-      return dict(protocol.prompt_sets(self.size["validation"], self.size["test"]))
+      return self.drawn_sets()  # a report rebuilt from results.json alone
     return {name: datasets.read_prompts(self.prompts_path(name)) for name in ("validation", "test")}
 
   def base_config(self, seed: int, oracle: str, arg: str = ""):
